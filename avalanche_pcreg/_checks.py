@@ -1,0 +1,69 @@
+"""Argument checks shared by every public entry point: clear errors that name the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+
+def check_nonneg_finite(name: str, value: Any) -> float:
+    """A real number >= 0 and finite (``factor``, ``decay``, ``xi``), returned as float."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_importance_tensor(name: str, tensor: Tensor, estimator: str) -> None:
+    """Importances must be finite and >= 0; never silently fixed."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(
+            f"importance of parameter {name!r} from estimator {estimator!r} must be a Tensor, "
+            f"got {type(tensor).__name__}"
+        )
+    bad_finite = ~torch.isfinite(tensor)
+    if bool(bad_finite.any()):
+        raise ValueError(
+            f"importance of parameter {name!r} from estimator {estimator!r} has "
+            f"{int(bad_finite.sum())} NaN/inf entries"
+        )
+    if bool((tensor < 0).any()):
+        raise ValueError(
+            f"importance of parameter {name!r} from estimator {estimator!r} has "
+            f"{int((tensor < 0).sum())} negative entries (min {tensor.min().item():.3g}); "
+            "importances must be >= 0"
+        )
+
+
+def leading_slice(name: str, target_shape, ref_shape, what: str = "reference"):
+    """Index selecting the leading block of a target that grew from ``ref_shape``.
+
+    Returns None when the shapes are equal. Raises ValueError when the target is smaller
+    than the reference in some dimension or has another number of dimensions.
+    """
+    target_shape, ref_shape = tuple(target_shape), tuple(ref_shape)
+    if target_shape == ref_shape:
+        return None
+    if len(target_shape) != len(ref_shape) or any(t < r for t, r in zip(target_shape, ref_shape)):
+        raise ValueError(
+            f"shape mismatch for parameter {name!r}: model has {target_shape}, {what} has "
+            f"{ref_shape}; a parameter may only grow (same number of dimensions, each >= {what}'s)"
+        )
+    return tuple(slice(0, r) for r in ref_shape)

@@ -1,0 +1,494 @@
+"""Continual-learning benchmarks (Avalanche 0.6 ``CLScenario``) and matching MLPs.
+
+Three scenarios are supported, over three datasets:
+
+* ``"split-task"``  -- task-incremental: the 10 classes are split into
+  ``n_experiences`` groups of equal size (classes ``0..k-1``, ``k..2k-1``, ... in
+  their natural order); experience ``i`` has task label ``i`` and its targets
+  are re-indexed *within the experience* to ``0..k-1`` (like Avalanche's
+  ``class_ids_from_zero_in_each_exp``), so each head of a
+  :class:`~avalanche.models.MultiHeadClassifier` has exactly ``k`` outputs.
+* ``"split-class"`` -- class-incremental: the same class split, all task labels
+  0, original (global) class ids as targets, one shared 10-way head.
+* ``"permuted"``    -- domain-incremental: ``n_experiences`` fixed, seeded pixel
+  permutations of the whole dataset (all 10 classes each time), task label 0.
+  **Experience 0 is the identity permutation** (the original images); experiences
+  ``1..n-1`` use ``numpy.random.default_rng(seed)`` permutations.
+
+Datasets: ``"digits"`` (scikit-learn's bundled 8x8 digits, no download; a fixed
+70/30 stratified train/test split, seed independent of ``seed``), ``"mnist"``
+and ``"fashion-mnist"`` (read from local IDX files under ``data_root``; nothing
+is ever downloaded).
+
+Every experience dataset yields ``(x, y, t)``: ``x`` a float32 tensor of shape
+``input_shape`` in [0, 1], ``y`` an int class id (collated to an int64 tensor by
+the default collate), ``t`` an int task label. With ``validation > 0`` a
+``valid_stream`` is added, made of a per-class (stratified) split held out from
+the *training* data only; the test stream is never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from avalanche.models import MultiHeadClassifier, MultiTaskModule
+from torch import nn
+
+__all__ = [
+    "SCENARIOS",
+    "DATASETS",
+    "IDX_DATASETS",
+    "BenchmarkSpec",
+    "load_digits_arrays",
+    "read_idx",
+    "load_idx_dataset",
+    "make_benchmark",
+    "make_model",
+    "MLP",
+    "MultiHeadMLP",
+]
+
+SCENARIOS = ("split-task", "split-class", "permuted")
+DATASETS = ("digits", "mnist", "fashion-mnist")
+IDX_DATASETS = ("mnist", "fashion-mnist")
+
+N_CLASSES = 10
+DIGITS_TEST_FRACTION = 0.3
+_DIGITS_SPLIT_SEED = 0  # fixed: the digits test set is the same for every run
+
+# IDX dtype code -> big-endian numpy dtype
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+# torchvision's folder names, also searched so an existing torchvision download works
+_TORCHVISION_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: ``X`` float32 ``[1797, 1, 8, 8]`` in [0, 1], ``y`` int64."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = (np.asarray(d.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = np.asarray(d.target, dtype=np.int64)
+    return np.ascontiguousarray(X), y
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzip-compressed or not.
+
+    Compression is detected from the gzip magic bytes ``1f 8b`` (not the name).
+    The result is a native-byte-order array of the header's dtype and shape.
+
+    Raises ``FileNotFoundError`` (naming the path) if the file does not exist and
+    ``ValueError`` (naming the path) for a bad magic number, a truncated file or
+    trailing bytes after the payload.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "IDX file not found", str(path))
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{path}: corrupt gzip stream: {e}") from e
+
+    if len(data) < 4:
+        raise ValueError(
+            f"{path}: truncated: expected at least 4 header bytes, found {len(data)}"
+        )
+    magic = int.from_bytes(data[:4], "big")
+    code, ndim = data[2], data[3]
+    if data[0] != 0 or data[1] != 0 or code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: bad magic number 0x{magic:08X}")
+    dtype = _IDX_DTYPES[code]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(
+            f"{path}: truncated: expected {header} header bytes for {ndim} "
+            f"dimensions, found {len(data)}"
+        )
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    found = len(data) - header
+    if found < expected:
+        raise ValueError(
+            f"{path}: truncated: expected {expected} bytes of data, found {found}"
+        )
+    if found > expected:
+        raise ValueError(
+            f"{path}: trailing bytes: expected {expected} bytes of data, "
+            f"found {found} ({found - expected} extra)"
+        )
+    arr = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize, offset=header)
+    return arr.reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _normalize_idx_name(name: str) -> str:
+    key = str(name).strip().lower().replace("_", "-")
+    if key == "fashionmnist":
+        key = "fashion-mnist"
+    if key not in IDX_DATASETS:
+        raise ValueError(
+            f"unknown IDX dataset {name!r}; valid names: {', '.join(IDX_DATASETS)}"
+        )
+    return key
+
+
+def _find_idx_file(root: Path, name: str, stem: str) -> Path:
+    dirs = [
+        root,
+        root / name,
+        root / name / "raw",
+        root / "raw",
+        root / _TORCHVISION_DIRS[name] / "raw",
+    ]
+    tried = []
+    for d in dirs:
+        for fname in (stem, stem + ".gz"):
+            p = d / fname
+            tried.append(str(p))
+            if p.is_file():
+                return p
+    raise FileNotFoundError(
+        f"{name}: file {stem}[.gz] not found under {root}; tried: " + ", ".join(tried)
+    )
+
+
+def load_idx_dataset(
+    root: str | os.PathLike, name: str = "mnist"
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Load MNIST / Fashion-MNIST from local IDX files.
+
+    Looks in ``root``, ``root/<name>``, ``root/<name>/raw``, ``root/raw`` (and
+    torchvision's ``root/MNIST/raw`` / ``root/FashionMNIST/raw``) for
+    ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally
+    ``.gz``. Returns ``((Xtr, ytr), (Xte, yte))`` with ``X`` float32
+    ``[N, 1, H, W]`` in [0, 1] and ``y`` int64.
+    """
+    name = _normalize_idx_name(name)
+    if root is None:
+        raise ValueError(f"{name}: a data root directory is required")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(errno.ENOENT, f"{name} data directory not found", str(root))
+
+    out = []
+    for split in ("train", "test"):
+        ip = _find_idx_file(root, name, _IDX_FILES[f"{split}_images"])
+        lp = _find_idx_file(root, name, _IDX_FILES[f"{split}_labels"])
+        images, labels = read_idx(ip), read_idx(lp)
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise ValueError(
+                f"{ip}: expected a 3-d unsigned-byte image array, got "
+                f"{images.ndim}-d {images.dtype}"
+            )
+        if labels.ndim != 1:
+            raise ValueError(f"{lp}: expected a 1-d label array, got {labels.ndim}-d")
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"count mismatch: {ip} has {images.shape[0]} images but "
+                f"{lp} has {labels.shape[0]} labels"
+            )
+        if labels.size and (labels.min() < 0 or labels.max() >= N_CLASSES):
+            raise ValueError(f"{lp}: labels must lie in [0, {N_CLASSES - 1}]")
+        X = (images.astype(np.float32) / 255.0)[:, None, :, :]
+        out.append((np.ascontiguousarray(X), labels.astype(np.int64)))
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+@dataclass
+class BenchmarkSpec:
+    """A benchmark plus what a model needs to know about it."""
+
+    benchmark: Any  # avalanche CLScenario: train_stream, test_stream[, valid_stream]
+    input_shape: tuple
+    n_classes_per_exp: int
+    n_classes_total: int
+    multi_head: bool
+    scenario: str
+    dataset: str
+
+
+class _Permute:
+    """Picklable transform: permute the flattened pixels of one sample."""
+
+    def __init__(self, perm: np.ndarray):
+        self.perm = torch.from_numpy(np.ascontiguousarray(perm, dtype=np.int64))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1)[self.perm].reshape(x.shape)
+
+    def __repr__(self) -> str:
+        return f"_Permute(n={self.perm.numel()})"
+
+
+def _subsample_per_class(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keep.append(idx[rng.permutation(idx.size)[:k]] if idx.size > k else idx)
+    return np.sort(np.concatenate(keep))
+
+
+def _stratified_holdout(
+    y: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class split of ``arange(len(y))`` into (train, valid), both sorted."""
+    tr, va = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if idx.size < 2:
+            raise ValueError(
+                f"validation split needs >= 2 training samples of class {int(c)}, "
+                f"found {idx.size}"
+            )
+        idx = idx[rng.permutation(idx.size)]
+        n_val = min(max(int(round(fraction * idx.size)), 1), idx.size - 1)
+        va.append(idx[:n_val])
+        tr.append(idx[n_val:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
+
+
+def _tensor_dataset(X: np.ndarray, y: np.ndarray, task_label: int, transform=None):
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+
+    xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    ds = _make_taskaware_tensor_classification_dataset(
+        xt, yt, targets=yt.tolist(), task_labels=int(task_label), transform=transform
+    )
+    if transform is not None:
+        # so train()/eval() group switches and replace_current_transform_group
+        # can never drop the permutation
+        ds = ds.freeze_transforms()
+    return ds
+
+
+_TIMELINE_ATTRS = (
+    "classes_in_this_experience",
+    "previous_classes",
+    "classes_seen_so_far",
+    "future_classes",
+)
+
+
+def _classes_as_sorted_lists(bm) -> None:
+    """``with_classes_timeline`` stores sets, but Avalanche 0.6's
+    ``MultiHeadClassifier.adaptation`` indexes a tensor with
+    ``classes_in_this_experience`` (fails on a set). Store sorted int lists, as
+    the older generators did; every other consumer accepts a list."""
+    for stream in bm.streams.values():
+        for exp in stream:
+            for attr in _TIMELINE_ATTRS:
+                val = getattr(exp, attr, None)
+                if val is not None:
+                    setattr(exp, attr, sorted(int(c) for c in val))
+
+
+def make_benchmark(
+    scenario: str,
+    dataset: str = "digits",
+    *,
+    n_experiences: int = 5,
+    seed: int = 0,
+    validation: float = 0.0,
+    data_root: str | os.PathLike | None = None,
+    max_train_per_class: int | None = None,
+) -> BenchmarkSpec:
+    """Build an Avalanche 0.6 ``CLScenario`` for ``scenario`` on ``dataset``.
+
+    See the module docstring for the scenario definitions. ``seed`` drives the
+    permutations (experience 0 of ``"permuted"`` is the identity), the
+    ``max_train_per_class`` subsample of the training set (applied first) and the
+    stratified ``validation`` hold-out (a fraction in [0, 1) of each class of the
+    training set, applied to every experience consistently). The class split is
+    fixed (natural class order), as is the digits 70/30 train/test split.
+
+    The benchmark has ``train_stream`` and ``test_stream`` (plus ``valid_stream``
+    if ``validation > 0``); experiences carry ``task_label``, ``task_labels``,
+    ``classes_in_this_experience`` etc. (``with_task_labels`` and
+    ``with_classes_timeline``).
+    """
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+    from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; valid scenarios: {', '.join(SCENARIOS)}")
+    ds_key = str(dataset).strip().lower().replace("_", "-")
+    if ds_key == "fashionmnist":
+        ds_key = "fashion-mnist"
+    if ds_key not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
+    if isinstance(n_experiences, bool) or not isinstance(n_experiences, (int, np.integer)) or n_experiences < 1:
+        raise ValueError(f"n_experiences must be a positive int, got {n_experiences!r}")
+    n_experiences = int(n_experiences)
+    if scenario != "permuted" and (n_experiences > N_CLASSES or N_CLASSES % n_experiences):
+        raise ValueError(
+            f"{scenario}: n_experiences must divide {N_CLASSES} "
+            f"(1, 2, 5 or 10), got {n_experiences}"
+        )
+    if not (0.0 <= float(validation) < 1.0):
+        raise ValueError(f"validation must be a fraction in [0, 1), got {validation!r}")
+    if max_train_per_class is not None and int(max_train_per_class) < 1:
+        raise ValueError(f"max_train_per_class must be >= 1 or None, got {max_train_per_class!r}")
+
+    # ---- arrays
+    if ds_key == "digits":
+        from sklearn.model_selection import train_test_split
+
+        X, y = load_digits_arrays()
+        Xtr, Xte, ytr, yte = train_test_split(
+            X, y, test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=_DIGITS_SPLIT_SEED
+        )
+    else:
+        if data_root is None:
+            raise ValueError(
+                f"dataset {ds_key!r} needs data_root (a directory with the IDX files); "
+                "nothing is downloaded"
+            )
+        (Xtr, ytr), (Xte, yte) = load_idx_dataset(data_root, ds_key)
+
+    rng = np.random.default_rng(seed)
+    if max_train_per_class is not None:
+        keep = _subsample_per_class(ytr, int(max_train_per_class), rng)
+        Xtr, ytr = Xtr[keep], ytr[keep]
+    splits = {"train": (Xtr, ytr), "test": (Xte, yte)}
+    if validation > 0:
+        tr, va = _stratified_holdout(ytr, float(validation), rng)
+        splits = {"train": (Xtr[tr], ytr[tr]), "valid": (Xtr[va], ytr[va]), "test": (Xte, yte)}
+
+    input_shape = tuple(int(s) for s in Xtr.shape[1:])
+
+    # ---- experiences
+    streams: dict[str, list] = {k: [] for k in splits}
+    if scenario == "permuted":
+        n_pix = int(np.prod(input_shape))
+        perms = [np.arange(n_pix)] + [rng.permutation(n_pix) for _ in range(n_experiences - 1)]
+        for i, perm in enumerate(perms):
+            tf = None if i == 0 else _Permute(perm)
+            for k, (Xs, ys) in splits.items():
+                streams[k].append(_tensor_dataset(Xs, ys, 0, transform=tf))
+        n_per_exp = N_CLASSES
+    else:
+        n_per_exp = N_CLASSES // n_experiences
+        for i in range(n_experiences):
+            classes = np.arange(i * n_per_exp, (i + 1) * n_per_exp)
+            for k, (Xs, ys) in splits.items():
+                m = np.isin(ys, classes)
+                if not m.any():
+                    raise ValueError(f"{k} split has no samples of classes {classes.tolist()}")
+                if scenario == "split-task":
+                    streams[k].append(_tensor_dataset(Xs[m], ys[m] - i * n_per_exp, i))
+                else:
+                    streams[k].append(_tensor_dataset(Xs[m], ys[m], 0))
+
+    bm = benchmark_from_datasets(**streams)
+    bm = with_task_labels(with_classes_timeline(bm))
+    _classes_as_sorted_lists(bm)
+    return BenchmarkSpec(
+        benchmark=bm,
+        input_shape=input_shape,
+        n_classes_per_exp=n_per_exp,
+        n_classes_total=N_CLASSES,
+        multi_head=scenario == "split-task",
+        scenario=scenario,
+        dataset=ds_key,
+    )
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _trunk(in_features: int, hidden: int, layers: int) -> nn.Sequential:
+    mods: list[nn.Module] = [nn.Flatten()]
+    d = in_features
+    for _ in range(layers):
+        mods += [nn.Linear(d, hidden), nn.ReLU()]
+        d = hidden
+    return nn.Sequential(*mods)
+
+
+class MLP(nn.Module):
+    """``features`` (Flatten, [Linear+ReLU] x layers) then a linear ``classifier``."""
+
+    def __init__(self, input_shape: Sequence[int], n_classes: int, hidden: int = 100, layers: int = 2):
+        super().__init__()
+        self.features = _trunk(int(np.prod(input_shape)), hidden, layers)
+        self.classifier = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class MultiHeadMLP(MultiTaskModule):
+    """Shared MLP trunk plus an Avalanche ``MultiHeadClassifier`` (one head per task).
+
+    ``forward_single_task(x, t)`` runs the trunk then head ``t``; ``forward`` runs
+    the trunk once for the whole batch and lets the head route by task label.
+    Heads for new tasks are created by Avalanche's model adaptation
+    (``avalanche_model_adaptation(model, experience)``, done by strategies).
+    """
+
+    def __init__(self, input_shape: Sequence[int], n_classes_per_exp: int, hidden: int = 100, layers: int = 2):
+        super().__init__()
+        self.features = _trunk(int(np.prod(input_shape)), hidden, layers)
+        self.classifier = MultiHeadClassifier(hidden, initial_out_features=n_classes_per_exp)
+        self.max_class_label = n_classes_per_exp
+
+    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+        return self.classifier.forward_single_task(self.features(x), int(task_label))
+
+    def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor:
+        return self.classifier(self.features(x), task_labels)
+
+
+def make_model(spec: BenchmarkSpec, hidden: int = 100, layers: int = 2) -> nn.Module:
+    """MLP for ``spec``: Flatten, ``layers`` x (Linear(hidden)+ReLU), then the head.
+
+    ``spec.multi_head`` (split-task): :class:`MultiHeadMLP` with a
+    ``MultiHeadClassifier(hidden, initial_out_features=spec.n_classes_per_exp)``;
+    otherwise :class:`MLP` with a single ``nn.Linear(hidden, spec.n_classes_total)``.
+    Both work with ``avalanche.models.avalanche_forward(model, x, t)``.
+
+    The defaults (2 x 100) suit the 8x8 digits; the usual literature setup for
+    (permuted / split) MNIST and Fashion-MNIST is 2 x 400: pass ``hidden=400``.
+    """
+    if int(layers) < 1:
+        raise ValueError(f"layers must be >= 1, got {layers!r}")
+    if int(hidden) < 1:
+        raise ValueError(f"hidden must be >= 1, got {hidden!r}")
+    if spec.multi_head:
+        return MultiHeadMLP(spec.input_shape, spec.n_classes_per_exp, int(hidden), int(layers))
+    return MLP(spec.input_shape, spec.n_classes_total, int(hidden), int(layers))

@@ -1,0 +1,147 @@
+"""Plumbing shared by the estimators: batches, forward with task labels, eval mode, names."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def is_multitask(model: nn.Module) -> bool:
+    """An Avalanche ``MultiTaskModule`` (looked up lazily: the math needs only torch)."""
+    try:
+        from avalanche.models import MultiTaskModule
+    except ImportError:  # pragma: no cover - avalanche is a dependency, but keep torch-only use possible
+        return False
+    target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return isinstance(target, MultiTaskModule)
+
+
+def model_forward(model: nn.Module, x: Tensor, t: Optional[Tensor]) -> Tensor:
+    """``avalanche_forward``: task labels reach multi-head models, plain models get ``x`` only."""
+    if is_multitask(model):
+        if t is None:
+            raise ValueError(
+                f"{type(model).__name__} is a multi-task model and needs task labels, but the data "
+                "yields (x, y) only; give a dataset that yields (x, y, task_label)"
+            )
+        return model(x, t)
+    return model(x)
+
+
+def functional_forward(model: nn.Module, params: dict, x: Tensor, t: Optional[Tensor]) -> Tensor:
+    """:func:`model_forward` with some parameters substituted (``torch.func.functional_call``)."""
+    args = (x, t) if is_multitask(model) else (x,)
+    return torch.func.functional_call(model, params, args)
+
+
+def unpack(batch, need_labels: bool, estimator: str) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(x, y, t)`` from a batch ``(x, y[, ..., task_label])``; ``t`` is the last element."""
+    if isinstance(batch, Tensor):
+        batch = (batch,)
+    if not isinstance(batch, (list, tuple)) or len(batch) == 0:
+        raise ValueError(f"estimator {estimator!r}: a batch must be a tuple (x, y[, task_label]), got {type(batch).__name__}")
+    x = batch[0]
+    y = batch[1] if len(batch) >= 2 else None
+    t = batch[-1] if len(batch) >= 3 else None
+    if need_labels and y is None:
+        raise ValueError(
+            f"estimator {estimator!r} needs labels, but the data yields inputs only; "
+            "give a dataset that yields (x, y[, task_label])"
+        )
+    return x, y, t
+
+
+def batches(loader: Iterable, device, need_labels: bool, estimator: str,
+            limit: Optional[int] = None) -> Iterator[Tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
+    """Batches moved to ``device``; stops after ``limit`` samples when given."""
+    seen = 0
+    for batch in loader:
+        x, y, t = unpack(batch, need_labels, estimator)
+        if limit is not None:
+            room = limit - seen
+            if room <= 0:
+                break
+            if x.shape[0] > room:
+                x, y, t = x[:room], (y[:room] if y is not None else None), (t[:room] if isinstance(t, Tensor) else t)
+        x = x.to(device, non_blocking=True)
+        if y is not None:
+            y = y.to(device, non_blocking=True)
+        if isinstance(t, Tensor):
+            t = t.to(device, non_blocking=True)
+        seen += x.shape[0]
+        yield x, y, t
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` for the block, then restore each module's **own** training flag.
+
+    RNN modules on CUDA cannot run backward in eval mode (cuDNN); they are put in train mode,
+    which changes nothing when their dropout is 0 (a warning says so otherwise).
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        for m in model.modules():
+            if isinstance(m, nn.RNNBase) and any(p.is_cuda for p in m.parameters(recurse=False)):
+                if m.dropout > 0:
+                    warnings.warn(
+                        f"{type(m).__name__} on CUDA cannot backpropagate in eval mode; it runs in train "
+                        f"mode for the importance pass, so its dropout={m.dropout} is active"
+                    )
+                m.train()
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def resolve_names(model: nn.Module, names: Optional[Sequence[str]]) -> List[str]:
+    """The parameters to estimate: ``names`` or, when None, every parameter with requires_grad."""
+    params = dict(model.named_parameters())
+    if names is None:
+        return [n for n, p in params.items() if p.requires_grad]
+    names = list(names)
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ValueError(f"parameter names {unknown} are not among the model's parameters")
+    return names
+
+
+def model_device(model: nn.Module):
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def per_sample_criterion(criterion: Optional[Callable]) -> Callable[[Tensor, Tensor], Tensor]:
+    """A callable ``(logits, y) -> per-sample losses [N]``.
+
+    None -> cross-entropy. A module with a ``reduction`` attribute (``nn.CrossEntropyLoss`` ...)
+    is copied with ``reduction='none'``. Any other callable must already return shape [N].
+    """
+    if criterion is None:
+        return lambda out, y: F.cross_entropy(out, y, reduction="none")
+    if hasattr(criterion, "reduction"):
+        crit = copy.copy(criterion)
+        crit.reduction = "none"
+    else:
+        crit = criterion
+
+    def per_sample(out: Tensor, y: Tensor) -> Tensor:
+        losses = crit(out, y)
+        if not isinstance(losses, Tensor) or losses.shape != (out.shape[0],):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(
+                f"criterion must return per-sample losses of shape ({out.shape[0]},) for per-sample "
+                f"estimators, got {shape}; pass a loss with reduction='none'"
+            )
+        return losses
+
+    return per_sample

@@ -1,0 +1,116 @@
+"""Per-sample Fisher information: empirical, sampled and expected.
+
+All three are means over samples n of squared **per-sample** gradients of a log-likelihood,
+computed at minibatch cost: one forward, then one backward of the *sum* of per-sample losses,
+with per-layer rules (:mod:`._persample`) that square per-sample gradients without forming
+them where an identity allows (``nn.Linear``: ``sum_n (delta_n a_n^T)**2 = (delta**2)^T a**2``).
+
+* ``empirical_fisher``: g_n = grad of the loss at the true label y_n.
+* ``fisher``: g_n = grad of -log p(y~_n | x_n) with y~_n drawn from the model's predictive
+  distribution (seeded generator; the global RNG is left alone).
+* ``expected_fisher``: the exact expectation over classes, sum_c p(c|x_n) g_{n,c}**2, as C
+  backward passes over one forward, with sqrt(p_c) folded into each sample's loss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import batches, functional_forward, model_forward, per_sample_criterion
+from ._persample import PerSampleGradNorms
+
+__all__ = ["empirical_fisher", "fisher", "expected_fisher", "per_sample_mean"]
+
+# One loss vector [N] and how to recompute it from outputs (for layers without a per-layer rule).
+LossTerm = Tuple[Tensor, Callable[[Tensor], Tensor]]
+
+
+def per_sample_mean(
+    model: nn.Module,
+    data: Iterable,
+    names: Sequence[str],
+    make_terms: Callable[[Tensor, Optional[Tensor]], List[LossTerm]],
+    *,
+    power: int,
+    device,
+    need_labels: bool,
+    estimator: str,
+    limit: Optional[int] = None,
+    chunk_size: int = 64,
+) -> Dict[str, Tensor]:
+    """Mean over samples n of ``sum_k |grad l_k(x_n)|**power``.
+
+    ``make_terms(outputs, y)`` returns the loss vectors ``l_k`` of one batch (one for most
+    estimators, C for the expected Fisher), each with a function that recomputes it from
+    outputs; anything random or detached (sampled labels, p_c) is fixed inside ``make_terms``.
+    """
+    n = 0
+    with PerSampleGradNorms(model, names, power=power, chunk_size=chunk_size) as psg:
+        for x, y, t in batches(data, device, need_labels, estimator, limit):
+            terms = make_terms(model_forward(model, x, t), y)
+            for k, (losses, recompute) in enumerate(terms):
+
+                def fallback(params, recompute=recompute, x=x, t=t):
+                    return recompute(functional_forward(model, params, x, t))
+
+                psg.backward(losses, retain_graph=k < len(terms) - 1, fallback=fallback)
+            n += x.shape[0]
+        sums = dict(psg.sums)
+    if n == 0:
+        raise ValueError(f"estimator {estimator!r} got empty data: no samples to estimate importances from")
+    return {k: v / n for k, v in sums.items()}
+
+
+def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=64, **_):
+    """Empirical Fisher: mean over samples of the squared per-sample gradient at the true label.
+
+    ``criterion`` (default cross-entropy) is used per sample (``reduction='none'``).
+    """
+    crit = per_sample_criterion(criterion)
+
+    def terms(out, y):
+        return [(crit(out, y), lambda o: crit(o, y))]
+
+    return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=True,
+                           estimator="empirical_fisher", limit=limit, chunk_size=chunk_size)
+
+
+def fisher(model, data, *, names, device=None, seed=0, limit=None, chunk_size=64, **_):
+    """Fisher at one label per sample drawn from the model's p(.|x).
+
+    Labels come from a generator seeded with ``seed`` (the global RNG is left alone).
+    """
+    gen = torch.Generator()
+    gen.manual_seed(int(seed))
+
+    def terms(out, _y):
+        probs = torch.softmax(out.detach().to(torch.float64), dim=-1).cpu()
+        labels = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(out.device)
+        return [(F.cross_entropy(out, labels, reduction="none"),
+                 lambda o: F.cross_entropy(o, labels, reduction="none"))]
+
+    return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=False,
+                           estimator="fisher", limit=limit, chunk_size=chunk_size)
+
+
+def expected_fisher(model, data, *, names, device=None, limit=None, chunk_size=64, **_):
+    """Exact expected Fisher: mean over samples of ``sum_c p(c|x) g_c**2``.
+
+    One forward and C backward passes a batch (C = number of outputs), never N*C.
+    """
+
+    def terms(out, _y):
+        logp = torch.log_softmax(out, dim=-1)
+        root_p = logp.detach().exp().sqrt()
+        return [
+            (-root_p[:, c] * logp[:, c],
+             lambda o, c=c: -root_p[:, c] * torch.log_softmax(o, dim=-1)[:, c])
+            for c in range(out.shape[-1])
+        ]
+
+    return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=False,
+                           estimator="expected_fisher", limit=limit, chunk_size=chunk_size)

@@ -1,0 +1,230 @@
+"""Anchor/importance state, consolidated: two tensors per parameter and one scalar.
+
+Separate mode (``shared/DESIGN.md``): a sum of T quadratics is one quadratic,
+
+    sum_t F_t (theta - theta*_t)**2 = A (theta - mu)**2 + c
+    A = sum_t F_t,   mu = sum_t F_t theta*_t / A  (latest theta* where A == 0),
+    c = sum_t F_t theta*_t**2 - A mu**2  (>= 0, a scalar once summed)
+
+merged one experience at a time in float64, with the constant's increment in the
+cancellation-free form ``A F / (A + F) * (mu - theta*)**2``; A and mu are stored in the parameter's dtype.
+Online mode: A <- decay * A + F, mu <- theta_now, c = 0.
+
+Grown parameters: A is padded with zeros and mu with the new anchor before the merge, so new
+entries start free. Parameters that first appear later have A = 0 until they get importance.
+
+Every update returns a **new** state; the old one is never modified, so a failed merge loses
+nothing (the plugin swaps the new state in only once everything has been computed).
+Framework-free: torch only.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from ._checks import check_choice, check_importance_tensor, check_nonneg_finite, leading_slice
+from .penalty import quadratic_penalty
+
+__all__ = ["ConsolidatedState", "MODES", "STATE_VERSION"]
+
+MODES = ("separate", "online")
+STATE_VERSION = 1
+
+
+def _pad_to(old: Tensor, shape, fill: Tensor, name: str) -> Tensor:
+    """``old`` in the leading block of a tensor of ``shape``; the rest taken from ``fill``."""
+    index = leading_slice(name, shape, old.shape, what="stored state")
+    if index is None:
+        return old
+    out = fill.detach().to(dtype=old.dtype, device=old.device).clone()
+    out[index] = old
+    return out
+
+
+class ConsolidatedState:
+    """Immutable-by-convention (A, mu, c) per parameter name. See the module docstring."""
+
+    def __init__(self, mode: str = "separate", decay: Optional[float] = None):
+        self.mode = check_choice("mode", mode, MODES)
+        if mode == "separate" and decay is not None:
+            raise ValueError("decay is only used with mode='online'; got decay=%r with mode='separate'" % (decay,))
+        if mode == "online":
+            decay = 1.0 if decay is None else check_nonneg_finite("decay", decay)
+        self.decay = decay
+        self.importances: Dict[str, Tensor] = {}
+        self.anchors: Dict[str, Tensor] = {}
+        self.const = torch.zeros((), dtype=torch.float64)
+        self.num_consolidations = 0
+        self._const_cache: Dict[tuple, Tensor] = {}
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self.importances)
+
+    @property
+    def empty(self) -> bool:
+        return not self.importances
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.importances, self.anchors) for t in d.values())
+
+    def _copy(self) -> "ConsolidatedState":
+        new = ConsolidatedState.__new__(ConsolidatedState)
+        new.mode, new.decay = self.mode, self.decay
+        new.importances = dict(self.importances)
+        new.anchors = dict(self.anchors)
+        new.const = self.const
+        new.num_consolidations = self.num_consolidations
+        new._const_cache = {}
+        return new
+
+    # ------------------------------------------------------------------ updates
+    def consolidated(self, importances: Mapping[str, Tensor], params: Mapping[str, Tensor],
+                     estimator: str = "importance") -> "ConsolidatedState":
+        """A new state with one more experience merged: importances F and anchors theta*.
+
+        ``importances`` maps name -> F (finite, >= 0, the shape of ``params[name]``);
+        ``params`` maps name -> the current parameter (the anchor). Names in the state but not
+        in ``importances`` keep their entries.
+        """
+        new = self._copy()
+        delta_c = torch.zeros((), dtype=torch.float64)
+        for name, F in importances.items():
+            if name not in params:
+                raise ValueError(f"importance given for parameter {name!r}, which is not among the model's parameters")
+            theta = params[name].detach()
+            check_importance_tensor(name, F, estimator)
+            if tuple(F.shape) != tuple(theta.shape):
+                raise ValueError(
+                    f"shape mismatch for parameter {name!r}: importance has {tuple(F.shape)}, "
+                    f"parameter has {tuple(theta.shape)}"
+                )
+            dtype, device = theta.dtype, theta.device
+            F64, t64 = F.detach().to(device=device, dtype=torch.float64), theta.to(torch.float64)
+            if name in self.importances:
+                A64 = _pad_to(self.importances[name], theta.shape, torch.zeros_like(theta), name)
+                mu64 = _pad_to(self.anchors[name], theta.shape, theta, name)
+                A64, mu64 = A64.to(device=device, dtype=torch.float64), mu64.to(device=device, dtype=torch.float64)
+            else:
+                A64, mu64 = torch.zeros_like(t64), t64
+            if self.mode == "online":
+                A_new = self.decay * A64 + F64
+                mu_new = t64
+            else:
+                A_new = A64 + F64
+                safe = A_new.clamp_min(torch.finfo(torch.float64).tiny)
+                mu_new = torch.where(A_new > 0, (A64 * mu64 + F64 * t64) / safe, t64)
+                # A mu^2 + F t^2 - A' mu'^2, written without cancellation: A F / A' (mu - t)^2 >= 0.
+                gap = mu64 - t64
+                delta_c = delta_c + torch.where(A_new > 0, A64 * F64 / safe * gap * gap, 0.0).sum().cpu()
+            new.importances[name] = A_new.to(dtype)
+            new.anchors[name] = mu_new.to(dtype)
+        if self.mode == "separate":
+            new.const = self.const + delta_c
+        new.num_consolidations = self.num_consolidations + 1
+        return new
+
+    def aligned(self, params: Mapping[str, Tensor]) -> "ConsolidatedState":
+        """A state whose entries have the shapes of ``params`` (grown parameters padded:
+        A with zeros, mu with the current value), on the parameters' devices.
+
+        Returns ``self`` when nothing changes, so calling it every experience is free.
+        """
+        changed = False
+        new = self._copy()
+        for name, A in self.importances.items():
+            if name not in params:
+                continue
+            theta = params[name].detach()
+            mu = self.anchors[name]
+            if A.shape != theta.shape:
+                A = _pad_to(A, theta.shape, torch.zeros_like(theta), name)
+                mu = _pad_to(mu, theta.shape, theta, name)
+                changed = True
+            if A.device != theta.device:
+                A, mu = A.to(theta.device), mu.to(theta.device)
+                changed = True
+            new.importances[name], new.anchors[name] = A, mu
+        return new if changed else self
+
+    # ------------------------------------------------------------------ penalty
+    def _const_on(self, device, dtype) -> Tensor:
+        key = (device, dtype)
+        c = self._const_cache.get(key)
+        if c is None:
+            c = self.const.to(device=device, dtype=dtype)
+            self._const_cache[key] = c
+        return c
+
+    def penalty(self, params: Mapping[str, Tensor], factor: float, impl: Optional[str] = None) -> Tensor:
+        """``factor * (sum A (theta - mu)**2 + c)`` over the stored names present in ``params``.
+
+        Parameters absent from ``params`` are skipped; grown ones are compared on their leading
+        block (call :meth:`aligned` once per experience to avoid the slicing).
+        """
+        thetas, weights, anchors = [], [], []
+        for name, A in self.importances.items():
+            theta = params.get(name)
+            if theta is None:
+                continue
+            if theta.shape != A.shape:
+                index = leading_slice(name, theta.shape, A.shape, what="stored state")
+                theta = theta[index]
+            thetas.append(theta)
+            weights.append(A)
+            anchors.append(self.anchors[name])
+        if not thetas:
+            return torch.zeros(())
+        const = self._const_on(thetas[0].device, thetas[0].dtype) if self.mode == "separate" else None
+        return quadratic_penalty(thetas, weights, anchors, factor, const=const, impl=impl)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to(self, device) -> "ConsolidatedState":
+        new = self._copy()
+        new.importances = {k: v.to(device) for k, v in self.importances.items()}
+        new.anchors = {k: v.to(device) for k, v in self.anchors.items()}
+        return new
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "mode": self.mode,
+            "decay": self.decay,
+            "num_consolidations": self.num_consolidations,
+            "const": self.const.clone(),
+            "importances": {k: v.detach().clone() for k, v in self.importances.items()},
+            "anchors": {k: v.detach().clone() for k, v in self.anchors.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping, map_location=None) -> "ConsolidatedState":
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(sd).__name__}")
+        required = ("version", "mode", "decay", "num_consolidations", "const", "importances", "anchors")
+        missing = [k for k in required if k not in sd]
+        if missing:
+            raise ValueError(f"state_dict is missing keys {missing}; expected {list(required)}")
+        if sd["version"] != STATE_VERSION:
+            raise ValueError(f"state_dict has version {sd['version']!r}; this library reads version {STATE_VERSION}")
+        imps, anchors = sd["importances"], sd["anchors"]
+        if set(imps) != set(anchors):
+            raise ValueError(
+                "state_dict importances and anchors name different parameters: "
+                f"only in importances {sorted(set(imps) - set(anchors))}, only in anchors {sorted(set(anchors) - set(imps))}"
+            )
+        new = cls(sd["mode"], sd["decay"] if sd["mode"] == "online" else None)
+        for name in imps:
+            A, mu = imps[name], anchors[name]
+            if tuple(A.shape) != tuple(mu.shape):
+                raise ValueError(
+                    f"state_dict shape mismatch for parameter {name!r}: importance {tuple(A.shape)}, anchor {tuple(mu.shape)}"
+                )
+            check_importance_tensor(name, A, "state_dict")
+            new.importances[name] = A.to(map_location) if map_location is not None else A
+            new.anchors[name] = mu.to(map_location) if map_location is not None else mu
+        new.const = torch.as_tensor(sd["const"], dtype=torch.float64).cpu()
+        new.num_consolidations = int(sd["num_consolidations"])
+        return new

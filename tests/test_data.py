@@ -1,0 +1,431 @@
+"""Tests for avalanche_pcreg.data: digits / IDX loading, benchmarks, models."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from avalanche_pcreg.data import (
+    SCENARIOS,
+    BenchmarkSpec,
+    load_digits_arrays,
+    load_idx_dataset,
+    make_benchmark,
+    make_model,
+    read_idx,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C,
+          np.float32: 0x0D, np.float64: 0x0E}
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    arr = np.asarray(arr)
+    code = _CODES[arr.dtype.type]
+    header = bytes([0, 0, code, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    return header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx(path, arr: np.ndarray, gz: bool = False):
+    data = idx_bytes(arr)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def tiny_mnist(root, n_train=40, n_test=20, gz=True, seed=0):
+    """Write the 4 standard IDX files with tiny random content; labels cycle 0..9."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    sfx = ".gz" if gz else ""
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        imgs = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        write_idx(root / f"{split}-images-idx3-ubyte{sfx}", imgs, gz)
+        write_idx(root / f"{split}-labels-idx1-ubyte{sfx}", labels, gz)
+        arrays[split] = (imgs, labels)
+    return arrays
+
+
+def all_items(ds):
+    xs, ys, ts = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack(xs), torch.tensor(ys), torch.tensor(ts)
+
+
+def rows(x: torch.Tensor) -> set:
+    return {tuple(r) for r in x.reshape(len(x), -1).numpy().round(6).tolist()}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_arrays()
+
+
+@pytest.fixture(scope="module")
+def specs():
+    return {sc: make_benchmark(sc, "digits", n_experiences=5, seed=0) for sc in SCENARIOS}
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_load_digits_arrays(digits):
+    X, y = digits
+    assert X.shape == (1797, 1, 8, 8) and X.dtype == np.float32
+    assert y.shape == (1797,) and y.dtype == np.int64
+    assert X.min() == 0.0 and X.max() == 1.0
+    assert sorted(np.unique(y).tolist()) == list(range(10))
+    # exactly sklearn's data / 16
+    from sklearn.datasets import load_digits
+    np.testing.assert_allclose(X.reshape(1797, 64), load_digits().data / 16.0, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_spec_fields_and_items(specs, scenario):
+    spec = specs[scenario]
+    assert isinstance(spec, BenchmarkSpec)
+    assert spec.scenario == scenario and spec.dataset == "digits"
+    assert spec.input_shape == (1, 8, 8)
+    assert spec.n_classes_total == 10
+    assert spec.multi_head == (scenario == "split-task")
+    assert spec.n_classes_per_exp == (10 if scenario == "permuted" else 2)
+    bm = spec.benchmark
+    assert len(bm.train_stream) == 5 and len(bm.test_stream) == 5
+    assert not hasattr(bm, "valid_stream")
+    for i, exp in enumerate(bm.train_stream):
+        assert exp.current_experience == i
+        x, y, t = exp.dataset[0]
+        assert isinstance(x, torch.Tensor) and x.dtype == torch.float32
+        assert tuple(x.shape) == (1, 8, 8)
+        assert isinstance(y, int) and isinstance(t, int)
+        xb, yb, tb = next(iter(torch.utils.data.DataLoader(exp.dataset, batch_size=8)))
+        assert yb.dtype == torch.int64 and tb.dtype == torch.int64
+        assert 0.0 <= float(xb.min()) and float(xb.max()) <= 1.0
+
+
+def test_train_test_sizes_digits(specs):
+    bm = specs["split-class"].benchmark
+    n_tr = sum(len(e.dataset) for e in bm.train_stream)
+    n_te = sum(len(e.dataset) for e in bm.test_stream)
+    assert n_tr + n_te == 1797
+    assert n_te == pytest.approx(0.3 * 1797, abs=2)
+    # train and test are disjoint (digits images are all distinct)
+    tr = set().union(*(rows(all_items(e.dataset)[0]) for e in bm.train_stream))
+    te = set().union(*(rows(all_items(e.dataset)[0]) for e in bm.test_stream))
+    assert len(tr) == n_tr and not (tr & te)
+
+
+def test_split_class_labels(specs):
+    bm = specs["split-class"].benchmark
+    for stream in (bm.train_stream, bm.test_stream):
+        for i, exp in enumerate(stream):
+            _, y, t = all_items(exp.dataset)
+            assert sorted(set(y.tolist())) == [2 * i, 2 * i + 1]
+            assert set(t.tolist()) == {0}
+            assert exp.task_label == 0
+            assert list(exp.classes_in_this_experience) == [2 * i, 2 * i + 1]
+
+
+def test_split_task_labels(specs, digits):
+    bm = specs["split-task"].benchmark
+    X, y_all = digits
+    lookup = {r: int(c) for r, c in zip(map(tuple, X.reshape(len(X), -1).round(6).tolist()), y_all)}
+    for stream in (bm.train_stream, bm.test_stream):
+        for i, exp in enumerate(stream):
+            x, y, t = all_items(exp.dataset)
+            assert set(t.tolist()) == {i}
+            assert exp.task_label == i and list(exp.task_labels) == [i]
+            # local targets 0/1 that map back to the original classes 2i / 2i+1
+            assert sorted(set(y.tolist())) == [0, 1]
+            orig = [lookup[r] for r in map(tuple, x.reshape(len(x), -1).numpy().round(6).tolist())]
+            assert orig == (y + 2 * i).tolist()
+
+
+def test_permuted(specs, digits):
+    spec = specs["permuted"]
+    bm = spec.benchmark
+    datasets = [e.dataset for e in bm.train_stream]
+    assert all(len(d) == len(datasets[0]) for d in datasets)
+    x0, y0, t0 = all_items(datasets[0])
+    assert set(t0.tolist()) == {0}
+    assert sorted(set(y0.tolist())) == list(range(10))
+    # experience 0 is the identity: its images are original digits images
+    X, _ = digits
+    assert rows(x0) <= rows(torch.from_numpy(X))
+    xt0 = all_items(bm.test_stream[0].dataset)[0]
+    both0 = torch.cat([x0, xt0]).reshape(-1, 64)
+    perms = []
+    for exp, texp in zip(list(bm.train_stream)[1:], list(bm.test_stream)[1:]):
+        x, y, t = all_items(exp.dataset)
+        assert set(t.tolist()) == {0} and exp.task_label == 0
+        assert torch.equal(y, y0)
+        # same multiset of pixel values per image, different positions
+        a, b = x0[5].flatten(), x[5].flatten()
+        assert torch.equal(torch.sort(a).values, torch.sort(b).values)
+        assert not torch.equal(a, b)
+        # one fixed permutation for every image of train AND test: recover it
+        both = torch.cat([x, all_items(texp.dataset)[0]]).reshape(-1, 64)
+        perm = [int(np.flatnonzero((both0 == both[:, [j]]).all(0))[0]) for j in range(64)]
+        assert torch.equal(both0[:, perm], both)
+        perms.append(tuple(perm))
+    assert len(set(perms)) == len(perms) == 4
+    # permutation survives the eval transform group
+    d1 = bm.train_stream[1].dataset
+    assert torch.equal(d1.eval()[5][0], d1.train()[5][0])
+    assert not torch.equal(d1.eval()[5][0], datasets[0].eval()[5][0])
+
+
+def test_validation_stream(digits):
+    spec = make_benchmark("split-class", "digits", seed=3, validation=0.2)
+    plain = make_benchmark("split-class", "digits", seed=3)
+    bm = spec.benchmark
+    assert len(bm.valid_stream) == 5
+    for i in range(5):
+        xtr, ytr, _ = all_items(bm.train_stream[i].dataset)
+        xva, yva, tva = all_items(bm.valid_stream[i].dataset)
+        xte, _, _ = all_items(bm.test_stream[i].dataset)
+        xfull, _, _ = all_items(plain.benchmark.train_stream[i].dataset)
+        r_tr, r_va, r_te, r_full = rows(xtr), rows(xva), rows(xte), rows(xfull)
+        assert not (r_tr & r_va)                  # disjoint from train
+        assert not (r_va & r_te)                  # never test data
+        assert r_tr | r_va == r_full              # drawn from the training data
+        # test stream unchanged by validation
+        assert r_te == rows(all_items(plain.benchmark.test_stream[i].dataset)[0])
+        # stratified: ~20 % of each class
+        assert sorted(set(yva.tolist())) == [2 * i, 2 * i + 1]
+        c_tr, c_va = Counter(ytr.tolist()), Counter(yva.tolist())
+        for c in c_va:
+            assert c_va[c] == round(0.2 * (c_va[c] + c_tr[c]))
+        assert bm.valid_stream[i].current_experience == i
+
+
+def test_validation_permuted_and_task_labels():
+    bm = make_benchmark("split-task", "digits", validation=0.25).benchmark
+    assert [e.task_label for e in bm.valid_stream] == list(range(5))
+    bm = make_benchmark("permuted", "digits", n_experiences=3, validation=0.25).benchmark
+    x0 = all_items(bm.valid_stream[0].dataset)[0].reshape(-1, 64)
+    x2 = all_items(bm.valid_stream[2].dataset)[0].reshape(-1, 64)
+    assert len(x0) == len(x2) > 0
+    assert torch.equal(torch.sort(x0, 1).values, torch.sort(x2, 1).values)
+    assert not torch.equal(x0, x2)
+
+
+def test_determinism():
+    def dump(spec):
+        out = []
+        for name in ("train", "valid", "test"):
+            for e in spec.benchmark.streams[name]:
+                out.append(all_items(e.dataset))
+        return out
+
+    a = dump(make_benchmark("permuted", "digits", n_experiences=3, seed=7, validation=0.1))
+    b = dump(make_benchmark("permuted", "digits", n_experiences=3, seed=7, validation=0.1))
+    c = dump(make_benchmark("permuted", "digits", n_experiences=3, seed=8, validation=0.1))
+    assert all(torch.equal(p, q) for ta, tb in zip(a, b) for p, q in zip(ta, tb))
+    # a different seed changes the permutations (experience 1 train)
+    assert not torch.equal(a[1][0], c[1][0])
+    # identity experience 0 but a different validation split
+    assert not torch.equal(a[3][0], c[3][0])
+
+
+def test_max_train_per_class():
+    spec = make_benchmark("split-class", "digits", max_train_per_class=7, validation=0.3)
+    bm = spec.benchmark
+    for i in range(5):
+        ytr = all_items(bm.train_stream[i].dataset)[1].tolist()
+        yva = all_items(bm.valid_stream[i].dataset)[1].tolist()
+        assert Counter(ytr + yva) == {2 * i: 7, 2 * i + 1: 7}
+        assert Counter(yva) == {2 * i: 2, 2 * i + 1: 2}
+
+
+@pytest.mark.parametrize("n", [1, 2, 10])
+def test_other_experience_counts(n):
+    spec = make_benchmark("split-task", "digits", n_experiences=n)
+    assert len(spec.benchmark.train_stream) == n
+    assert spec.n_classes_per_exp == 10 // n
+
+
+def test_benchmark_errors(tmp_path):
+    with pytest.raises(ValueError, match="split-task.*split-class.*permuted"):
+        make_benchmark("nope")
+    with pytest.raises(ValueError, match="digits.*mnist.*fashion-mnist"):
+        make_benchmark("permuted", "cifar")
+    with pytest.raises(ValueError, match="divide"):
+        make_benchmark("split-task", n_experiences=3)
+    with pytest.raises(ValueError, match="divide"):
+        make_benchmark("split-class", n_experiences=20)
+    with pytest.raises(ValueError, match="data_root"):
+        make_benchmark("split-class", "mnist")
+    with pytest.raises(ValueError, match="validation"):
+        make_benchmark("split-class", validation=1.0)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        make_benchmark("split-class", "fashion-mnist", data_root=tmp_path / "missing")
+    # permuted allows any positive count
+    assert len(make_benchmark("permuted", n_experiences=3).benchmark.train_stream) == 3
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
+def test_read_idx_roundtrip(tmp_path, gz, dtype):
+    rng = np.random.default_rng(1)
+    arr = (rng.standard_normal((20, 28, 28)) * 100).astype(dtype)
+    p = write_idx(tmp_path / "x.idx", arr, gz=gz)  # no .gz suffix: detected by magic
+    out = read_idx(p)
+    assert out.dtype == np.dtype(dtype) and out.dtype.isnative
+    assert out.shape == (20, 28, 28)
+    np.testing.assert_array_equal(out, arr)
+    out1 = read_idx(write_idx(tmp_path / "l.gz", arr[:, 0, 0], gz=gz))
+    np.testing.assert_array_equal(out1, arr[:, 0, 0])
+
+
+def test_read_idx_errors(tmp_path):
+    good = idx_bytes(np.arange(20, dtype=np.uint8).reshape(4, 5))
+    cases = {
+        "badmagic": (b"\x08\x03" + good[2:], r"bad magic number 0x0803"),
+        "badcode": (good[:2] + b"\x07" + good[3:], r"bad magic number 0x00000702"),
+        "trunc": (good[:-3], r"truncated: expected 20 bytes of data, found 17"),
+        "trail": (good + b"\x00\x01", r"trailing bytes"),
+        "trunchead": (good[:9], r"truncated"),
+        "tiny": (b"\x00\x00", r"truncated"),
+    }
+    for name, (data, msg) in cases.items():
+        for gz in (False, True):
+            p = tmp_path / f"{name}{'.gz' if gz else ''}"
+            p.write_bytes(gzip.compress(data) if gz else data)
+            with pytest.raises(ValueError, match=msg) as ei:
+                read_idx(p)
+            assert str(p) in str(ei.value)
+    p = tmp_path / "corrupt.gz"
+    p.write_bytes(b"\x1f\x8b" + b"garbage")
+    with pytest.raises(ValueError, match="corrupt.gz"):
+        read_idx(p)
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        read_idx(tmp_path / "nothere")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("sub", ["", "mnist", "mnist/raw", "raw"])
+def test_load_idx_dataset(tmp_path, gz, sub):
+    arrays = tiny_mnist(tmp_path / sub if sub else tmp_path, gz=gz)
+    (Xtr, ytr), (Xte, yte) = load_idx_dataset(tmp_path, "mnist")
+    assert Xtr.shape == (40, 1, 28, 28) and Xte.shape == (20, 1, 28, 28)
+    assert Xtr.dtype == np.float32 and ytr.dtype == np.int64
+    np.testing.assert_allclose(Xtr[:, 0], arrays["train"][0] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(yte, arrays["t10k"][1])
+    assert 0.0 <= Xtr.min() and Xtr.max() <= 1.0
+
+
+def test_load_idx_dataset_errors(tmp_path):
+    with pytest.raises(ValueError, match="mnist.*fashion-mnist"):
+        load_idx_dataset(tmp_path, "kmnist")
+    with pytest.raises(FileNotFoundError, match="nodir"):
+        load_idx_dataset(tmp_path / "nodir")
+    root = tmp_path / "fm"
+    tiny_mnist(root / "fashion-mnist" / "raw", gz=False)
+    assert load_idx_dataset(root, "fashion-mnist")[0][0].shape == (40, 1, 28, 28)
+    (root / "fashion-mnist" / "raw" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError) as ei:
+        load_idx_dataset(root, "fashion-mnist")
+    msg = str(ei.value)
+    assert "t10k-labels-idx1-ubyte.gz" in msg and str(root / "fashion-mnist" / "raw") in msg
+    # count mismatch
+    root2 = tmp_path / "mm"
+    tiny_mnist(root2)
+    write_idx(root2 / "train-labels-idx1-ubyte.gz", np.zeros(39, np.uint8), gz=True)
+    with pytest.raises(ValueError, match="40 images.*39 labels") as ei:
+        load_idx_dataset(root2)
+    assert str(root2 / "train-labels-idx1-ubyte.gz") in str(ei.value)
+
+
+def test_make_benchmark_mnist_tiny(tmp_path):
+    tiny_mnist(tmp_path, n_train=60, n_test=20)  # 6 train samples per class
+    spec = make_benchmark("split-class", "mnist", data_root=tmp_path, validation=0.34)
+    assert spec.input_shape == (1, 28, 28) and spec.dataset == "mnist"
+    bm = spec.benchmark
+    for i in range(5):
+        x, y, t = all_items(bm.train_stream[i].dataset)
+        assert x.shape[1:] == (1, 28, 28)
+        assert Counter(y.tolist()) == {2 * i: 4, 2 * i + 1: 4}
+        assert Counter(all_items(bm.valid_stream[i].dataset)[1].tolist()) == {2 * i: 2, 2 * i + 1: 2}
+        assert len(bm.test_stream[i].dataset) == 4
+    spec = make_benchmark("permuted", "mnist", data_root=tmp_path, n_experiences=2)
+    x0 = all_items(spec.benchmark.train_stream[0].dataset)[0]
+    x1 = all_items(spec.benchmark.train_stream[1].dataset)[0]
+    assert torch.equal(torch.sort(x0.flatten(1), 1).values, torch.sort(x1.flatten(1), 1).values)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_make_model_forward(specs, scenario):
+    from avalanche.models import MultiTaskModule, avalanche_forward
+    from avalanche.models.dynamic_modules import avalanche_model_adaptation
+
+    spec = specs[scenario]
+    torch.manual_seed(0)
+    model = make_model(spec, hidden=16, layers=3)
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 4
+    assert isinstance(model, MultiTaskModule) == spec.multi_head
+    for i, exp in enumerate(spec.benchmark.train_stream):
+        avalanche_model_adaptation(model, exp)
+        x, y, t = next(iter(torch.utils.data.DataLoader(exp.dataset, batch_size=6)))
+        out = avalanche_forward(model, x, t)
+        assert out.shape == (6, spec.n_classes_per_exp if spec.multi_head else 10)
+        assert torch.isfinite(out).all() and (out.abs() < 100).all()  # nothing masked
+        if spec.multi_head:
+            assert sorted(model.classifier.classifiers.keys()) == [str(k) for k in range(i + 1)]
+            torch.testing.assert_close(out, model.forward_single_task(x, i))
+    if spec.multi_head:
+        heads = [model.classifier.classifiers[str(k)] for k in range(5)]
+        assert len({id(h) for h in heads}) == 5
+        # different heads -> different outputs for the same input
+        x = torch.rand(3, 1, 8, 8)
+        assert not torch.allclose(model.forward_single_task(x, 0), model.forward_single_task(x, 1))
+        # a mixed-task batch is routed per sample
+        tm = torch.tensor([0, 3, 0])
+        out = avalanche_forward(model, x, tm)
+        torch.testing.assert_close(out[1], model.forward_single_task(x[1:2], 3)[0])
+
+
+def test_make_model_sizes(specs):
+    m = make_model(specs["split-class"])
+    shapes = [tuple(p.shape) for p in m.parameters()]
+    assert shapes == [(100, 64), (100,), (100, 100), (100,), (10, 100), (10,)]
+    m = make_model(specs["split-task"], hidden=400)
+    assert model_first_linear(m).out_features == 400
+    with pytest.raises(ValueError):
+        make_model(specs["permuted"], layers=0)
+
+
+def model_first_linear(m):
+    return next(mod for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+
+
+def test_naive_strategy_end_to_end(specs):
+    """One tiny epoch of Avalanche's Naive strategy on each scenario (train + eval)."""
+    from avalanche.training.supervised import Naive
+
+    for scenario in SCENARIOS:
+        spec = make_benchmark(scenario, "digits", n_experiences=2, max_train_per_class=10)
+        torch.manual_seed(0)
+        model = make_model(spec, hidden=8)
+        strat = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                      train_mb_size=32,
+                      train_epochs=1, eval_mb_size=64, device="cpu")
+        for exp in spec.benchmark.train_stream:
+            strat.train(exp)
+        res = strat.eval(spec.benchmark.test_stream)
+        assert isinstance(res, dict)
+        if spec.multi_head:
+            assert sorted(model.classifier.classifiers.keys()) == ["0", "1"]

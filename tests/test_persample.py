@@ -1,0 +1,393 @@
+"""PerSampleGradNorms against a brute-force per-sample loop (float64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from avalanche_pcreg.importance._persample import PerSampleGradNorms
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+POWERS = pytest.mark.parametrize("power", [1, 2])
+
+
+def per_sample_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A loss whose output-gradient differs per sample (nonlinear in the output)."""
+    out = out.flatten(1)
+    c = y.shape[-1]
+    return F.cross_entropy(out[:, :c], y.argmax(-1), reduction="none") + 0.3 * out.tanh().pow(2).sum(1)
+
+
+def loss_fn_for(model, x, y):
+    def losses(params=None):
+        out = model(x) if params is None else functional_call(model, params, (x,))
+        return per_sample_loss(out, y)
+    return losses
+
+
+def brute(model, names, losses_fn, power, weights=(None,)):
+    params = dict(model.named_parameters())
+    ref = {n: torch.zeros_like(params[n]) for n in names}
+    for w in weights:
+        losses = losses_fn()
+        if w is not None:
+            losses = losses * w
+        for i in range(losses.shape[0]):
+            gs = torch.autograd.grad(losses[i], [params[n] for n in names], retain_graph=True,
+                                     allow_unused=True)
+            for n, g in zip(names, gs):
+                if g is not None:
+                    ref[n] += g.abs() if power == 1 else g * g
+    return ref
+
+
+def fast(model, names, losses_fn, power, chunk_size=3, with_fallback=False, weights=(None,)):
+    with PerSampleGradNorms(model, names, power=power, chunk_size=chunk_size) as acc:
+        losses = losses_fn()
+        for k, w in enumerate(weights):
+            lw = losses if w is None else losses * w
+            fb = None
+            if with_fallback:
+                fb = (lambda params, w=w: losses_fn(params) if w is None else losses_fn(params) * w)
+            acc.backward(lw, retain_graph=k < len(weights) - 1, fallback=fb)
+        fallback_names = acc.fallback_names
+    return acc.sums, fallback_names
+
+
+def check(model, x, n_out, power, names=None, chunk_size=3, with_fallback=False, expect_fb=()):
+    torch.manual_seed(123)
+    model = model.double().eval()
+    y = F.one_hot(torch.randint(0, n_out, (x.shape[0],)), n_out).double()
+    names = names or [n for n, _ in model.named_parameters()]
+    lf = loss_fn_for(model, x, y)
+    ref = brute(model, names, lf, power)
+    got, fbn = fast(model, names, lf, power, chunk_size=chunk_size, with_fallback=with_fallback)
+    assert sorted(fbn) == sorted(expect_fb)
+    for n in names:
+        assert got[n].shape == ref[n].shape and got[n].dtype == torch.float64
+        assert ref[n].abs().sum() > 0, n  # the reference is non-trivial
+        torch.testing.assert_close(got[n], ref[n], **TOL, msg=lambda m: f"{n}: {m}")
+    for p in model.parameters():
+        assert p.grad is None
+    return got, ref
+
+
+# ----------------------------------------------------------------------------- single rules
+@POWERS
+def test_linear_2d(power):
+    torch.manual_seed(0)
+    check(nn.Linear(6, 5), torch.randn(9, 6, dtype=torch.float64), 5, power)
+
+
+@POWERS
+def test_linear_sequence(power):
+    torch.manual_seed(1)
+    # [N, T, in] and [N, A, B, in]; chunk_size 3 < N exercises chunking.
+    check(nn.Sequential(nn.Linear(4, 3), nn.Flatten()), torch.randn(7, 5, 4, dtype=torch.float64), 3, power)
+    check(nn.Sequential(nn.Linear(4, 3), nn.Flatten()), torch.randn(5, 2, 3, 4, dtype=torch.float64), 3, power)
+
+
+@POWERS
+def test_conv1d(power):
+    torch.manual_seed(2)
+    check(nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), torch.randn(7, 4, 11, dtype=torch.float64),
+          6, power)
+    check(nn.Conv1d(3, 4, 4, padding="same"), torch.randn(5, 3, 9, dtype=torch.float64), 4, power)
+
+
+@POWERS
+def test_conv2d_strided_dilated_grouped(power):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 6, (3, 2), stride=2, padding=1, dilation=2, groups=2, bias=True)
+    check(conv, torch.randn(6, 4, 9, 8, dtype=torch.float64), 6, power)
+    check(nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(1, 2)), torch.randn(4, 2, 5, 6, dtype=torch.float64),
+          3, power, chunk_size=64)
+
+
+def _randomize_affine(m):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p))
+    return m
+
+
+@POWERS
+def test_layernorm(power):
+    torch.manual_seed(4)
+    check(_randomize_affine(nn.LayerNorm(5)), torch.randn(6, 3, 5, dtype=torch.float64) * 2 + 1, 5, power)
+    check(_randomize_affine(nn.LayerNorm((3, 4))), torch.randn(5, 2, 3, 4, dtype=torch.float64), 3, power)
+
+
+@POWERS
+def test_groupnorm(power):
+    torch.manual_seed(5)
+    check(_randomize_affine(nn.GroupNorm(2, 6)), torch.randn(7, 6, 4, 3, dtype=torch.float64) + 0.5, 6, power)
+
+
+@POWERS
+def test_batchnorm2d_eval(power):
+    torch.manual_seed(6)
+    bn = _randomize_affine(nn.BatchNorm2d(4))
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(4))
+        bn.running_var.copy_(torch.rand(4) + 0.5)
+    check(bn, torch.randn(6, 4, 3, 5, dtype=torch.float64), 4, power)
+    bn1 = _randomize_affine(nn.BatchNorm1d(5))
+    with torch.no_grad():
+        bn1.running_mean.copy_(torch.randn(5))
+        bn1.running_var.copy_(torch.rand(5) + 0.5)
+    check(bn1, torch.randn(6, 5, dtype=torch.float64), 5, power)
+
+
+class EmbBag(nn.Module):
+    def __init__(self, padding_idx=None):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4, padding_idx=padding_idx)
+
+    def forward(self, idx):
+        return self.emb(idx).mean(1)
+
+
+@POWERS
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_repeated_indices(power, padding_idx):
+    torch.manual_seed(7)
+    idx = torch.tensor([[1, 1, 3, 1, 2], [0, 5, 5, 2, 6], [4, 4, 4, 4, 4], [2, 3, 1, 1, 0]])
+    got, ref = check(EmbBag(padding_idx), idx, 4, power)
+    used = set(idx.flatten().tolist()) - {padding_idx}
+    for row in range(9):
+        assert (got["emb.weight"][row].abs().sum() > 0) == (row in used)
+
+
+# ----------------------------------------------------------------------------- whole model
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True)  # in-place after the hooked BatchNorm output
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.act(self.bn(self.conv(x)))).flatten(1))
+
+
+def _cnn():
+    m = SmallCNN()
+    _randomize_affine(m.bn)
+    with torch.no_grad():
+        m.bn.running_mean.copy_(torch.randn(4) * 0.1)
+        m.bn.running_var.copy_(torch.rand(4) + 0.5)
+    return m
+
+
+@POWERS
+def test_small_cnn_whole_model(power):
+    torch.manual_seed(8)
+    check(_cnn(), torch.randn(10, 3, 4, 4, dtype=torch.float64), 5, power, chunk_size=4)
+
+
+# ----------------------------------------------------------------------------- fallback
+class LSTMRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.scale = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h, _ = self.lstm(x)
+        return self.head(h[:, -1] * self.scale)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        self.shared = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.shared(torch.tanh(self.shared(self.inp(x)))))
+
+
+@POWERS
+def test_fallback_lstm_and_root_parameter(power):
+    torch.manual_seed(9)
+    names = [n for n, _ in LSTMRoot().named_parameters()]
+    fb = [n for n in names if n.startswith("lstm.") or n == "scale"]
+    check(LSTMRoot(), torch.randn(6, 5, 3, dtype=torch.float64), 3, power, with_fallback=True, expect_fb=fb)
+
+
+@POWERS
+def test_fallback_weight_shared_linear(power):
+    torch.manual_seed(10)
+    check(Shared(), torch.randn(7, 4, dtype=torch.float64), 3, power, with_fallback=True,
+          expect_fb=["shared.weight", "shared.bias"])
+
+
+class DirectUse(nn.Module):
+    """fc.weight used via F.linear without calling fc: must be detected and go to the fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(F.linear(x, self.fc.weight, self.fc.bias)))
+
+
+def test_fallback_direct_parameter_use_detected():
+    torch.manual_seed(11)
+    check(DirectUse(), torch.randn(5, 4, dtype=torch.float64), 3, 2, with_fallback=True,
+          expect_fb=["fc.weight", "fc.bias"])
+
+
+def test_fallback_batchnorm_with_batch_statistics():
+    torch.manual_seed(12)
+    # train mode / no running stats: BatchNorm couples the samples -> its parameters go to the fallback
+    for bn in (nn.BatchNorm1d(4, track_running_stats=False).eval(), nn.BatchNorm1d(4).train()):
+        model = nn.Sequential(nn.Linear(3, 4), _randomize_affine(bn), nn.Linear(4, 3)).double()
+        x = torch.randn(6, 3, dtype=torch.float64)
+        y = F.one_hot(torch.randint(0, 3, (6,)), 3).double()
+        names = ["1.weight", "1.bias"]
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+        def lf(params=None):  # running stats (if any) are not mutated: use local copies
+            local = {k: v.clone() for k, v in buffers.items()}
+            return per_sample_loss(functional_call(model, {**(params or {}), **local}, (x,)), y)
+
+        ref = brute(model, names, lf, 2)
+        got, fbn = fast(model, names, lf, 2, with_fallback=True)
+        assert fbn == names
+        for n in names:
+            assert ref[n].abs().sum() > 0
+            torch.testing.assert_close(got[n], ref[n], **TOL)
+
+
+def test_fallback_none_raises():
+    torch.manual_seed(13)
+    model = LSTMRoot().double().eval()
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    y = F.one_hot(torch.randint(0, 3, (4,)), 3).double()
+    names = [n for n, _ in model.named_parameters()]
+    with PerSampleGradNorms(model, names) as acc:
+        losses = per_sample_loss(model(x), y)
+        assert "scale" in acc.fallback_names and "lstm.weight_ih_l0" in acc.fallback_names
+        assert "head.weight" not in acc.fallback_names
+        with pytest.raises(ValueError, match="scale"):
+            acc.backward(losses)
+        assert all(s.abs().sum() == 0 for s in acc.sums.values())
+    with PerSampleGradNorms(Shared().double().eval(), ["shared.weight"]) as acc2:
+        m = acc2.model
+        losses = per_sample_loss(m(torch.randn(3, 4, dtype=torch.float64)), y[:3])
+        assert acc2.fallback_names == ["shared.weight"]
+        with pytest.raises(ValueError, match="shared.weight"):
+            acc2.backward(losses)
+
+
+# ----------------------------------------------------------------------------- multiple backward calls
+@POWERS
+def test_multiple_backward_calls_retain_graph(power):
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    _randomize_affine(model[1])
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = F.one_hot(torch.randint(0, 3, (8,)), 3).double()
+    names = [n for n, _ in model.named_parameters()]
+    lf = loss_fn_for(model, x, y)
+    weights = (torch.rand(8, dtype=torch.float64).sqrt(), torch.rand(8, dtype=torch.float64).sqrt())
+    ref = brute(model, names, lf, power, weights=weights)
+    single = brute(model, names, lf, power, weights=weights[:1])
+    got, _ = fast(model, names, lf, power, weights=weights)
+    for n in names:
+        torch.testing.assert_close(got[n], ref[n], **TOL)
+        assert (got[n] - single[n]).abs().max() > 1e-6  # the second call really added something
+
+
+def test_multiple_batches_accumulate_and_reset():
+    torch.manual_seed(15)
+    model = _cnn().double().eval()
+    names = [n for n, _ in model.named_parameters()]
+    xs = [torch.randn(5, 3, 4, 4, dtype=torch.float64) for _ in range(2)]
+    ys = [F.one_hot(torch.randint(0, 5, (5,)), 5).double() for _ in range(2)]
+    ref = {n: 0 for n in names}
+    for x, y in zip(xs, ys):
+        r = brute(model, names, loss_fn_for(model, x, y), 2)
+        ref = {n: ref[n] + r[n] for n in names}
+    with PerSampleGradNorms(model, names, power=2) as acc:
+        for x, y in zip(xs, ys):
+            acc.backward(per_sample_loss(model(x), y))
+        for n in names:
+            torch.testing.assert_close(acc.sums[n], ref[n], **TOL)
+        acc.reset()
+        assert all(s.abs().sum() == 0 for s in acc.sums.values())
+
+
+# ----------------------------------------------------------------------------- hygiene
+def test_grad_untouched_hooks_removed_outputs_unchanged():
+    torch.manual_seed(16)
+    model = _cnn().double().eval()
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    y = F.one_hot(torch.randint(0, 5, (4,)), 5).double()
+    expected = model(x)
+    names = [n for n, _ in model.named_parameters()]
+    with PerSampleGradNorms(model, names) as acc:
+        out = model(x)
+        assert torch.equal(out, expected)
+        assert any(m._forward_hooks for m in model.modules())
+        acc.backward(per_sample_loss(out, y))
+    assert all(p.grad is None for p in model.parameters())
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    # the context manager also cleans up when the body raises
+    with pytest.raises(RuntimeError, match="boom"):
+        with PerSampleGradNorms(model, names):
+            model(x)
+            raise RuntimeError("boom")
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    # existing .grad is left exactly as it was
+    loss = per_sample_loss(model(x), y).sum()
+    loss.backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with PerSampleGradNorms(model, names) as acc:
+        acc.backward(per_sample_loss(model(x), y))
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, before[n])
+
+
+def test_unused_head_zero_and_validation():
+    torch.manual_seed(17)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(3, 4)
+            self.head_a = nn.Linear(4, 2)
+            self.head_b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head_a(torch.tanh(self.body(x)))
+
+    model = TwoHeads().double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = F.one_hot(torch.randint(0, 2, (5,)), 2).double()
+    names = [n for n, _ in model.named_parameters()]
+    with PerSampleGradNorms(model, names) as acc:
+        acc.backward(per_sample_loss(model(x), y))
+        assert acc.fallback_names == []
+    assert acc.sums["head_b.weight"].abs().sum() == 0 and acc.sums["head_b.bias"].abs().sum() == 0
+    ref = brute(model, ["body.weight"], loss_fn_for(model, x, y), 2)
+    torch.testing.assert_close(acc.sums["body.weight"], ref["body.weight"], **TOL)
+
+    model.head_b.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="head_b.weight"):
+        PerSampleGradNorms(model, names)
+    with pytest.raises(ValueError):
+        PerSampleGradNorms(model, ["body.weight"], power=3)
+    with pytest.raises(ValueError, match="nope"):
+        PerSampleGradNorms(model, ["nope"])
