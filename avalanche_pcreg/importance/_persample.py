@@ -422,7 +422,7 @@ class PerSampleGradNorms:
                 acc = g if acc is None else acc + g
             out["weight"] = acc.reshape(m.weight.shape)
         if "bias" in want:
-            out["bias"] = _pow(d.reshape(n, d.shape[1], -1), p).sum(-1).sum(0)
+            out["bias"] = _pow(d.reshape(n, d.shape[1], -1).sum(-1), p).sum(0)
         return out
 
     def _norm(self, m: nn.Module, a: Tensor, d: Tensor, want: set[str]) -> dict[str, Tensor]:
