@@ -134,6 +134,7 @@ class ParameterChangePlugin(SupervisedPlugin):
         self._state = ConsolidatedState(mode, decay)
         self._owner = None  # weakref to the strategy this instance is bound to
         self._patterns_checked = False
+        self._selected_names: tuple = ()
         self._reset_counters()
         self._pen_sum: Optional[Tensor] = None
         self._pen_count = 0
@@ -237,6 +238,7 @@ class ParameterChangePlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, *args, **kwargs):
         self._check_patterns(strategy.model)
         params = self.selected_parameters(strategy.model)
+        self._selected_names = tuple(params)
         self._state = self._state.aligned(params)
         if self._si is not None and _at_task_boundary(strategy.experience, before=True):
             self._si.begin(params)
@@ -257,13 +259,19 @@ class ParameterChangePlugin(SupervisedPlugin):
         self._pen_sum = detached if self._pen_sum is None else self._pen_sum + detached
         self._pen_count += 1
 
+    def _si_params(self, strategy) -> Dict[str, Tensor]:
+        # Selection is resolved once per experience (patterns are not matched every step);
+        # the tensors themselves are read from strategy.model every time.
+        named = dict(_unwrap(strategy.model).named_parameters())
+        return {n: named[n] for n in self._selected_names if n in named}
+
     def before_update(self, strategy, *args, **kwargs):
         if self._si is not None:
-            self._si.before_update(self.selected_parameters(strategy.model))
+            self._si.before_update(self._si_params(strategy))
 
     def after_update(self, strategy, *args, **kwargs):
         if self._si is not None:
-            self._si.after_update(self.selected_parameters(strategy.model))
+            self._si.after_update(self._si_params(strategy))
 
     def after_training_epoch(self, strategy, *args, **kwargs):
         if self._iterations > 0 and self._backwards == 0:

@@ -88,6 +88,7 @@ def test_linear_sequence(power):
     check(nn.Sequential(nn.Linear(4, 3), nn.Flatten()), torch.randn(5, 2, 3, 4, dtype=torch.float64), 3, power)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 @POWERS
 def test_conv1d(power):
     torch.manual_seed(2)
@@ -266,6 +267,20 @@ def test_fallback_batchnorm_with_batch_statistics():
         for n in names:
             assert ref[n].abs().sum() > 0
             torch.testing.assert_close(got[n], ref[n], **TOL)
+
+
+def test_fallback_without_vmap_loops_over_samples(monkeypatch):
+    """If vmap cannot batch the fallback's backward, samples are done one at a time (same result)."""
+    import torch.func
+
+    def broken_vmap(*args, **kwargs):
+        raise RuntimeError("no batching rule")
+
+    monkeypatch.setattr(torch.func, "vmap", broken_vmap)
+    torch.manual_seed(9)
+    names = [n for n, _ in LSTMRoot().named_parameters()]
+    fb = [n for n in names if n.startswith("lstm.") or n == "scale"]
+    check(LSTMRoot(), torch.randn(5, 4, 3, dtype=torch.float64), 3, 1, with_fallback=True, expect_fb=fb)
 
 
 def test_fallback_none_raises():

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._checks import check_importance_tensor
-from ._common import eval_mode, model_device, resolve_names
+from ._common import dist_rank_world, eval_mode, model_device, resolve_names
 from .fisher import empirical_fisher, expected_fisher, fisher
 from .mas import mas
 from .minibatch import minibatch_fisher
@@ -56,8 +56,6 @@ IMPORTANCE_ESTIMATORS: Dict[str, Callable] = {
 }
 # Estimators that need the training trajectory, not a pass over data (available in the plugin).
 TRAJECTORY_ESTIMATORS = ("si",)
-# Estimators that run in eval mode (all built-ins; a user callable manages its own mode).
-_NEEDS_NO_DATA = ("uniform",)
 
 
 def register_importance(name: str, fn: Optional[Callable] = None):
@@ -103,12 +101,14 @@ def _subset(dataset, num_samples: int, seed: int):
     return torch.utils.data.Subset(dataset, idx)
 
 
-def make_loader(data, batch_size: int, num_samples: Optional[int], seed: int, *, shuffle_rng: bool = True):
+def make_loader(data, batch_size: int, num_samples: Optional[int], seed: int, *, shuffle_rng: bool = True,
+                shard: bool = False):
     """A DataLoader (no shuffling) over ``data`` or a seeded random subset of it.
 
     ``shuffle_rng=True`` gives the loader its own generator so that iterating it does not
     advance the global RNG (training stays reproducible with and without the plugin);
     ``minibatch_fisher`` passes False to draw exactly as Avalanche's ``EWCPlugin`` does.
+    ``shard=True`` under ``torch.distributed`` keeps this rank's share (indices rank::world).
     Returns ``(loader, limit)``; ``limit`` caps samples when ``data`` is already a DataLoader.
     """
     if isinstance(data, DataLoader):
@@ -119,6 +119,10 @@ def make_loader(data, batch_size: int, num_samples: Optional[int], seed: int, *,
         raise ValueError("data is empty: no samples to estimate importances from")
     if num_samples is not None:
         data = _subset(data, num_samples, seed)
+    rank, world = dist_rank_world()
+    if shard and world > 1:
+        idx = list(range(rank, len(data), world))
+        data = data.subset(idx) if hasattr(data, "subset") else torch.utils.data.Subset(data, idx)
     collate = getattr(data, "collate_fn", None)
     gen = torch.Generator() if shuffle_rng else None
     if gen is not None:
@@ -152,6 +156,10 @@ def compute_importance(
     :param names: parameters to estimate; default every parameter with requires_grad.
     :param seed: seeds the subset and the labels drawn by ``fisher``.
 
+    Under ``torch.distributed``, the per-sample estimators (``*fisher`` but ``minibatch_fisher``,
+    ``mas``) shard a Dataset by rank and all-reduce sums and counts: every rank gets the estimate
+    on the union of the data. ``minibatch_fisher`` and user callables see all the data on every rank.
+
     The model runs in eval mode (no dropout, BatchNorm statistics untouched) and every module's
     own training flag is restored afterwards. Results are checked: NaN, inf or negative entries
     raise ValueError naming the parameter and the estimator.
@@ -168,7 +176,8 @@ def compute_importance(
     if frozen and name != "uniform":
         raise ValueError(f"parameters {frozen} have requires_grad=False; leave them out of names")
     device = model_device(model) if device is None else torch.device(device)
-    loader, limit = make_loader(data, batch_size, num_samples, seed, shuffle_rng=name != "minibatch_fisher")
+    loader, limit = make_loader(data, batch_size, num_samples, seed, shuffle_rng=name != "minibatch_fisher",
+                                shard=getattr(fn, "shardable", False) and not isinstance(data, DataLoader))
     with eval_mode(model):
         result = fn(model, loader, names=names, criterion=criterion, device=device, seed=seed,
                     limit=limit, chunk_size=chunk_size)

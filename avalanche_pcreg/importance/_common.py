@@ -145,3 +145,28 @@ def per_sample_criterion(criterion: Optional[Callable]) -> Callable[[Tensor, Ten
         return losses
 
     return per_sample
+
+
+def dist_rank_world() -> Tuple[int, int]:
+    """``(rank, world_size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sums(sums: dict, n: int) -> int:
+    """Sum ``sums`` (in place) and the sample count ``n`` over ranks; returns the global count.
+
+    One collective per tensor plus one for the count, the same on every rank whatever its
+    number of batches, so no rank waits on another.
+    """
+    _, world = dist_rank_world()
+    if world == 1:
+        return n
+    dist = torch.distributed
+    for key in sorted(sums):
+        dist.all_reduce(sums[key], op=dist.ReduceOp.SUM)
+    device = next(iter(sums.values())).device if sums else torch.device("cpu")
+    count = torch.tensor([float(n)], dtype=torch.float64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    return int(count.item())

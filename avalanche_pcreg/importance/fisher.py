@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import batches, functional_forward, model_forward, per_sample_criterion
+from ._common import all_reduce_sums, batches, functional_forward, model_forward, per_sample_criterion
 from ._persample import PerSampleGradNorms
 
 __all__ = ["empirical_fisher", "fisher", "expected_fisher", "per_sample_mean"]
@@ -47,6 +47,8 @@ def per_sample_mean(
     ``make_terms(outputs, y)`` returns the loss vectors ``l_k`` of one batch (one for most
     estimators, C for the expected Fisher), each with a function that recomputes it from
     outputs; anything random or detached (sampled labels, p_c) is fixed inside ``make_terms``.
+    Under ``torch.distributed`` the sums and sample counts are all-reduced, so each rank may
+    pass its own shard of the data and all get the estimate on the union.
     """
     n = 0
     with PerSampleGradNorms(model, names, power=power, chunk_size=chunk_size) as psg:
@@ -60,6 +62,7 @@ def per_sample_mean(
                 psg.backward(losses, retain_graph=k < len(terms) - 1, fallback=fallback)
             n += x.shape[0]
         sums = dict(psg.sums)
+    n = all_reduce_sums(sums, n)  # distributed: each rank saw its shard of the data
     if n == 0:
         raise ValueError(f"estimator {estimator!r} got empty data: no samples to estimate importances from")
     return {k: v / n for k, v in sums.items()}
@@ -114,3 +117,7 @@ def expected_fisher(model, data, *, names, device=None, limit=None, chunk_size=6
 
     return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=False,
                            estimator="expected_fisher", limit=limit, chunk_size=chunk_size)
+
+empirical_fisher.shardable = True
+fisher.shardable = True
+expected_fisher.shardable = True

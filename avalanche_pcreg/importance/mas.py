@@ -23,3 +23,6 @@ def mas(model, data, *, names, device=None, limit=None, chunk_size=64, **_):
 
     return per_sample_mean(model, data, names, terms, power=1, device=device, need_labels=False,
                            estimator="mas", limit=limit, chunk_size=chunk_size)
+
+
+mas.shardable = True
