@@ -30,6 +30,7 @@ from avalanche.training.utils import _at_task_boundary
 
 from ._checks import check_choice, check_nonneg_finite
 from .importance import SITracker, compute_importance, resolve_method
+from .penalty import Workspace
 from .state import MODES, ConsolidatedState
 
 __all__ = ["ParameterChangePlugin", "IMPORTANCE_DATA"]
@@ -132,6 +133,7 @@ class ParameterChangePlugin(SupervisedPlugin):
         self.xi = xi
 
         self._state = ConsolidatedState(mode, decay)
+        self._workspace = Workspace()  # per-step scratch of the CPU kernel (not part of the state)
         self._owner = None  # weakref to the strategy this instance is bound to
         self._patterns_checked = False
         self._selected_names: tuple = ()
@@ -218,6 +220,7 @@ class ParameterChangePlugin(SupervisedPlugin):
     def __getstate__(self):
         d = self.__dict__.copy()
         d["_owner"] = None  # weak references do not pickle; rebound on the next training run
+        d["_workspace"] = Workspace()  # scratch, rebuilt on the next step
         return d
 
     # ------------------------------------------------------------------ callbacks
@@ -248,12 +251,14 @@ class ParameterChangePlugin(SupervisedPlugin):
 
     def before_training_iteration(self, strategy, *args, **kwargs):
         self._iterations += 1
+        self._workspace.release()  # the previous iteration's graph is done
 
     def before_backward(self, strategy, *args, **kwargs):
         self._backwards += 1
         if self._state.empty:
             return
-        pen = self._state.penalty(dict(_unwrap(strategy.model).named_parameters()), self.factor, impl=self.impl)
+        pen = self._state.penalty(dict(_unwrap(strategy.model).named_parameters()), self.factor,
+                                  impl=self.impl, workspace=self._workspace)
         strategy.loss += pen
         detached = pen.detach()
         self._pen_sum = detached if self._pen_sum is None else self._pen_sum + detached

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_importance_tensor, check_nonneg_finite, leading_slice
-from .penalty import quadratic_penalty
+from .penalty import Workspace, quadratic_penalty
 
 __all__ = ["ConsolidatedState", "MODES", "STATE_VERSION"]
 
@@ -159,11 +159,13 @@ class ConsolidatedState:
             self._const_cache[key] = c
         return c
 
-    def penalty(self, params: Mapping[str, Tensor], factor: float, impl: Optional[str] = None) -> Tensor:
+    def penalty(self, params: Mapping[str, Tensor], factor: float, impl: Optional[str] = None,
+                workspace: Optional[Workspace] = None) -> Tensor:
         """``factor * (sum A (theta - mu)**2 + c)`` over the stored names present in ``params``.
 
         Parameters absent from ``params`` are skipped; grown ones are compared on their leading
-        block (call :meth:`aligned` once per experience to avoid the slicing).
+        block (call :meth:`aligned` once per experience to avoid the slicing). ``workspace``
+        lends persistent buffers to the CPU kernel (see :mod:`avalanche_pcreg.penalty`).
         """
         thetas, weights, anchors = [], [], []
         for name, A in self.importances.items():
@@ -179,7 +181,7 @@ class ConsolidatedState:
         if not thetas:
             return torch.zeros(())
         const = self._const_on(thetas[0].device, thetas[0].dtype) if self.mode == "separate" else None
-        return quadratic_penalty(thetas, weights, anchors, factor, const=const, impl=impl)
+        return quadratic_penalty(thetas, weights, anchors, factor, const=const, impl=impl, workspace=workspace)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to(self, device) -> "ConsolidatedState":
