@@ -257,8 +257,11 @@ class ParameterChangePlugin(SupervisedPlugin):
         self._backwards += 1
         if self._state.empty:
             return
-        pen = self._state.penalty(dict(_unwrap(strategy.model).named_parameters()), self.factor,
-                                  impl=self.impl, workspace=self._workspace)
+        params = dict(_unwrap(strategy.model).named_parameters())
+        name, A = next(iter(self._state.importances.items()))
+        if name in params and params[name].device != A.device:  # the model moved mid-experience
+            self._state = self._state.aligned(params)
+        pen = self._state.penalty(params, self.factor, impl=self.impl, workspace=self._workspace)
         strategy.loss += pen
         detached = pen.detach()
         self._pen_sum = detached if self._pen_sum is None else self._pen_sum + detached
