@@ -104,14 +104,22 @@ class _QuadraticPenalty(torch.autograd.Function):
         ctx.impl = impl
         ctx.out = out
         ctx.workspace = workspace if out is not None else None
-        ctx.save_for_backward(*wdiffs)
+        ctx.weights, ctx.anchors = weights, anchors
+        ctx.save_for_backward(*wdiffs, *params)
         return value
 
     @staticmethod
     def backward(ctx, grad_out):
-        wdiffs = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        wdiffs, params = saved[: len(saved) // 2], saved[len(saved) // 2 :]
         scale = grad_out * (2.0 * ctx.factor)
-        if ctx.impl == "foreach":
+        if torch.is_grad_enabled():
+            # create_graph=True: a differentiable backward, so second derivatives
+            # (2 * factor * A on the diagonal) are right. Not the hot path.
+            if ctx.workspace is not None:
+                ctx.workspace.release()
+            grads = [scale * w * (p - a) for p, w, a in zip(params, ctx.weights, ctx.anchors)]
+        elif ctx.impl == "foreach":
             grads = torch._foreach_mul(wdiffs, scale)
         elif ctx.out is not None:
             grads = ctx.out

@@ -45,6 +45,8 @@ def _patterns(arg: str, value) -> Optional[tuple]:
         return None
     if isinstance(value, str):
         value = (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{arg} must be a name pattern (str) or a list of them, got {type(value).__name__} {value!r}")
     value = tuple(value)
     if not value or not all(isinstance(v, str) for v in value):
         raise TypeError(f"{arg} must be a name pattern (str) or a non-empty list of them, got {value!r}")
@@ -128,7 +130,11 @@ class ParameterChangePlugin(SupervisedPlugin):
             raise TypeError(f"parameters must be a callable (name, param) -> bool, got {type(parameters).__name__}")
         self.parameters = parameters
         self.importance_data = check_choice("importance_data", importance_data, IMPORTANCE_DATA)
-        self.seed, self.impl, self.chunk_size = int(seed), impl, int(chunk_size)
+        if impl is not None:
+            check_choice("impl", impl, ("foreach", "forloop"))
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.seed, self.impl, self.chunk_size = int(seed), impl, chunk_size
         self._si = SITracker(xi) if self.importance_name == "si" else None
         self.xi = xi
 
@@ -329,7 +335,15 @@ class ParameterChangePlugin(SupervisedPlugin):
     # ------------------------------------------------------------------ helpers
     def _importance_dataset(self, strategy):
         if self.importance_data == "adapted":
-            data = strategy.adapted_dataset
+            # What the strategy trained on: Avalanche's multi-dataset loaders (ReplayDataLoader:
+            # the experience plus the replay buffer) keep their parts in `.datasets`.
+            parts = getattr(getattr(strategy, "dataloader", None), "datasets", None)
+            if parts and all(hasattr(d, "concat") for d in parts):
+                data = parts[0]
+                for part in parts[1:]:
+                    data = data.concat(part)
+            else:
+                data = strategy.adapted_dataset
         else:
             data = strategy.experience.dataset
         if data is not None and hasattr(data, "eval"):

@@ -116,9 +116,11 @@ class ConsolidatedState:
             else:
                 A_new = A64 + F64
                 safe = A_new.clamp_min(torch.finfo(torch.float64).tiny)
-                mu_new = torch.where(A_new > 0, (A64 * mu64 + F64 * t64) / safe, t64)
+                gap = t64 - mu64
+                # mu' = (A mu + F t) / A', written as a step from mu: exactly mu where F = 0,
+                # exactly t where A = 0 (a new or grown entry, or a first experience).
+                mu_new = torch.where(A64 > 0, mu64 + F64 / safe * gap, t64)
                 # A mu^2 + F t^2 - A' mu'^2, written without cancellation: A F / A' (mu - t)^2 >= 0.
-                gap = mu64 - t64
                 delta_c = delta_c + torch.where(A_new > 0, A64 * F64 / safe * gap * gap, 0.0).sum().cpu()
             new.importances[name] = A_new.to(dtype)
             new.anchors[name] = mu_new.to(dtype)

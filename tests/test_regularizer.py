@@ -1,0 +1,341 @@
+"""ParameterChangeReg and quadratic_penalty against float64 brute-force loops."""
+
+import pytest
+import torch
+from torch import nn
+
+from avalanche_pcreg import ParameterChangeReg, quadratic_penalty
+
+F64 = torch.float64
+TIGHT = dict(rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- models
+class Net(nn.Module):
+    """fc1 -> fc2, registered in this order."""
+
+    def __init__(self, out=3, seed=0, dtype=F64):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(4, 5)
+        self.fc2 = nn.Linear(5, out)
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class NetReversed(nn.Module):
+    """The same names as Net, registered in the opposite order (fc2 first)."""
+
+    def __init__(self, out=3, seed=1, dtype=F64):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc2 = nn.Linear(5, out)
+        self.fc1 = nn.Linear(4, 5)
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def random_weights(ref: nn.Module, seed=3, names=None):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(p.shape, generator=g, dtype=F64).to(p.dtype) * 3.0
+            for n, p in ref.named_parameters() if names is None or n in names}
+
+
+def brute(target: nn.Module, ref: nn.Module, weights, factor):
+    """float64 loop over names and scalar entries of the leading block; value and gradient."""
+    tp, rp = dict(target.named_parameters()), dict(ref.named_parameters())
+    value = 0.0
+    grads = {n: torch.zeros(p.shape, dtype=F64) for n, p in tp.items()}
+    for name, w in weights.items():
+        w64 = w.detach().to(F64).reshape(-1)
+        r64 = rp[name].detach().to(F64)
+        t64 = tp[name].detach().to(F64)
+        g = grads[name]
+        for flat in range(w64.numel()):
+            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), r64.shape))
+            d = float(t64[idx]) - float(r64[idx])
+            value += factor * float(w64[flat]) * d * d
+            g[idx] += 2.0 * factor * float(w64[flat]) * d
+    return value, grads
+
+
+def check_against_brute(target, ref, weights, factor, rtol=1e-12):
+    for p in list(target.parameters()) + list(ref.parameters()):
+        p.grad = None
+    reg = ParameterChangeReg(factor)
+    val = reg(target, ref, weights)
+    val.backward()
+    ref_val, ref_grads = brute(target, ref, weights, factor)
+    assert ref_val > 0
+    assert val.item() == pytest.approx(ref_val, rel=rtol, abs=1e-300)
+    for name, p in target.named_parameters():
+        if name in weights:
+            assert p.grad is not None, name
+            torch.testing.assert_close(p.grad.to(F64), ref_grads[name], rtol=rtol, atol=rtol,
+                                       msg=lambda m: f"{name}: {m}")
+        else:
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
+    return val
+
+
+# ----------------------------------------------------------------------------- value and gradient
+@pytest.mark.parametrize("factor", [0.5, 7.25])
+def test_value_and_gradient_match_brute_force(factor):
+    target, ref = Net(seed=0), Net(seed=1)
+    check_against_brute(target, ref, random_weights(ref), factor)
+
+
+def test_float32_models_match_float64_reference():
+    target, ref = Net(seed=0, dtype=torch.float32), Net(seed=1, dtype=torch.float32)
+    val = check_against_brute(target, ref, random_weights(ref), 2.0, rtol=1e-5)
+    assert val.dtype == torch.float32
+
+
+def test_subset_of_parameters_only_those_regularized():
+    target, ref = Net(seed=0), Net(seed=1)
+    weights = random_weights(ref, names={"fc1.weight", "fc2.bias"})
+    check_against_brute(target, ref, weights, 1.5)
+    assert target.fc1.bias.grad is None and target.fc2.weight.grad is None
+
+
+def test_reference_given_as_mapping_equals_module():
+    target, ref = Net(seed=0), Net(seed=1)
+    w = random_weights(ref)
+    reg = ParameterChangeReg(3.0)
+    a = reg(target, ref, w)
+    b = reg(target, {k: v.detach().clone() for k, v in ref.state_dict().items()}, w)
+    assert a.item() == pytest.approx(brute(target, ref, w, 3.0)[0], rel=1e-12)
+    assert a.item() == b.item()
+
+
+def test_zero_factor_and_identical_models_give_zero():
+    target, ref = Net(seed=0), Net(seed=1)
+    w = random_weights(ref)
+    assert ParameterChangeReg(0.0)(target, ref, w).item() == 0.0
+    assert ParameterChangeReg(5.0)(target, target, w).item() == 0.0
+    assert ParameterChangeReg(5.0)(target, ref, {}).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- by name, never by position
+class Twins(nn.Module):
+    """Two same-shaped layers a, b: a positional pairing would run but pair a with b."""
+
+    def __init__(self, reverse=False, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        first, second = nn.Linear(4, 4).double(), nn.Linear(4, 4).double()
+        if reverse:
+            self.b, self.a = second, first
+        else:
+            self.a, self.b = first, second
+
+
+def test_models_with_different_registration_order_matched_by_name():
+    target, ref = Net(seed=0), NetReversed(seed=1)
+    assert [n for n, _ in target.named_parameters()] != [n for n, _ in ref.named_parameters()]
+    check_against_brute(target, ref, random_weights(ref), 2.5)
+
+    t2, r2 = Twins(seed=0), Twins(reverse=True, seed=1)
+    assert [n for n, _ in r2.named_parameters()][0] == "b.weight"
+    weights = random_weights(r2)
+    val = check_against_brute(t2, r2, weights, 2.5)
+    # pairing by position (a with b) gives another number: the by-name result is not an accident
+    tp, rp = list(t2.parameters()), list(r2.parameters())
+    wl = [weights[n] for n, _ in r2.named_parameters()]
+    positional = 2.5 * sum(float((w * (t.detach() - r.detach()) ** 2).sum()) for t, r, w in zip(tp, rp, wl))
+    assert abs(positional - val.item()) > 1e-3 * val.item()
+
+
+def test_weights_dict_order_does_not_matter():
+    target, ref = Net(seed=0), Net(seed=1)
+    w = random_weights(ref)
+    w_rev = dict(reversed(list(w.items())))
+    reg = ParameterChangeReg(1.0)
+    assert reg(target, ref, w).item() == pytest.approx(reg(target, ref, w_rev).item(), rel=1e-14)
+
+
+# ----------------------------------------------------------------------------- grown heads
+def test_grown_head_leading_slice_and_new_entries_free():
+    target, ref = Net(out=7, seed=0), Net(out=3, seed=1)
+    weights = random_weights(ref)  # shapes of ref: fc2.weight (3, 5), fc2.bias (3,)
+    check_against_brute(target, ref, weights, 1.75)
+    assert torch.count_nonzero(target.fc2.weight.grad[3:]) == 0
+    assert torch.count_nonzero(target.fc2.bias.grad[3:]) == 0
+    assert torch.count_nonzero(target.fc2.weight.grad[:3]) > 0
+    # new rows do not change the value
+    before = ParameterChangeReg(1.75)(target, ref, weights).item()
+    with torch.no_grad():
+        target.fc2.weight[3:] += 100.0
+        target.fc2.bias[3:] -= 100.0
+    assert ParameterChangeReg(1.75)(target, ref, weights).item() == before
+
+
+# ----------------------------------------------------------------------------- gradient goes to target only
+def test_gradient_flows_to_target_only():
+    target, ref = Net(seed=0), Net(seed=1)
+    weights = {k: v.requires_grad_(True) for k, v in random_weights(ref).items()}
+    ParameterChangeReg(1.0)(target, ref, weights).backward()
+    assert all(p.grad is None for p in ref.parameters())
+    assert all(w.grad is None for w in weights.values())
+    assert all(p.grad is not None for p in target.parameters())
+
+
+# ----------------------------------------------------------------------------- kernels
+def _kernel_inputs(seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 3), (3,), (2, 3, 2, 2), (1,)]
+    params = [torch.randn(s, generator=g, dtype=dtype).requires_grad_(True) for s in shapes]
+    weights = [torch.rand(s, generator=g, dtype=dtype) for s in shapes]
+    anchors = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    return params, weights, anchors
+
+
+@pytest.mark.parametrize("with_const", [False, True])
+def test_foreach_and_forloop_agree_with_brute_force(with_const):
+    params, weights, anchors = _kernel_inputs()
+    const = torch.tensor(0.8125, dtype=F64) if with_const else None
+    factor = 1.3
+    ref_val = factor * (sum(float((w * (p.detach() - a) ** 2).sum()) for p, w, a in zip(params, weights, anchors))
+                        + (0.8125 if with_const else 0.0))
+    ref_grads = [2 * factor * w * (p.detach() - a) for p, w, a in zip(params, weights, anchors)]
+    results = {}
+    for impl in ("foreach", "forloop"):
+        val = quadratic_penalty(params, weights, anchors, factor, const=const, impl=impl)
+        grads = torch.autograd.grad(val, params)
+        assert val.item() == pytest.approx(ref_val, rel=1e-13)
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g, rg, **TIGHT)
+        results[impl] = (val, grads)
+    torch.testing.assert_close(results["foreach"][0], results["forloop"][0], **TIGHT)
+    for a, b in zip(results["foreach"][1], results["forloop"][1]):
+        torch.testing.assert_close(a, b, **TIGHT)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "forloop"])
+def test_gradcheck_float64(impl):
+    params, weights, anchors = _kernel_inputs(seed=5)
+    const = torch.tensor(0.25, dtype=F64)
+
+    def fn(*ps):
+        return quadratic_penalty(list(ps), weights, anchors, 0.7, const=const, impl=impl)
+
+    assert torch.autograd.gradcheck(fn, tuple(params), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "forloop"])
+def test_upstream_gradient_scales_backward(impl):
+    params, weights, anchors = _kernel_inputs(seed=2)
+    val = quadratic_penalty(params, weights, anchors, 2.0, impl=impl)
+    (3.5 * val).backward()
+    for p, w, a in zip(params, weights, anchors):
+        torch.testing.assert_close(p.grad, 3.5 * 2 * 2.0 * w * (p.detach() - a), **TIGHT)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "forloop"])
+def test_double_backward_is_correct_or_refused(impl):
+    params, weights, anchors = _kernel_inputs(seed=4)
+    p, w, a = params[0], weights[0], anchors[0]
+    other = (p ** 2).sum()  # another differentiable term, so autograd does not complain
+    val = quadratic_penalty([p], [w], [a], 1.5, impl=impl)
+    (g,) = torch.autograd.grad(val, [p], create_graph=True)
+    try:
+        (h,) = torch.autograd.grad((g ** 2).sum() + other, [p])
+    except RuntimeError:
+        return  # refusing higher-order use loudly is acceptable
+    g_ref = 2 * 1.5 * w * (p.detach() - a)
+    expected = 2 * g_ref * (2 * 1.5 * w) + 2 * p.detach()
+    torch.testing.assert_close(h, expected, **TIGHT)
+
+
+def test_quadratic_penalty_bad_impl():
+    params, weights, anchors = _kernel_inputs()
+    with pytest.raises(ValueError, match="impl"):
+        quadratic_penalty(params, weights, anchors, 1.0, impl="cuda")
+
+
+def test_quadratic_penalty_empty_is_zero():
+    assert quadratic_penalty([], [], [], 3.0).item() == 0.0
+    assert quadratic_penalty([], [], [], 3.0, const=torch.tensor(2.0, dtype=F64)).item() == 6.0
+
+
+# ----------------------------------------------------------------------------- errors
+def test_error_name_missing_from_target():
+    target, ref = Net(seed=0), Net(seed=1)
+    w = random_weights(ref)
+    w["fc3.weight"] = torch.ones(2)
+    with pytest.raises(ValueError, match=r"'fc3\.weight'.*target_model"):
+        ParameterChangeReg(1.0)(target, ref, w)
+
+
+def test_error_name_missing_from_ref():
+    target, ref = Net(seed=0), Net(seed=1)
+    w = random_weights(ref)
+    ref_map = {k: v for k, v in ref.named_parameters() if k != "fc1.bias"}
+    with pytest.raises(ValueError, match=r"'fc1\.bias'.*ref_model"):
+        ParameterChangeReg(1.0)(target, ref_map, w)
+
+
+def test_error_weight_shape_mismatch_names_both_shapes():
+    target, ref = Net(seed=0), Net(seed=1)
+    w = random_weights(ref)
+    w["fc1.weight"] = torch.ones(5, 3, dtype=F64)
+    with pytest.raises(ValueError, match=r"'fc1\.weight'.*\(5, 3\).*\(5, 4\)"):
+        ParameterChangeReg(1.0)(target, ref, w)
+
+
+def test_error_target_ref_shape_mismatch_names_both_shapes():
+    target, ref = Net(seed=0), Net(seed=1)
+    w = random_weights(ref)
+    ref_map = dict(ref.named_parameters())
+    ref_map["fc1.bias"] = torch.zeros(5, 1, dtype=F64)
+    w["fc1.bias"] = torch.ones(5, 1, dtype=F64)
+    with pytest.raises(ValueError, match=r"'fc1\.bias'.*\(5,\).*\(5, 1\)"):
+        ParameterChangeReg(1.0)(target, ref_map, w)
+
+
+def test_error_target_smaller_than_ref():
+    target, ref = Net(out=2, seed=0), Net(out=3, seed=1)
+    with pytest.raises(ValueError, match=r"'fc2\.(weight|bias)'.*\(2.*\(3"):
+        ParameterChangeReg(1.0)(target, ref, random_weights(ref))
+
+
+@pytest.mark.parametrize("factor", [-1.0, float("nan"), float("inf"), -float("inf")])
+def test_error_factor_bad_value(factor):
+    with pytest.raises(ValueError, match="factor"):
+        ParameterChangeReg(factor)
+
+
+@pytest.mark.parametrize("factor", ["1.0", None, [1.0], True, torch.ones(2)])
+def test_error_factor_not_a_number(factor):
+    with pytest.raises(TypeError, match="factor"):
+        ParameterChangeReg(factor)
+
+
+def test_factor_accepts_ints_and_scalar_tensors():
+    assert ParameterChangeReg(2).factor == 2.0
+    assert ParameterChangeReg(torch.tensor(0.5)).factor == 0.5
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_error_weights_negative_nan_inf_name_parameter(bad):
+    target, ref = Net(seed=0), Net(seed=1)
+    w = random_weights(ref)
+    w["fc2.weight"][1, 2] = bad
+    with pytest.raises(ValueError, match=r"'fc2\.weight'"):
+        ParameterChangeReg(1.0)(target, ref, w)
+    # with checks off the caller takes responsibility: no validation (hot path)
+    ParameterChangeReg(1.0, check_weights=False)(target, ref, w)
+
+
+def test_error_weights_not_mapping_or_not_tensor():
+    target, ref = Net(seed=0), Net(seed=1)
+    with pytest.raises(TypeError, match="weights"):
+        ParameterChangeReg(1.0)(target, ref, [torch.ones(3)])
+    with pytest.raises(TypeError, match=r"fc1\.bias"):
+        ParameterChangeReg(1.0)(target, ref, {"fc1.bias": [1.0] * 5})
+    with pytest.raises(TypeError, match="ref_model"):
+        ParameterChangeReg(1.0)(target, 3, {})

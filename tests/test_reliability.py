@@ -1,0 +1,330 @@
+"""Reliability (issue #7): transactional consolidation, autocast, devices, checkpoints, long streams."""
+
+import copy
+import gc
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins import EWCPlugin
+from avalanche.training.supervised import Naive
+
+from avalanche_pcreg import ParameterChangePlugin, compute_importance
+from helpers import mlp, tensor_data, tiny_nc
+
+F64 = torch.float64
+HAS_CUDA = torch.cuda.is_available()
+
+
+def make_strategy(model, plugins, *, lr=0.05, epochs=1, mb=32, cls=Naive, device="cpu"):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return cls(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), train_mb_size=mb,
+               train_epochs=epochs, eval_mb_size=64, device=device, plugins=plugins, evaluator=None)
+
+
+def sd_equal(a, b, path="sd"):
+    """Exact, recursive equality of two state dicts (tensors bit for bit, dtypes included)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), path
+        for k in a:
+            sd_equal(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            sd_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+class FailingEstimator:
+    """A per-sample Fisher that fails on the given call with the given exception (or bad values)."""
+
+    def __init__(self, fail_on, exc=None, bad_value=None, bad_name="4.bias"):
+        self.calls, self.fail_on, self.exc, self.bad_value, self.bad_name = 0, fail_on, exc, bad_value, bad_name
+        self.__name__ = "failing_estimator"
+
+    def __call__(self, model, data, **kw):
+        self.calls += 1
+        out = compute_importance(model, data.dataset, "empirical_fisher", batch_size=32)
+        if self.calls == self.fail_on:
+            if self.exc is not None:
+                raise self.exc
+            out[self.bad_name] = out[self.bad_name].clone()
+            out[self.bad_name][1] = self.bad_value
+        return out
+
+
+# ----------------------------------------------------------------------------- transactional consolidation
+@pytest.mark.parametrize("exc", [RuntimeError("estimator crashed"), KeyboardInterrupt()])
+def test_estimator_raising_leaves_state_exactly_unchanged(exc):
+    est = FailingEstimator(fail_on=2, exc=exc)
+    plugin = ParameterChangePlugin(10.0, est)
+    bench = tiny_nc(3)
+    model = mlp()
+    strategy = make_strategy(model, [plugin])
+    strategy.train(bench.train_stream[0])
+    before = copy.deepcopy(plugin.state_dict())
+    assert before["state"]["num_consolidations"] == 1
+    with pytest.raises(type(exc)):
+        strategy.train(bench.train_stream[1])
+    sd_equal(before, plugin.state_dict())
+    # and the plugin still works: the next experience consolidates from the intact state
+    strategy.train(bench.train_stream[2])
+    assert plugin.num_consolidations == 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -3.0])
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_bad_importances_raise_naming_parameter_and_estimator(bad, mode):
+    est = FailingEstimator(fail_on=2, bad_value=bad, bad_name="4.bias")  # the last parameter
+    plugin = ParameterChangePlugin(10.0, est, mode=mode)
+    bench = tiny_nc(2)
+    strategy = make_strategy(mlp(), [plugin])
+    strategy.train(bench.train_stream[0])
+    before = copy.deepcopy(plugin.state_dict())
+    with pytest.raises(ValueError, match=r"'4\.bias'.*'failing_estimator'"):
+        strategy.train(bench.train_stream[1])
+    sd_equal(before, plugin.state_dict())
+
+
+def test_bad_si_importances_detected_in_merge_state_unchanged(monkeypatch):
+    """The merge itself (not compute_importance) validates: SI path, failure on the last name."""
+    plugin = ParameterChangePlugin(10.0, "si")
+    bench = tiny_nc(2)
+    strategy = make_strategy(mlp(), [plugin])
+    strategy.train(bench.train_stream[0])
+    before = copy.deepcopy(plugin.state_dict())
+    real = plugin._si.importance
+
+    def poisoned(params):
+        out = real(params)
+        out["4.bias"] = out["4.bias"].clone()
+        out["4.bias"][0] = float("nan")
+        return out
+
+    monkeypatch.setattr(plugin._si, "importance", poisoned)
+    with pytest.raises(ValueError, match=r"'4\.bias'.*'si'"):
+        strategy.train(bench.train_stream[1])
+    sd_equal(before, plugin.state_dict())
+
+
+# ----------------------------------------------------------------------------- mixed precision
+class AutocastForward(Naive):
+    def forward(self):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().forward()
+
+
+class AutocastEverything(Naive):
+    """Forward, loss and penalty all computed under autocast."""
+
+    def training_epoch(self, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().training_epoch(**kwargs)
+
+
+class LossDtypeProbe(SupervisedPlugin):
+    def __init__(self, plugin):
+        super().__init__()
+        self.plugin = plugin
+        self.loss_dtypes, self.output_dtypes, self.penalties = [], [], []
+
+    def before_backward(self, strategy, **kw):
+        self.loss_dtypes.append(strategy.loss.dtype)
+        self.output_dtypes.append(strategy.mb_output.dtype)
+        if not self.plugin.state.empty:
+            self.penalties.append(self.plugin.penalty(strategy.model))
+
+
+@pytest.mark.parametrize("cls", [AutocastForward, AutocastEverything])
+def test_training_under_bf16_autocast(cls):
+    plugin = ParameterChangePlugin(10.0, "empirical_fisher")
+    probe = LossDtypeProbe(plugin)
+    model = mlp()
+    strategy = make_strategy(model, [plugin, probe], cls=cls)
+    bench = tiny_nc(3)
+    for exp in bench.train_stream:
+        strategy.train(exp)
+    assert set(probe.output_dtypes) == {torch.bfloat16}  # autocast really was on
+    assert plugin.num_consolidations == 3
+    for d in (plugin.importances, plugin.anchors):
+        assert all(t.dtype == torch.float32 for t in d.values())
+    assert all(torch.isfinite(t).all() for t in plugin.importances.values())
+    assert plugin.state.const.dtype == F64
+    assert probe.penalties and all(p.dtype == torch.float32 for p in probe.penalties)
+    assert all(d == torch.float32 for d in probe.loss_dtypes)
+    pen = plugin.penalty(model)
+    assert pen.dtype == torch.float32 and pen.item() > 0
+    # the penalty under autocast is the same float32 number as outside
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pen_ac = plugin.penalty(model)
+    assert pen_ac.dtype == torch.float32 and pen_ac.item() == pytest.approx(pen.item(), rel=1e-6)
+
+
+def test_importance_under_autocast_is_float32_and_close():
+    model = mlp()
+    x, y = tensor_data(64)
+    data = torch.utils.data.TensorDataset(x, y)
+    ref = compute_importance(model, data, "empirical_fisher", batch_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = compute_importance(model, data, "empirical_fisher", batch_size=16)
+    for n in ref:
+        assert got[n].dtype == torch.float32 and torch.isfinite(got[n]).all()
+        rel = ((got[n] - ref[n]).abs().sum() / ref[n].abs().sum()).item()
+        assert rel < 0.1, (n, rel)  # bf16 has ~3 significant digits
+
+
+# ----------------------------------------------------------------------------- device / dtype moves
+def _penalty_by_hand(plugin, model):
+    st = plugin.state
+    total = st.const.clone()
+    params = dict(model.named_parameters())
+    for n, A in st.importances.items():
+        p = params[n].detach().to(F64)
+        idx = tuple(slice(0, s) for s in A.shape)
+        total = total + (A.to(F64) * (p[idx] - st.anchors[n].to(F64)) ** 2).sum()
+    return plugin.factor * total.item()
+
+
+class CastingMLP(nn.Module):
+    """The helpers' MLP, casting its (float32) input to its own dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        return self.net(x.to(self.net[0].weight.dtype))
+
+
+def test_model_dtype_change_after_first_experience():
+    """On CPU the move that can be tested is a dtype move: float32 -> float64 after experience 1."""
+    plugin = ParameterChangePlugin(10.0, "empirical_fisher")
+    model = CastingMLP()
+    strategy = make_strategy(model, [plugin])
+    bench = tiny_nc(3)
+    strategy.train(bench.train_stream[0])
+    assert all(t.dtype == torch.float32 for t in plugin.importances.values())
+    model.double()
+    for exp in bench.train_stream[1:]:
+        strategy.train(exp)
+    assert all(t.dtype == F64 for t in plugin.importances.values())
+    assert all(t.dtype == F64 for t in plugin.anchors.values())
+    pen = plugin.penalty(model)
+    assert pen.dtype == F64
+    assert pen.item() == pytest.approx(_penalty_by_hand(plugin, model), rel=1e-10)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: moves the model CPU -> GPU after experience 1")
+def test_model_moved_to_cuda_after_first_experience():
+    plugin = ParameterChangePlugin(10.0, "empirical_fisher")
+    model = mlp()
+    strategy = make_strategy(model, [plugin])
+    bench = tiny_nc(3)
+    strategy.train(bench.train_stream[0])
+    model.cuda()
+    strategy.device = torch.device("cuda")
+    strategy.optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for exp in bench.train_stream[1:]:
+        strategy.train(exp)
+    assert all(t.is_cuda for t in plugin.importances.values())
+    assert all(t.is_cuda for t in plugin.anchors.values())
+    pen = plugin.penalty(model)
+    assert pen.is_cuda and pen.item() == pytest.approx(_penalty_by_hand(plugin, model), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_load_state_dict_map_location_resumes_exactly():
+    bench = tiny_nc(3)
+
+    def run(resume_after):
+        model = mlp()
+        plugin = ParameterChangePlugin(10.0, "empirical_fisher")
+        strategy = make_strategy(model, [plugin])
+        for k, exp in enumerate(bench.train_stream):
+            if k == resume_after:
+                buf = io.BytesIO()
+                torch.save({"plugin": plugin.state_dict(), "model": model.state_dict()}, buf)
+                buf.seek(0)
+                ckpt = torch.load(buf, map_location="cpu", weights_only=True)
+                model = mlp(seed=123)
+                model.load_state_dict(ckpt["model"])
+                plugin = ParameterChangePlugin(10.0, "empirical_fisher")
+                plugin.load_state_dict(ckpt["plugin"], map_location="cpu")
+                strategy = make_strategy(model, [plugin])
+            torch.manual_seed(100 + k)
+            strategy.train(exp)
+        return model, plugin
+
+    m1, p1 = run(resume_after=None)
+    m2, p2 = run(resume_after=2)
+    sd_equal(p1.state_dict()["state"], p2.state_dict()["state"])
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(a, b), n
+    assert p2.num_consolidations == 3 and len(p2.history) == 3
+
+
+def test_same_plugin_two_strategies_is_an_error():
+    plugin = ParameterChangePlugin(1.0)
+    bench = tiny_nc(2)
+    s1 = make_strategy(mlp(), [plugin])
+    s1.train(bench.train_stream[0])
+    s2 = make_strategy(mlp(), [plugin])
+    with pytest.raises(RuntimeError, match="another strategy"):
+        s2.train(bench.train_stream[1])
+    s1.train(bench.train_stream[1])  # the owner keeps working
+    assert plugin.num_consolidations == 2
+
+
+# ----------------------------------------------------------------------------- long streams
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def _ewc_bytes(ewc):
+    return sum(pd.data.numel() * pd.data.element_size()
+               for store in (ewc.saved_params, ewc.importances) for d in store.values() for pd in d.values())
+
+
+def test_long_stream_memory_flat():
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.utils.classification_dataset import (
+        _make_taskaware_tensor_classification_dataset as make_ds,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    ds = make_ds(torch.randn(10, 5, generator=g), torch.arange(10) % 4)
+    exp = benchmark_from_datasets(train=[ds], test=[ds]).train_stream[0]
+    P = 5 * 4 + 4
+
+    def run(plugin, measure, n_exps=100):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 4)
+        strategy = make_strategy(model, [plugin], mb=10, lr=0.01)
+        out = {}
+        for k in range(1, n_exps + 1):
+            strategy.train(exp)
+            if k in (2, n_exps):
+                gc.collect()
+                out[k] = (measure(), _rss_bytes())
+        return out
+
+    ours = ParameterChangePlugin(0.01, "empirical_fisher", "separate")
+    res = run(ours, lambda: ours.state.nbytes())
+    assert ours.num_consolidations == 100
+    assert res[2][0] == res[100][0] == 2 * P * 4
+    assert res[100][1] - res[2][1] < 50 * 2**20, f"RSS grew {(res[100][1] - res[2][1]) / 2**20:.1f} MB"
+
+    # Avalanche's EWCPlugin keeps one (importance, parameter) pair per experience: linear growth
+    # (20 experiences are enough to show it; its penalty costs O(T) a step)
+    ewc = EWCPlugin(ewc_lambda=0.01, mode="separate")
+    theirs = run(ewc, lambda: _ewc_bytes(ewc), n_exps=20)
+    assert theirs[2][0] == 2 * (2 * P * 4)
+    assert theirs[20][0] == 10 * theirs[2][0]
