@@ -183,6 +183,7 @@ def compute_importance(
                     limit=limit, chunk_size=chunk_size)
     if not isinstance(result, dict):
         raise TypeError(f"importance estimator {name!r} must return a dict name -> Tensor, got {type(result).__name__}")
+    result = {n: imp.detach() if isinstance(imp, Tensor) else imp for n, imp in result.items()}
     params = dict(model.named_parameters())
     for n, imp in result.items():
         if n not in params:

@@ -84,10 +84,18 @@ def eval_mode(model: nn.Module):
 
     RNN modules on CUDA cannot run backward in eval mode (cuDNN); they are put in train mode,
     which changes nothing when their dropout is 0 (a warning says so otherwise).
+
+    Avalanche's train/eval-switching wrappers (``TrainEvalModel`` in ICaRL, ``SCRModel``:
+    modules with a ``train_classifier`` and an ``eval_classifier``) keep their own flag set, so
+    the pass goes through the classifier that training optimises rather than the NCM head used
+    for evaluation; their children are still in eval mode.
     """
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
+        for m in model.modules():
+            if hasattr(m, "train_classifier") and hasattr(m, "eval_classifier"):
+                m.training = True
         for m in model.modules():
             if isinstance(m, nn.RNNBase) and any(p.is_cuda for p in m.parameters(recurse=False)):
                 if m.dropout > 0:

@@ -65,7 +65,7 @@ def per_sample_mean(
     n = all_reduce_sums(sums, n)  # distributed: each rank saw its shard of the data
     if n == 0:
         raise ValueError(f"estimator {estimator!r} got empty data: no samples to estimate importances from")
-    return {k: v / n for k, v in sums.items()}
+    return {k: v.detach() / n for k, v in sums.items()}
 
 
 def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=64, **_):
