@@ -199,9 +199,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           "on validation accuracy:")
     print(format_summary(res.summary))
     edges = [s for s in res.summary if s["at_edge"]]
+    ties = [s for s in res.summary if s.get("ties", 0) > 1]
     if edges:
-        print("\n* chosen factor at an edge of its grid (widen the grid for): "
+        print("\n* best validation accuracy at an edge of the factor grid (widen the grid for): "
               + ", ".join(f"{s['scenario']}/{s['method']}" for s in edges))
+    if ties:
+        print("~ validation accuracy ties at several factors, the smallest is taken: "
+              + ", ".join(f"{s['scenario']}/{s['method']} ({s['ties']})" for s in ties))
     print(f"\n{len(res.rows)} runs in {wall:.1f} s; wrote " + ", ".join(Path(f).name for f in res.files))
     return 0
 

@@ -143,6 +143,7 @@ class ParameterChangePlugin(SupervisedPlugin):
         self._owner = None  # weakref to the strategy this instance is bound to
         self._patterns_checked = False
         self._selected_names: tuple = ()
+        self._open_task = None  # an online task whose end the stream did not flag (yet)
         self._reset_counters()
         self._pen_sum: Optional[Tensor] = None
         self._pen_count = 0
@@ -227,6 +228,7 @@ class ParameterChangePlugin(SupervisedPlugin):
         d = self.__dict__.copy()
         d["_owner"] = None  # weak references do not pickle; rebound on the next training run
         d["_workspace"] = Workspace()  # scratch, rebuilt on the next step
+        d["_open_task"] = None
         return d
 
     # ------------------------------------------------------------------ callbacks
@@ -246,6 +248,10 @@ class ParameterChangePlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, *args, **kwargs):
         self._check_patterns(strategy.model)
+        if self._open_task is not None and _at_task_boundary(strategy.experience, before=True):
+            # A new task starts but the previous one was never closed by an is_last_subexp flag:
+            # consolidate it now, with the model as it left that task.
+            self._consolidate(strategy, self._open_task)
         params = self.selected_parameters(strategy.model)
         self._selected_names = tuple(params)
         self._state = self._state.aligned(params)
@@ -301,16 +307,24 @@ class ParameterChangePlugin(SupervisedPlugin):
         self._pen_sum, self._pen_count = None, 0
 
     def after_training_exp(self, strategy, *args, **kwargs):
-        if not _at_task_boundary(strategy.experience, before=False):
+        experience = strategy.experience
+        if not _at_task_boundary(experience, before=False):
+            # An online mini-experience inside a task: remember it, in case the stream never
+            # flags a last one (Avalanche 0.6's split_online_stream with drop_last=False).
+            self._open_task = experience
             return
+        self._consolidate(strategy, experience)
+
+    def _consolidate(self, strategy, experience) -> None:
+        self._open_task = None
         model = _unwrap(strategy.model)
         params = self.selected_parameters(model)
-        exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
+        exp_id = getattr(experience, "current_experience", strategy.clock.train_exp_counter)
         start = time.perf_counter()
         if self._si is not None:
             importances = self._si.importance(params)
         else:
-            data = self._importance_dataset(strategy)
+            data = self._importance_dataset(strategy, experience)
             if data is None or len(data) == 0:
                 warnings.warn(
                     f"experience {exp_id} has no samples: importance pass skipped, ParameterChangePlugin state unchanged"
@@ -333,7 +347,7 @@ class ParameterChangePlugin(SupervisedPlugin):
         self._publish_importance_stats(strategy, importances, elapsed, exp_id)
 
     # ------------------------------------------------------------------ helpers
-    def _importance_dataset(self, strategy):
+    def _importance_dataset(self, strategy, experience):
         if self.importance_data == "adapted":
             # What the strategy trained on: Avalanche's multi-dataset loaders (ReplayDataLoader:
             # the experience plus the replay buffer) keep their parts in `.datasets`.
@@ -345,7 +359,11 @@ class ParameterChangePlugin(SupervisedPlugin):
             else:
                 data = strategy.adapted_dataset
         else:
-            data = strategy.experience.dataset
+            # On an online stream with task boundaries the task's data is the whole origin
+            # experience, not only the last mini-experience.
+            origin = getattr(experience, "origin_experience", None)
+            use_origin = origin is not None and getattr(experience, "access_task_boundaries", False)
+            data = origin.dataset if use_origin else experience.dataset
         if data is not None and hasattr(data, "eval"):
             data = data.eval()
         return data

@@ -330,12 +330,14 @@ def run_one(spec: RunSpec) -> Dict[str, Any]:
     torch.manual_seed(int(spec.seed))
     np.random.seed(int(spec.seed) % (2 ** 32))
     model = make_model(bspec, hidden=s.hidden, layers=s.layers)
-    evaluator = EvaluationPlugin(
-        accuracy_metrics(experience=True, stream=True),
-        forgetting_metrics(experience=True, stream=True),
-        bwt_metrics(experience=True, stream=True),
-        loggers=[],
-    )
+    with warnings.catch_warnings():  # "No loggers specified": metrics are read from the evaluator
+        warnings.simplefilter("ignore", UserWarning)
+        evaluator = EvaluationPlugin(
+            accuracy_metrics(experience=True, stream=True),
+            forgetting_metrics(experience=True, stream=True),
+            bwt_metrics(experience=True, stream=True),
+            loggers=[],
+        )
     plugins = make_plugins(spec.method, spec.factor, seed=int(spec.seed))
     imp_times: List[float] = []
     if m.kind == "avalanche-ewc":
@@ -534,13 +536,17 @@ def select_factor(factors: Sequence[float], scores: Sequence[Sequence[float]]) -
     return float(factors[k]), k, float(means_arr[k])
 
 
+TIE_TOL = 1e-9
+
+
 def select_factors(rows: Sequence[Mapping[str, Any]]) -> Dict[Tuple[str, str], Dict[str, Any]]:
     """Per (scenario, method): the factor chosen on mean validation accuracy.
 
     Values: ``factor`` (None for naive/joint), ``valid_accuracy`` (its mean), ``grid``,
     ``valid_by_factor`` (mean validation accuracy per grid point), ``test_by_factor`` (mean
-    test accuracy, for the plots only) and ``at_edge`` (the choice is the smallest or largest
-    grid point of a grid of >= 3 points: widen the grid).
+    test accuracy, for the plots only), ``ties`` (how many grid points share the best mean
+    validation accuracy; the smallest factor among them is chosen) and ``at_edge`` (the
+    unique best is the smallest or largest point of a grid of >= 3 points: widen the grid).
     """
     groups: Dict[Tuple[str, str], Dict[Optional[float], List[Mapping]]] = {}
     for r in rows:
@@ -550,17 +556,20 @@ def select_factors(rows: Sequence[Mapping[str, Any]]) -> Dict[Tuple[str, str], D
         if None in by_f:
             rs = by_f[None]
             out[key] = {"factor": None, "valid_accuracy": float(np.mean([r["valid_accuracy"] for r in rs])),
-                        "grid": [], "valid_by_factor": [], "test_by_factor": [], "at_edge": False}
+                        "grid": [], "valid_by_factor": [], "test_by_factor": [], "at_edge": False, "ties": 0}
             continue
         grid = sorted(by_f)
         f, k, v = select_factor(grid, [[r["valid_accuracy"] for r in by_f[g]] for g in grid])
+        valid = [float(np.mean([r["valid_accuracy"] for r in by_f[g]])) for g in grid]
+        ties = sum(1 for x in valid if x >= v - TIE_TOL)
         out[key] = {
             "factor": f,
             "valid_accuracy": v,
             "grid": grid,
-            "valid_by_factor": [float(np.mean([r["valid_accuracy"] for r in by_f[g]])) for g in grid],
+            "valid_by_factor": valid,
             "test_by_factor": [float(np.mean([r["avg_accuracy"] for r in by_f[g]])) for g in grid],
-            "at_edge": len(grid) >= 3 and k in (0, len(grid) - 1),
+            "at_edge": len(grid) >= 3 and k in (0, len(grid) - 1) and ties == 1,
+            "ties": ties,
         }
     return out
 
@@ -603,7 +612,7 @@ def summarize(chosen: Sequence[Mapping[str, Any]], selection: Mapping) -> List[D
             "scenario": sc, "method": me, "label": METHODS[me].label, "n_seeds": len(rs),
             "acc_mean": acc[0], "acc_std": acc[1], "forgetting_mean": fgt[0], "forgetting_std": fgt[1],
             "bwt_mean": bwt[0], "bwt_std": bwt[1], "chosen_factor": sel["factor"],
-            "valid_accuracy": sel["valid_accuracy"], "at_edge": sel["at_edge"],
+            "valid_accuracy": sel["valid_accuracy"], "at_edge": sel["at_edge"], "ties": sel.get("ties", 0),
             "grid_min": sel["grid"][0] if sel["grid"] else None,
             "grid_max": sel["grid"][-1] if sel["grid"] else None,
             "mean_step_time_ms": 1e3 * float(np.nanmean([r["mean_step_time_s"] for r in rs])),
@@ -619,7 +628,8 @@ def _fmt_factor(f) -> str:
 
 def format_summary(summary: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:
     """The summary as a text (or Markdown) table: scenario, method, test accuracy mean +- std,
-    forgetting, BWT, chosen factor (``*``: at a grid edge), step time."""
+    forgetting, BWT, chosen factor (``*``: a unique best at a grid edge; ``~``: several factors
+    tie on validation accuracy, the smallest is taken), step time."""
     head = ["scenario", "method", "test acc", "forgetting", "BWT", "factor", "step ms"]
     lines = []
     for s in summary:
@@ -629,7 +639,7 @@ def format_summary(summary: Sequence[Mapping[str, Any]], markdown: bool = False)
             s["scenario"], s["method"], pm(s["acc_mean"], s["acc_std"]),
             pm(s["forgetting_mean"], s["forgetting_std"]),
             "n/a" if math.isnan(s["bwt_mean"]) else f"{s['bwt_mean']:+.3f}",
-            _fmt_factor(s["chosen_factor"]) + ("*" if s["at_edge"] else ""),
+            _fmt_factor(s["chosen_factor"]) + ("*" if s["at_edge"] else "") + ("~" if s.get("ties", 0) > 1 else ""),
             f"{s['mean_step_time_ms']:.2f}",
         ])
     if markdown:
@@ -756,7 +766,9 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 90) -> Lis
 
     def mean_matrix(sc, me):
         ms = [np.asarray(r["acc_matrix"], dtype=float) for r in chosen if r["scenario"] == sc and r["method"] == me]
-        return np.nanmean(np.stack(ms), axis=0) if ms else None
+        with warnings.catch_warnings():  # unseen experiences are NaN in every seed
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(np.stack(ms), axis=0) if ms else None
 
     # accuracy matrices
     for sc in scenarios:

@@ -66,15 +66,18 @@ def _grads(model, loss):
 
 
 def fisher_labels(model, x, batch_size, seed, t=None):
-    """The labels ``fisher`` draws: one seeded generator, batches in order (see importance/fisher.py)."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = []
+    """The labels ``fisher`` draws: one float64 uniform per sample from a generator seeded with
+    ``seed``, drawn up front, then the inverse CDF of p(.|x) (see importance/fisher.py)."""
+    u = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(seed), dtype=F64)
     with torch.no_grad():
-        for s in range(0, x.shape[0], batch_size):
-            out = _forward(model, x[s:s + batch_size], None if t is None else t[s:s + batch_size])
-            probs = torch.softmax(out.to(F64), dim=-1)
-            labels.append(torch.multinomial(probs, 1, generator=gen).squeeze(-1))
-    return torch.cat(labels)
+        out = torch.cat([_forward(model, x[s:s + batch_size], None if t is None else t[s:s + batch_size])
+                         for s in range(0, x.shape[0], batch_size)])
+        cdf = torch.softmax(out.to(F64), dim=-1).cumsum(-1)
+    labels = []
+    for n in range(x.shape[0]):  # first class whose cumulative probability exceeds u_n
+        c = next((c for c in range(cdf.shape[1]) if cdf[n, c] > u[n]), cdf.shape[1] - 1)
+        labels.append(c)
+    return torch.tensor(labels)
 
 
 def brute_force(model, x, y, method, *, t=None, batch_size=5, seed=0, criterion=None, work_dtype=F64):

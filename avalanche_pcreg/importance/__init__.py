@@ -119,15 +119,20 @@ def make_loader(data, batch_size: int, num_samples: Optional[int], seed: int, *,
         raise ValueError("data is empty: no samples to estimate importances from")
     if num_samples is not None:
         data = _subset(data, num_samples, seed)
+    total = len(data)
     rank, world = dist_rank_world()
     if shard and world > 1:
-        idx = list(range(rank, len(data), world))
+        idx = list(range(rank, total, world))
         data = data.subset(idx) if hasattr(data, "subset") else torch.utils.data.Subset(data, idx)
+    else:
+        rank, world = 0, 1
     collate = getattr(data, "collate_fn", None)
     gen = torch.Generator() if shuffle_rng else None
     if gen is not None:
         gen.manual_seed(int(seed))
-    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate, generator=gen), None
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate, generator=gen)
+    loader.pcreg_shard = (total, rank, world)  # which global samples this rank's loader holds
+    return loader, None
 
 
 def compute_importance(
@@ -178,9 +183,18 @@ def compute_importance(
     device = model_device(model) if device is None else torch.device(device)
     loader, limit = make_loader(data, batch_size, num_samples, seed, shuffle_rng=name != "minibatch_fisher",
                                 shard=getattr(fn, "shardable", False) and not isinstance(data, DataLoader))
+    extra = {}
+    shard_info = getattr(loader, "pcreg_shard", None)
+    if getattr(fn, "uses_uniforms", False) and shard_info is not None:
+        # One uniform per global sample, drawn up front and sharded with the data, so that
+        # sampled labels do not depend on how the data is split across ranks.
+        total, rank, world = shard_info
+        gen = torch.Generator()
+        gen.manual_seed(int(seed))
+        extra["uniforms"] = torch.rand(total, generator=gen, dtype=torch.float64)[rank::world]
     with eval_mode(model):
         result = fn(model, loader, names=names, criterion=criterion, device=device, seed=seed,
-                    limit=limit, chunk_size=chunk_size)
+                    limit=limit, chunk_size=chunk_size, **extra)
     if not isinstance(result, dict):
         raise TypeError(f"importance estimator {name!r} must return a dict name -> Tensor, got {type(result).__name__}")
     result = {n: imp.detach() if isinstance(imp, Tensor) else imp for n, imp in result.items()}

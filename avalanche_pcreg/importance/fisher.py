@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ._common import all_reduce_sums, batches, functional_forward, model_forward, per_sample_criterion
 from ._persample import PerSampleGradNorms
 
-__all__ = ["empirical_fisher", "fisher", "expected_fisher", "per_sample_mean"]
+__all__ = ["empirical_fisher", "fisher", "expected_fisher", "per_sample_mean", "sample_labels"]
 
 # One loss vector [N] and how to recompute it from outputs (for layers without a per-layer rule).
 LossTerm = Tuple[Tensor, Callable[[Tensor], Tensor]]
@@ -82,22 +82,38 @@ def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=N
                            estimator="empirical_fisher", limit=limit, chunk_size=chunk_size)
 
 
-def fisher(model, data, *, names, device=None, seed=0, limit=None, chunk_size=64, **_):
+def fisher(model, data, *, names, device=None, seed=0, limit=None, chunk_size=64, uniforms=None, **_):
     """Fisher at one label per sample drawn from the model's p(.|x).
 
-    Labels come from a generator seeded with ``seed`` (the global RNG is left alone).
+    Sample n's label is the inverse CDF of p(.|x_n) at a uniform u_n. ``compute_importance``
+    draws u for every sample up front from a generator seeded with ``seed`` (the global RNG is
+    left alone) and shards it with the data, so the labels do not depend on batching or on the
+    number of distributed ranks. Given a DataLoader, u is drawn batch by batch instead.
     """
     gen = torch.Generator()
     gen.manual_seed(int(seed))
+    offset = [0]
 
     def terms(out, _y):
-        probs = torch.softmax(out.detach().to(torch.float64), dim=-1).cpu()
-        labels = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(out.device)
+        b = out.shape[0]
+        if uniforms is not None:
+            u = uniforms[offset[0]: offset[0] + b]
+            offset[0] += b
+        else:
+            u = torch.rand(b, generator=gen, dtype=torch.float64)
+        labels = sample_labels(out.detach(), u.to(out.device))
         return [(F.cross_entropy(out, labels, reduction="none"),
                  lambda o: F.cross_entropy(o, labels, reduction="none"))]
 
     return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=False,
                            estimator="fisher", limit=limit, chunk_size=chunk_size)
+
+
+def sample_labels(logits: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF draw from softmax(logits) at uniforms u (float64): the first class whose
+    cumulative probability exceeds u."""
+    cdf = torch.softmax(logits.to(torch.float64), dim=-1).cumsum(-1)
+    return (cdf <= u.unsqueeze(-1)).sum(-1).clamp_max(logits.shape[-1] - 1)
 
 
 def expected_fisher(model, data, *, names, device=None, limit=None, chunk_size=64, **_):
@@ -119,5 +135,8 @@ def expected_fisher(model, data, *, names, device=None, limit=None, chunk_size=6
                            estimator="expected_fisher", limit=limit, chunk_size=chunk_size)
 
 empirical_fisher.shardable = True
+fisher.uses_uniforms = True
 fisher.shardable = True
+fisher.uses_uniforms = True
 expected_fisher.shardable = True
+fisher.uses_uniforms = True

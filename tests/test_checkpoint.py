@@ -1,0 +1,230 @@
+"""Checkpointing ParameterChangePlugin (issue #4).
+
+* ``plugin.state_dict()`` / ``load_state_dict()`` round trip through ``torch.save``/``torch.load``
+  (``weights_only=True``): the same state, the same penalty, the same training afterwards.
+* Avalanche checkpointing across processes: a run stopped after experience k and resumed in a FRESH
+  process (``avalanche.checkpointing.save_checkpoint(strategy, path, exclude=["optimizer"])`` +
+  ``maybe_load_checkpoint``, the optimizer state saved separately with torch.save of
+  ``optimizer.state_dict()``, RNGs through ``avalanche.training.determinism.rng_manager``) ends with
+  bit-identical parameters, plugin state and accuracies as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from avalanche.training import Naive
+
+from avalanche_pcreg import ParameterChangePlugin
+from helpers import mlp, tiny_nc
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _strategy(model, plugin, lr=0.05):
+    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), criterion=nn.CrossEntropyLoss(),
+                 train_mb_size=16, train_epochs=1, eval_mb_size=64, device="cpu", plugins=[plugin], evaluator=None)
+
+
+def _assert_same_state(a, b):
+    assert a.num_consolidations == b.num_consolidations
+    assert a.importances.keys() == b.importances.keys() == a.anchors.keys() == b.anchors.keys()
+    for n in a.importances:
+        assert torch.equal(a.importances[n], b.importances[n]), n
+        assert a.importances[n].dtype == b.importances[n].dtype
+        assert torch.equal(a.anchors[n], b.anchors[n]), n
+    assert torch.equal(a.state.const, b.state.const) and a.state.const.dtype == torch.float64
+    timeless = lambda h: [{k: v for k, v in d.items() if k != "importance_time_s"} for d in h]  # noqa: E731
+    assert timeless(a.history) == timeless(b.history)
+
+
+@pytest.mark.parametrize("importance,mode", [("empirical_fisher", "separate"), ("si", "online"), ("mas", "separate")])
+def test_state_dict_round_trip(importance, mode):
+    bench = tiny_nc(3)
+    exps = list(bench.train_stream)
+    kw = dict(decay=0.8) if mode == "online" else {}
+    plugin = ParameterChangePlugin(5.0, importance, mode, **kw)
+    model = mlp()
+    strat = _strategy(model, plugin)
+    torch.manual_seed(0)
+    for exp in exps[:2]:
+        strat.train(exp)
+    assert plugin.num_consolidations == 2 and float(plugin.state.const) >= 0
+
+    buf = io.BytesIO()
+    torch.save(plugin.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)  # plain tensors/containers: loads without unpickling code
+    loaded = ParameterChangePlugin(5.0, importance, mode, **kw)
+    loaded.load_state_dict(sd)
+    _assert_same_state(plugin, loaded)
+    # the same penalty and gradient at a perturbed point
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    pa, pb = plugin.penalty(probe), loaded.penalty(probe)
+    assert pa.item() > 0 and torch.equal(pa, pb)
+    ga = torch.autograd.grad(pa, list(probe.parameters()))
+    gb = torch.autograd.grad(loaded.penalty(probe), list(probe.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+    # training on with the original and with the restored plugin gives the same run
+    model_b = copy.deepcopy(model)
+    strat_b = _strategy(model_b, loaded)
+    torch.manual_seed(5)
+    strat.train(exps[2])
+    torch.manual_seed(5)
+    strat_b.train(exps[2])
+    for (n, p), (_, q) in zip(model.named_parameters(), model_b.named_parameters()):
+        assert torch.equal(p, q), n
+    _assert_same_state(plugin, loaded)
+
+
+SCRIPT = textwrap.dedent(r'''
+    """Train 3 experiences with checkpoints after each; 'full' never stops, 'part1' stops after
+    experience STOP, 'part2' resumes from the checkpoint. Writes <mode>.pt."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(1)
+    from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training import Naive
+    from avalanche.training.determinism.rng_manager import RNGManager
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from avalanche_pcreg import ParameterChangePlugin
+    from helpers import tiny_nc
+
+    mode, workdir, stop = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    ckpt, optf = workdir / "ckpt.pkl", workdir / "optimizer.pt"
+    LR, MOMENTUM = 0.05, 0.9
+
+    RNGManager.set_random_seeds(1234)
+    bench = tiny_nc(3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 6))
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    plugin = ParameterChangePlugin(5.0, "empirical_fisher", num_samples=50, batch_size=8)
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
+    strategy = Naive(model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), train_mb_size=16,
+                     train_epochs=2, eval_mb_size=64, device="cpu", plugins=[plugin], evaluator=evaluator)
+
+    strategy, start = maybe_load_checkpoint(strategy, ckpt)
+    if mode == "part2":
+        assert start == stop + 1, (start, stop)
+        # The optimizer was excluded from the checkpoint: rebuild it on the restored model's
+        # parameters and load its state (momentum buffers) saved next to it.
+        optimizer = torch.optim.SGD(strategy.model.parameters(), lr=LR, momentum=MOMENTUM)
+        optimizer.load_state_dict(torch.load(optf, weights_only=True))
+        strategy.optimizer = optimizer
+        plugin = next(p for p in strategy.plugins if isinstance(p, ParameterChangePlugin))
+    else:
+        assert start == 0
+
+    accs = {}
+    for i, exp in enumerate(bench.train_stream):
+        if i < start:
+            continue
+        strategy.train(exp)
+        res = strategy.eval(bench.test_stream)
+        accs[i] = {k: float(v) for k, v in res.items() if k.startswith("Top1_Acc")}
+        save_checkpoint(strategy, ckpt, exclude=["optimizer"])
+        torch.save(strategy.optimizer.state_dict(), optf)
+        if mode == "part1" and i == stop:
+            break
+
+    torch.save({"params": {k: v.clone() for k, v in strategy.model.state_dict().items()},
+                "plugin": plugin.state_dict(), "accs": accs, "start": start,
+                "momentum": [s["momentum_buffer"].clone() for s in strategy.optimizer.state.values()]},
+               workdir / f"{mode}.pt")
+    print("done", mode, start, sorted(accs))
+''')
+
+
+def _run_script(script, mode, workdir, stop):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    proc = subprocess.run([sys.executable, str(script), mode, str(workdir), str(stop)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return torch.load(workdir / f"{mode}.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Four fresh processes: 'full'; 'part1' (stops after experience 1, i.e. two consolidations);
+    'part2' resumes it; 'fresh_opt' resumes a copy of part1's checkpoint with a FRESH optimizer."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    script = tmp / "train_ckpt.py"
+    script.write_text(SCRIPT)
+    no_opt = tmp / "train_ckpt_fresh_optimizer.py"
+    no_opt.write_text(SCRIPT.replace("optimizer.load_state_dict(torch.load(optf, weights_only=True))", "pass"))
+    stop = 1
+    dirs = {k: tmp / k for k in ("full", "resumed", "fresh_opt")}
+    for d in dirs.values():
+        d.mkdir()
+    out = {"full": _run_script(script, "full", dirs["full"], stop),
+           "part1": _run_script(script, "part1", dirs["resumed"], stop)}
+    shutil.copytree(dirs["resumed"], dirs["fresh_opt"], dirs_exist_ok=True)
+    out["part2"] = _run_script(script, "part2", dirs["resumed"], stop)
+    out["fresh_opt"] = _run_script(no_opt, "part2", dirs["fresh_opt"], stop)
+    return out
+
+
+def test_resume_in_fresh_process_is_bit_identical(runs):
+    full, part1, part2 = runs["full"], runs["part1"], runs["part2"]
+    assert sorted(full["accs"]) == [0, 1, 2] and sorted(part1["accs"]) == [0, 1] and sorted(part2["accs"]) == [2]
+    assert part2["start"] == 2
+    # same accuracies, experience by experience, as the run that never stopped
+    assert {**part1["accs"], **part2["accs"]} == full["accs"]
+    assert len(full["accs"][2]) >= 4  # per-experience and stream accuracies were recorded
+    # bit-identical parameters
+    assert full["params"].keys() == part2["params"].keys()
+    for k in full["params"]:
+        assert torch.equal(full["params"][k], part2["params"][k]), k
+    # ... and plugin state (3 consolidations, the last one after the resume point)
+    pa, pb = ParameterChangePlugin(5.0), ParameterChangePlugin(5.0)
+    pa.load_state_dict(full["plugin"])
+    pb.load_state_dict(part2["plugin"])
+    assert pa.num_consolidations == pb.num_consolidations == 3
+    assert pa.importances.keys() == pb.importances.keys()
+    for n in pa.importances:
+        assert torch.equal(pa.importances[n], pb.importances[n]) and torch.equal(pa.anchors[n], pb.anchors[n]), n
+    assert torch.equal(pa.state.const, pb.state.const) and float(pa.state.const) > 0
+    assert [h["experience"] for h in pa.history] == [h["experience"] for h in pb.history] == [0, 1, 2]
+    # the optimizer state really was carried (momentum buffers nonzero and identical)
+    assert len(full["momentum"]) == len(part2["momentum"]) > 0
+    assert all(torch.equal(x, y) for x, y in zip(full["momentum"], part2["momentum"]))
+    assert any(float(x.abs().sum()) > 0 for x in full["momentum"])
+
+
+def test_resume_without_optimizer_state_differs(runs):
+    """The check above can fail: resuming with a FRESH optimizer (momentum lost) does not reproduce
+    the uninterrupted run, although everything else (model, plugin, RNGs) was restored."""
+    full, fresh = runs["full"], runs["fresh_opt"]
+    assert fresh["start"] == 2
+    assert any(not torch.equal(full["params"][k], fresh["params"][k]) for k in full["params"])
