@@ -8,7 +8,6 @@ in the repository root, so the package imports from the checkout.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
