@@ -62,24 +62,23 @@ def _seeds(text: str) -> List[int]:
     return seeds
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {v}")
-    return v
+def _positive(cast, what: str):
+    """An argparse type: ``cast(text)`` that must be > 0."""
+
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text!r}")
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {v}")
+        return v
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
-    return v
+_positive_int = _positive(int, "int")
+_positive_float = _positive(float, "number")
 
 
 def build_parser() -> argparse.ArgumentParser:

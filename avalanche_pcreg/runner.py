@@ -513,6 +513,9 @@ def execute(plan: Sequence[RunSpec], workers: Optional[int] = None, progress: bo
 # --------------------------------------------------------------------------- factor selection
 
 
+TIE_TOL = 1e-9
+
+
 def select_factor(factors: Sequence[float], scores: Sequence[Sequence[float]]) -> Tuple[float, int, float]:
     """The factor with the highest mean score.
 
@@ -532,11 +535,10 @@ def select_factor(factors: Sequence[float], scores: Sequence[Sequence[float]]) -
     means_arr = np.asarray(means)
     if np.all(np.isnan(means_arr)):
         raise ValueError("every score is NaN: nothing to select")
-    k = int(np.nanargmax(means_arr))
+    best = np.nanmax(means_arr)
+    # ties (up to rounding of the means) go to the first factor
+    k = int(np.flatnonzero(means_arr >= best - TIE_TOL)[0])
     return float(factors[k]), k, float(means_arr[k])
-
-
-TIE_TOL = 1e-9
 
 
 def select_factors(rows: Sequence[Mapping[str, Any]]) -> Dict[Tuple[str, str], Dict[str, Any]]:

@@ -47,14 +47,6 @@ F64 = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- data and models
 def data(n=N, seed=0):
     g = torch.Generator().manual_seed(seed)

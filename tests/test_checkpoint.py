@@ -33,14 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _strategy(model, plugin, lr=0.05):
     return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), criterion=nn.CrossEntropyLoss(),
                  train_mb_size=16, train_epochs=1, eval_mb_size=64, device="cpu", plugins=[plugin], evaluator=None)

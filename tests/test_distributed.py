@@ -33,14 +33,6 @@ METHODS = ["empirical_fisher", "fisher", "expected_fisher", "mas", "minibatch_fi
 N_ODD = 101  # shards of 51 and 50 samples: different batch counts per rank
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_data(n=N_ODD):
     g = torch.Generator().manual_seed(11)
     x = torch.randn(n, 12, generator=g)

@@ -59,15 +59,6 @@ IMG = (1, 3, 4)  # MlpVAE wants (C, H, W) inputs in (0, 1): the 12 features as a
 MB, LR = 16, 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only contend (10-100x slower on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- data and models
 def _tensor_data(n, features=FEATURES, classes=CLASSES, seed=0):
     g = torch.Generator().manual_seed(seed)
