@@ -23,6 +23,7 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_penalty.py
 	$(PY) benchmarks/bench_importance.py
+	$(PY) benchmarks/bench_memory.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

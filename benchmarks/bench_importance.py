@@ -1,0 +1,391 @@
+"""Importance-pass throughput (samples/s) and peak memory, next to Avalanche's EWCPlugin pass.
+
+Variants, all over the same Avalanche tensor dataset and DataLoader batch size:
+
+* ``avalanche``: Avalanche 0.6 ``EWCPlugin.compute_importances`` (its real code: squared
+  minibatch gradients, criterion + optimizer + dataset);
+* ``ours <method>``: ``compute_importance(model, data, method)`` for ``empirical_fisher``,
+  ``fisher``, ``expected_fisher``, ``mas``, ``minibatch_fisher``;
+* ``naive per-sample loop``: batch-size-1 forward + ``autograd.grad`` per sample, squared, summed;
+* ``vmap(grad)``: ``torch.func.vmap(grad(loss))`` over each batch (``functional_call``), squared,
+  summed (chunks of ``--vmap-chunk`` samples for ResNet-18, the whole batch for the MLP);
+* ``loader only``: iterating the DataLoader, the floor every variant pays.
+
+Throughput: every variant runs one full pass per round, rounds interleaved; the median and
+[min, max] over rounds, and the ratio to Avalanche's pass in the same round. Peak memory: each
+variant in a fresh subprocess (warmed up on a copy of the model, then measured on a fresh one):
+peak RSS growth on the CPU (``VmHWM`` reset via ``/proc/self/clear_refs``, glibc's mmap threshold
+fixed so freed blocks go back to the OS), ``torch.cuda.max_memory_allocated`` growth on CUDA;
+a training step's peak (forward, backward, SGD momentum step, from a model with no
+gradients or optimizer state yet) is the reference.
+
+    python benchmarks/bench_importance.py                  # CPU, MLP, N=2048, batch 128 (~2 min)
+    python benchmarks/bench_importance.py --quick          # smoke test
+    python benchmarks/bench_importance.py --device cuda    # MLP + ResNet-18 (N=2048 / 512)
+    python benchmarks/bench_importance.py --resnet         # CPU with ResNet-18 as well (slow; N=128)
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (apply_threads, ensure_malloc_env, load_note, MODELS, PeakMemory, base_parser, fmt_spread, machine_info, print_table, ratios,  # noqa: E402
+                    resolve_device, sync)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from avalanche.benchmarks.utils.classification_dataset import \
+    _make_taskaware_tensor_classification_dataset as make_tensor_dataset  # noqa: E402
+from avalanche.training.plugins import EWCPlugin  # noqa: E402
+
+from avalanche_pcreg import compute_importance  # noqa: E402
+
+OURS = ("empirical_fisher", "fisher", "expected_fisher", "mas", "minibatch_fisher")
+MiB = 2 ** 20
+
+
+# ------------------------------------------------------------------------------------------ set-up
+def make_data(model_name, n, seed):
+    spec = MODELS[model_name]
+    g = torch.Generator().manual_seed(seed + 7)
+    x = torch.randn((n,) + spec["input_shape"], generator=g)
+    y = torch.randint(0, spec["classes"], (n,), generator=g)
+    return make_tensor_dataset(x, y)
+
+
+def make_model(model_name, device, seed):
+    m = MODELS[model_name]["make"](seed=seed).to(device)
+    m.train()
+    return m
+
+
+def loader(data, batch):
+    return DataLoader(data, batch_size=batch, shuffle=False, collate_fn=getattr(data, "collate_fn", None))
+
+
+# ------------------------------------------------------------------------------------------ variants
+def v_avalanche(model, data, batch, device, **_):
+    plugin = EWCPlugin(1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    imps = plugin.compute_importances(model, torch.nn.CrossEntropyLoss(), opt, data, device, batch)
+    return {k: v.data for k, v in imps.items()}
+
+
+def v_ours(method):
+    def run(model, data, batch, device, chunk=None, **_):
+        chunk = 64 if chunk is None else chunk  # 64: the library's default chunk_size
+        return compute_importance(model, data, method, batch_size=batch, device=device, chunk_size=chunk)
+
+    run.__name__ = f"ours_{method}"
+    return run
+
+
+def v_naive_loop(model, data, batch, device, **_):
+    """Per-sample gradients the slow, obvious way: one forward/backward per sample."""
+    was = model.training
+    model.eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [dict(model.named_parameters())[n] for n in names]
+    sums = [torch.zeros_like(p) for p in params]
+    n = 0
+    for x, y, _t in loader(data, batch):
+        x, y = x.to(device), y.to(device)
+        for i in range(x.shape[0]):
+            loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+            for s, g in zip(sums, torch.autograd.grad(loss, params)):
+                s.add_(g.square())
+        n += x.shape[0]
+    model.train(was)
+    return {k: s / n for k, s in zip(names, sums)}
+
+
+def v_vmap(model, data, batch, device, vmap_chunk=None, **_):
+    """Plain torch.func: vmap(grad(loss)) over the batch, squared and summed."""
+    from torch.func import functional_call, grad, vmap
+
+    was = model.training
+    model.eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v for k, v in model.named_buffers()}
+
+    def loss_fn(p, x, y):
+        out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(out, y.unsqueeze(0))
+
+    per_sample = vmap(grad(loss_fn), in_dims=(None, 0, 0))
+    sums = {k: torch.zeros_like(v) for k, v in params.items()}
+    n = 0
+    for x, y, _t in loader(data, batch):
+        x, y = x.to(device), y.to(device)
+        step = vmap_chunk or x.shape[0]
+        for i in range(0, x.shape[0], step):
+            gs = per_sample(params, x[i:i + step], y[i:i + step])
+            for k, g in gs.items():
+                sums[k] += g.square().sum(0)
+            del gs
+        n += x.shape[0]
+    model.train(was)
+    return {k: s / n for k, s in sums.items()}
+
+
+def v_loader_only(model, data, batch, device, **_):
+    for x, y, _t in loader(data, batch):
+        x.to(device), y.to(device)
+    return {}
+
+
+def v_train_step(model, data, batch, device, **_):
+    """One training step on the first batch (forward, CE, backward, SGD momentum step)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y, _t = next(iter(loader(data, batch)))
+    x, y = x.to(device), y.to(device)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return {}
+
+
+def variants():
+    out = {"avalanche EWCPlugin (minibatch)": v_avalanche}
+    for m in OURS:
+        out[f"ours {m}"] = v_ours(m)
+    out["naive per-sample loop"] = v_naive_loop
+    out["vmap(grad)"] = v_vmap
+    out["loader only"] = v_loader_only
+    return out
+
+
+# ------------------------------------------------------------------------------------------ checks
+def rel(a: dict, b: dict) -> float:
+    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b) ** 0.5
+    den = sum((b[k].double() ** 2).sum() for k in b) ** 0.5
+    return float(num / den)
+
+
+def expected_fisher_loop(model, data, n):
+    """sum_c p_c g_c**2, one sample and one class at a time (float64 accumulation)."""
+    model.eval()
+    names = [k for k, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    x_all = torch.stack([data[i][0] for i in range(n)]).to(params[0].device)
+    for i in range(n):
+        logp = torch.log_softmax(model(x_all[i:i + 1]), -1)[0]
+        for c in range(logp.shape[0]):
+            gs = torch.autograd.grad(-logp[c], params, retain_graph=True)
+            for s, g in zip(sums, gs):
+                s += logp[c].detach().exp().double() * g.double() ** 2
+    model.train()
+    return {k: s / n for k, s in zip(names, sums)}
+
+
+def checks(model_name, device, batch, seed, log):
+    model = make_model(model_name, device, seed)
+    n = 256 if model_name == "mlp" else 32
+    data = make_data(model_name, n, seed)
+    loop = v_naive_loop(model, data, batch, device)
+    log(f"check ({n} samples): ours empirical_fisher vs naive loop: rel diff "
+        f"{rel(v_ours('empirical_fisher')(model, data, batch, device), loop):.2e}; "
+        f"vmap(grad) vs naive loop: {rel(v_vmap(model, data, batch, device, vmap_chunk=32), loop):.2e}; "
+        f"ours minibatch_fisher vs Avalanche: "
+        f"{rel(v_ours('minibatch_fisher')(model, data, batch, device), v_avalanche(model, data, batch, device)):.2e}")
+    if model_name == "mlp":
+        k = 16
+        sub = make_data(model_name, k, seed)
+        log(f"check ({k} samples): ours expected_fisher vs per-sample per-class loop: rel diff "
+            f"{rel(v_ours('expected_fisher')(model, sub, batch, device), expected_fisher_loop(model, sub, k)):.2e}")
+
+
+def profile_pass(table, models, data, kw, device, log):
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for k in ("avalanche EWCPlugin (minibatch)", "ours empirical_fisher"):
+        if k not in table:
+            continue
+        with tprofile(activities=acts, profile_memory=device.type == "cpu") as prof:
+            table[k](models[k], data, **kw)
+        log(f"\n### torch.profiler: one pass of {k} ({len(data)} samples), sorted by {key}")
+        log(prof.key_averages().table(sort_by=key, row_limit=16))
+
+
+# ------------------------------------------------------------------------------------------ memory child
+def child(args):
+    device = torch.device(args.device)
+    apply_threads(args)
+    name = args._child
+    table = dict(variants(), **{"training step": v_train_step})
+    fn = table[name]
+    data = make_data(args.model, args.n, args.seed)
+    kw = dict(batch=args.batch, device=device, vmap_chunk=args.vmap_chunk, chunk=args.chunk)
+    # warm-up on a throw-away copy and one batch: library initialisation is not the variant's memory
+    warm = make_model(args.model, device, args.seed)
+    fn(warm, data.subset(list(range(min(args.batch, len(data))))) if name != "training step" else data, **kw)
+    del warm
+    gc.collect()
+    model = make_model(args.model, device, args.seed)
+    sync(device)
+    with PeakMemory(device) as pm:
+        fn(model, data, **kw)
+        sync(device)
+    print("RESULT " + json.dumps({"variant": name, "peak_bytes": pm.peak}))
+
+
+def measure_memory(name, args, model_name, n):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    # Fixed, low mmap threshold: large blocks are mmap'd and unmapped on free, so RSS follows live
+    # tensors (the opposite of the parent's timing settings, which keep freed memory).
+    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072", MALLOC_TOP_PAD_="0")
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", name, "--model", model_name, "--n", str(n),
+           "--batch", str(args.batch), "--device", args.device, "--seed", str(args.seed)]
+    if args.vmap_chunk:
+        cmd += ["--vmap-chunk", str(args.vmap_chunk)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.chunk:
+        cmd += ["--chunk", str(args.chunk)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])["peak_bytes"]
+    print(f"memory child for {name!r} failed (rc {r.returncode}):\n{r.stderr[-2000:]}")
+    return float("nan")
+
+
+# ------------------------------------------------------------------------------------------ main
+def run_model(model_name, args, device, log):
+    n, batch = args.n, args.batch
+    P = sum(p.numel() for p in make_model(model_name, "cpu", 0).parameters())
+    log(f"\n## {model_name}: {P:,} parameters; N = {n} samples, batch {batch}, device {device}")
+    checks(model_name, device, batch, args.seed, log)
+
+    data = make_data(model_name, n, args.seed)
+    table = {k: v for k, v in variants().items() if k in args.variants}
+    models = {k: make_model(model_name, device, args.seed) for k in table}
+    kw = dict(batch=batch, device=device, vmap_chunk=args.vmap_chunk, chunk=args.chunk)
+    warm = data.subset(list(range(min(batch, n))))
+    for k, fn in table.items():
+        fn(models[k], warm, **kw)
+    times = {k: [] for k in table}
+    names = list(table)
+    t0 = time.time()
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for k in order:
+            sync(device)
+            t = time.perf_counter()
+            table[k](models[k], data, **kw)
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+        log(f"  round {r + 1}/{args.rounds} done ({time.time() - t0:.0f} s)")
+
+    mem = {}
+    av = "avalanche EWCPlugin (minibatch)"
+    if not args.no_memory:
+        log("peak memory, one fresh subprocess per variant ...")
+        mem_names = ["training step"] + names
+        if args.quick:  # a smoke test: the reference and two variants
+            mem_names = [k for k in mem_names if k in ("training step", av, "ours empirical_fisher")]
+        for k in mem_names:
+            mem[k] = measure_memory(k, args, model_name, n)
+
+    av = "avalanche EWCPlugin (minibatch)"
+    rows = []
+    for k in names:
+        thr = [n / t for t in times[k]]
+        rat = ratios(thr, [n / t for t in times[av]]) if av in times else None
+        rows.append([k, fmt_spread(times[k], 1.0, 3), fmt_spread(thr, 1.0, 0),
+                     fmt_spread(rat, 1.0, 3) if rat else "-",
+                     f"{mem[k] / MiB:.1f}" if k in mem else "-",
+                     f"{mem[k] / mem['training step']:.2f}" if k in mem else "-"])
+    if "training step" in mem:
+        rows.append(["training step (reference)", "-", "-", "-", f"{mem['training step'] / MiB:.1f}", "1.00"])
+    print()
+    print_table(["variant", "s/pass median [min, max]", "samples/s median [min, max]",
+                 "throughput / Avalanche [min, max]", "peak mem growth MiB", "peak / training step"], rows)
+
+    if args.profile:
+        profile_pass(table, models, data, kw, device, log)
+
+    # targets
+    C = MODELS[model_name]["classes"]
+    if av in times:
+        av_med = [n / t for t in times[av]]
+        for m in ("empirical_fisher", "fisher"):
+            k = f"ours {m}"
+            if k in times:
+                r = statistics.median(ratios([n / t for t in times[k]], av_med))
+                print(f"target {k} >= 0.5x Avalanche throughput: {'MET' if r >= 0.5 else 'MISSED'} ({r:.2f}x)")
+        k = "ours expected_fisher"
+        if k in times:
+            r = statistics.median(ratios(times[k], times[av]))
+            print(f"target {k} time ~ C={C} minibatch passes: {r:.2f}x Avalanche's pass time "
+                  f"({r / C:.2f} C); {'MET' if r <= C else 'MISSED'} (criterion: <= C)")
+    if "training step" in mem:
+        for k in names:
+            if k.startswith("ours") and k in mem:
+                r = mem[k] / mem["training step"]
+                print(f"target {k} peak <= 2x training step: {'MET' if r <= 2 else 'MISSED'} ({r:.2f}x)")
+
+
+def main():
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=None, help="samples in the pass (default 2048 MLP)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--vmap-chunk", type=int, default=None)
+    p.add_argument("--chunk", type=int, default=None, help="our chunk_size (default: the library's, 64)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler of one pass of ours empirical_fisher "
+                   "and of Avalanche's pass")
+    p.add_argument("--variants", nargs="+", default=None, help="subset of variant names")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--_child", default=None, help=argparse_hidden())
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
+                   help="models to run (default: mlp; mlp resnet18 with --resnet or --device cuda)")
+    args = p.parse_args()
+    if args._child:
+        return child(args)
+    if args.device == "cpu":
+        ensure_malloc_env()
+    device = resolve_device(args.device)
+    apply_threads(args)
+    print(machine_info(device))
+    models = args.models or (["mlp"] + (["resnet18"] if (args.resnet or device.type == "cuda") else []))
+    for model_name in models:
+        a = copy.copy(args)
+        cpu_resnet = model_name == "resnet18" and device.type == "cpu"
+        if a.n is None:
+            a.n = (256 if args.quick else 2048) if model_name == "mlp" else (128 if (args.quick or cpu_resnet) else 512)
+        if a.rounds is None:
+            a.rounds = 2 if args.quick else (2 if cpu_resnet else 5)
+        if model_name == "resnet18" and a.vmap_chunk is None:
+            a.vmap_chunk = 32
+        all_names = list(variants())
+        if a.variants is None:
+            # ResNet-18 on the CPU: the expected Fisher is 100 backward passes a batch; leave it to the GPU run
+            a.variants = [k for k in all_names if not (cpu_resnet and k == "ours expected_fisher")]
+        run_model(model_name, a, device, print)
+    print(load_note("at end"))
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

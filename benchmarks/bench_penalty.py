@@ -1,0 +1,415 @@
+"""Cost of one training step with the penalty, next to a naive step and Avalanche's EWCPlugin.
+
+A step is: zero_grad, forward, cross-entropy, (+ penalty through the plugin's ``before_backward``),
+backward, ``optimizer.step`` (SGD, momentum 0.9).
+
+Variants (each with its own copy of the model and optimizer, all timed interleaved):
+
+* ``naive``: no penalty;
+* ``avalanche``: Avalanche 0.6 ``EWCPlugin`` (its real ``before_backward``), separate mode with
+  T stored experiences (``saved_params[t]``/``importances[t]`` filled with ``ParamData``), and
+  online mode;
+* ``ours-forloop`` / ``ours-foreach``: ``ParameterChangePlugin`` whose state holds T
+  consolidations of the same importances and anchors (separate), and online mode.
+
+Also times the penalty alone (``before_backward`` on a zero loss + its backward), and checks
+that our penalty value and gradient equal Avalanche's at T=5.
+
+    python benchmarks/bench_penalty.py                    # CPU, MLP 784-400-400-10 (~1.5 min on 2 idle cores)
+    python benchmarks/bench_penalty.py --quick            # smoke test
+    python benchmarks/bench_penalty.py --device cuda      # MLP + ResNet-18 (3x3 stem), 100 classes
+    python benchmarks/bench_penalty.py --resnet           # CPU with ResNet-18 as well (slow)
+    python benchmarks/bench_penalty.py --profile          # + torch.profiler of ours at the largest T
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (apply_threads, ensure_malloc_env, load_note, HERE, base_parser, fake_strategy, fmt_spread, interleaved, machine_info, make_batch,  # noqa: E402
+                    med_spread, print_table, ratios, resolve_device, MODELS)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from avalanche.training.plugins import EWCPlugin  # noqa: E402
+from avalanche.training.utils import ParamData  # noqa: E402
+
+from avalanche_pcreg import ParameterChangePlugin  # noqa: E402
+
+FACTOR = 1.0
+DECAY = 0.9
+LR = 0.01
+BATCH = 128
+TARGET = 1.2
+DEVICE_NOTE = ""
+
+
+def make_pool(model, T, device, seed):
+    """T (importance, anchor) pairs per parameter: random positive F, perturbed theta."""
+    g = torch.Generator().manual_seed(seed + 1)
+    pool = []
+    for _ in range(T):
+        imps, anchors = {}, {}
+        for name, p in model.named_parameters():
+            imps[name] = (torch.rand(p.shape, generator=g) + 0.01).to(device)
+            anchors[name] = (p.detach().cpu() + 0.01 * torch.randn(p.shape, generator=g)).to(device)
+        pool.append((imps, anchors))
+    return pool
+
+
+def avalanche_plugin(pool, T, device, online=False):
+    if online:
+        plugin = EWCPlugin(FACTOR, mode="online", decay_factor=DECAY)
+        slots = [T - 1]  # online mode reads the last experience's entry only
+    else:
+        plugin = EWCPlugin(FACTOR, mode="separate")
+        slots = range(T)
+    for t in slots:
+        imps, anchors = pool[t]
+        plugin.importances[t] = {k: ParamData(f"imp_{k}", init_tensor=v, device=device) for k, v in imps.items()}
+        plugin.saved_params[t] = {k: ParamData(f"{k}", init_tensor=v, device=device) for k, v in anchors.items()}
+    return plugin
+
+
+def our_plugin(pool, T, impl, online=False):
+    mode = "online" if online else "separate"
+    plugin = ParameterChangePlugin(FACTOR, importance="uniform", mode=mode, decay=DECAY if online else None,
+                                   impl=impl)
+    for t in range(T):
+        imps, anchors = pool[t]
+        plugin._state = plugin._state.consolidated(imps, anchors)
+    return plugin
+
+
+class Runner:
+    """One variant: its own model copy, optimizer, and (optionally) plugin."""
+
+    def __init__(self, base_model, x, y, device, plugin=None, exp_counter=0):
+        self.model = copy.deepcopy(base_model)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=0.9)
+        self.x, self.y, self.device = x, y, device
+        self.plugin = plugin
+        self.fake = fake_strategy(self.model, device, exp_counter)
+
+    def step(self):
+        self.opt.zero_grad()
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        if self.plugin is not None:
+            self.fake.loss = loss
+            self.plugin.before_backward(self.fake)
+            loss = self.fake.loss
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def penalty_only(self):
+        self.model.zero_grad(set_to_none=True)
+        self.fake.loss = torch.zeros((), device=self.device)
+        self.plugin.before_backward(self.fake)
+        self.fake.loss.backward()
+
+
+def check_value(base_model, pool, device, T=5):
+    """Penalty value and gradient at T stored experiences (same F, theta*): Avalanche, ours, and a
+    float64 reference straight from the definition ``factor * sum_t sum F_t (theta - theta*_t)**2``."""
+    g = torch.Generator().manual_seed(123)
+    moved = copy.deepcopy(base_model)
+    with torch.no_grad():  # move away from the anchors so that the gradient is not tiny
+        for p in moved.parameters():
+            p.add_((0.05 * torch.randn(p.shape, generator=g)).to(device))
+    out = {}
+    for name, plugin in (("avalanche", avalanche_plugin(pool, T, device)),
+                         ("ours-forloop", our_plugin(pool, T, "forloop")),
+                         ("ours-foreach", our_plugin(pool, T, "foreach"))):
+        model = copy.deepcopy(moved)
+        fake = fake_strategy(model, device, T, loss=torch.zeros((), device=device))
+        plugin.before_backward(fake)
+        fake.loss.backward()
+        grads = torch.cat([p.grad.reshape(-1).double().cpu() for p in model.parameters()])
+        out[name] = (fake.loss.detach().double().item(), grads)
+    value, grads = 0.0, []
+    for name, p in moved.named_parameters():
+        th = p.detach().double().cpu()
+        gsum = torch.zeros_like(th)
+        for t in range(T):
+            F_, a = pool[t][0][name].double().cpu(), pool[t][1][name].double().cpu()
+            value += (F_ * (th - a) ** 2).sum().item()
+            gsum += 2 * F_ * (th - a)
+        grads.append(gsum.reshape(-1) * FACTOR)
+    out["float64 reference"] = (FACTOR * value, torch.cat(grads))
+    return out
+
+
+def run_model(model_name, args, device, Ts, log):
+    base = MODELS[model_name]["make"](seed=args.seed).to(device)
+    base.train()
+    x, y = make_batch(model_name, BATCH, device, seed=args.seed)
+    nparams = sum(p.numel() for p in base.parameters())
+    log(f"\n## {model_name}: {nparams:,} parameters, batch {BATCH}, device {device}")
+    Tmax = max(Ts)
+    pool = make_pool(base, Tmax, device, args.seed)
+
+    # -- correctness at T=5 (or the largest T in a quick run)
+    Tc = 5 if Tmax >= 5 else Tmax
+    torch.manual_seed(123)
+    vals = check_value(base, pool, device, Tc)
+    av_val, av_grad = vals["avalanche"]
+    ref_val, ref_grad = vals["float64 reference"]
+    for name in ("ours-forloop", "ours-foreach", "avalanche"):
+        v, gr = vals[name]
+        rel = abs(v - av_val) / abs(av_val)
+        grel = ((gr - av_grad).norm() / av_grad.norm()).item()
+        rrel = abs(v - ref_val) / abs(ref_val)
+        rgrel = ((gr - ref_grad).norm() / ref_grad.norm()).item()
+        log(f"value check T={Tc}: {name:12s} penalty {v:.9g} (Avalanche {av_val:.9g}): rel diff vs Avalanche "
+            f"{rel:.2e}, vs float64 {rrel:.2e}; gradient rel diff vs Avalanche {grel:.2e}, vs float64 {rgrel:.2e}")
+
+    # -- variants
+    runners = {"naive": Runner(base, x, y, device)}
+    for T in Ts:
+        runners[f"avalanche T={T}"] = Runner(base, x, y, device, avalanche_plugin(pool, T, device), T)
+    runners["avalanche online"] = Runner(base, x, y, device, avalanche_plugin(pool, Tmax, device, online=True), Tmax)
+    for impl in ("forloop", "foreach"):
+        for T in Ts:
+            runners[f"ours-{impl} T={T}"] = Runner(base, x, y, device, our_plugin(pool, T, impl), T)
+        runners[f"ours-{impl} online"] = Runner(base, x, y, device, our_plugin(pool, Tmax, impl, online=True), Tmax)
+    del pool
+
+    log(f"timing {len(runners)} step variants: {args.rounds} rounds x up to {args.steps} steps, interleaved ...")
+    t0 = time.time()
+    steps = interleaved({k: r.step for k, r in runners.items()}, device, rounds=args.rounds, steps=args.steps,
+                        block=args.block, warmup=args.warmup, budget_s=args.budget, min_steps=args.min_steps, log=log)
+    log(f"  ({time.time() - t0:.0f} s)")
+    pen_variants = {k: r.penalty_only for k, r in runners.items() if r.plugin is not None}
+    log(f"timing penalty only ({len(pen_variants)} variants) ...")
+    t0 = time.time()
+    pens = interleaved(pen_variants, device, rounds=args.rounds, steps=args.steps, block=args.block,
+                       warmup=args.warmup, budget_s=args.budget / 2, min_steps=args.min_steps, log=log)
+    log(f"  ({time.time() - t0:.0f} s)")
+    for k, r in runners.items():  # the runs stayed finite
+        if not torch.isfinite(r.step()).item():
+            log(f"WARNING: {k} diverged (loss not finite); its timings may be off")
+
+    metrics = ["wall"] + (["cpu"] if device.type == "cpu" else [])
+    rows, summary = [], {m: {} for m in metrics}
+    for k, ts in steps.items():
+        variant, _, T = k.partition(" ")
+        T = T.replace("T=", "") if T else "-"
+        if T == "online":
+            variant, T = variant + " online", f"{Tmax}"
+        row = [variant, T]
+        for m in metrics:
+            rat = ratios(ts[m], steps["naive"][m])
+            row += [fmt_spread(ts[m], 1e3, 2), fmt_spread(rat, 1, 3)]
+            summary[m][k] = med_spread(rat)[0]
+        for m in metrics:
+            row.append(fmt_spread(pens[k][m], 1e3, 2) if k in pens else "-")
+        row.append(f"{statistics.median(ratios(pens[k][metrics[-1]], steps['naive'][metrics[-1]])):.3f}"
+                   if k in pens else "-")
+        rows.append(row)
+    header = ["variant", "T"]
+    for m in metrics:
+        header += [f"{m} ms/step", f"{m} ratio to naive"]
+    header += [f"penalty-only {m} ms" for m in metrics] + [f"penalty-only / naive step ({metrics[-1]})"]
+    print(f"\n{model_name}, {device.type}: median [min, max] over {args.rounds} rounds of the per-round median; "
+          "ratios are taken within each round" + ("; cpu = process CPU time (all threads)" if "cpu" in metrics else ""))
+    table = print_table(header, rows)
+    return table, summary, runners
+
+
+def profile(runners, T, device, args, log=print):
+    """Where our penalty's cost goes: an interleaved breakdown, then torch.profiler op tables."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    naive = runners["naive"]
+    params = [p for p in naive.model.parameters()]
+    for p in params:  # every variant below accumulates into existing gradients, as in a step
+        p.grad = torch.zeros_like(p)
+
+    parts = {"naive step": naive.step}
+    for impl in ("forloop", "foreach"):
+        r = runners[f"ours-{impl} T={T}"]
+        mparams = dict(r.model.named_parameters())
+        for p in mparams.values():
+            p.grad = torch.zeros_like(p)
+
+        def fwd(r=r, mparams=mparams, impl=impl):
+            with torch.no_grad():
+                r.plugin._state.penalty(mparams, FACTOR, impl=impl)
+
+        def fwd_bwd(r=r, mparams=mparams, impl=impl):
+            r.plugin._state.penalty(mparams, FACTOR, impl=impl).backward()
+
+        def plugin_fwd_bwd(r=r):
+            r.fake.loss = torch.zeros((), device=device)
+            r.plugin.before_backward(r.fake)
+            r.fake.loss.backward()
+
+        parts[f"{impl}: penalty forward only (no_grad)"] = fwd
+        parts[f"{impl}: penalty forward + backward (accumulate into .grad)"] = fwd_bwd
+        parts[f"{impl}: plugin.before_backward + backward"] = plugin_fwd_bwd
+        parts[f"{impl}: full step"] = r.step
+    grads = [p.grad for p in params]
+    parts["floor: one pass, p.grad.add_(p) over all params"] = lambda: [g.add_(p.detach()) for g, p in zip(grads, params)]
+    parts["floor: one fused-like pass, g.addcmul_(p, p)"] = lambda: [g.addcmul_(p.detach(), p.detach())
+                                                                     for g, p in zip(grads, params)]
+    res = interleaved(parts, device, rounds=args.rounds, steps=max(args.steps, 50), block=args.block,
+                      warmup=args.warmup, log=None)
+    metrics = ["wall"] + (["cpu"] if device.type == "cpu" else [])
+    rows = []
+    for k, v in res.items():
+        rows.append([k] + [fmt_spread(v[m], 1e3, 3) for m in metrics]
+                    + [f"{statistics.median(ratios(v[metrics[-1]], res['naive step'][metrics[-1]])):.3f}"])
+    log(f"\n### breakdown at T={T} ({torch.get_num_threads()} threads): median [min, max] over {args.rounds} rounds")
+    print_table(["part"] + [f"{m} ms" for m in metrics] + [f"/ naive step ({metrics[-1]})"], rows)
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    n = 20 if args.quick else 200
+
+    def op_times(fn):
+        for _ in range(5):
+            fn()
+        with tprofile(activities=acts) as prof:
+            for _ in range(n):
+                fn()
+        out = {}
+        for e in prof.key_averages():
+            t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+            out[e.key] = (t / n, e.count / n)  # us per step, calls per step
+        return out
+
+    base = op_times(naive.step)
+    for impl in ("forloop", "foreach"):
+        ours = op_times(runners[f"ours-{impl} T={T}"].step)
+        rows = []
+        for k in set(base) | set(ours):
+            tb, cb = base.get(k, (0.0, 0.0))
+            to, co = ours.get(k, (0.0, 0.0))
+            rows.append((to - tb, k, tb, to, cb, co))
+        rows.sort(reverse=True)
+        total_b = sum(v[0] for v in base.values())
+        total_o = sum(v[0] for v in ours.values())
+        log(f"\n### torch.profiler, step of ours-{impl} T={T} minus naive step ({n} steps each, self "
+            f"{'device' if device.type == 'cuda' else 'CPU'} time per step; profiler overhead included): "
+            f"total {total_o:.0f} us vs {total_b:.0f} us, +{total_o - total_b:.0f} us")
+        print_table(["op", "extra us/step", "naive us/step", "ours us/step", "naive calls/step", "ours calls/step"],
+                    [[k, f"{d:+.0f}", f"{tb:.0f}", f"{to:.0f}", f"{cb:.0f}", f"{co:.0f}"]
+                     for d, k, tb, to, cb, co in rows[:14]])
+
+    for name in ("forloop: penalty forward + backward (accumulate into .grad)",
+                 "foreach: penalty forward + backward (accumulate into .grad)"):
+        fn = parts[name]
+        for _ in range(5):
+            fn()
+        with tprofile(activities=acts) as prof:
+            for _ in range(n):
+                fn()
+        log(f"\n### torch.profiler: {name}, T={T}, {n} calls, sorted by {key}")
+        log(prof.key_averages().table(sort_by=key, row_limit=12))
+
+
+def plot(summaries, Ts, path, metric="wall"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 4.2), squeeze=False)
+    for ax, (model_name, s) in zip(axes[0], summaries.items()):
+        for label, prefix, style in (("Avalanche EWCPlugin (separate)", "avalanche", "o-"),
+                                     ("ours, forloop (separate)", "ours-forloop", "s-"),
+                                     ("ours, foreach (separate)", "ours-foreach", "^-")):
+            ax.plot(Ts, [s[f"{prefix} T={T}"] for T in Ts], style, label=label)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.axhline(TARGET, color="red", lw=0.8, ls="--", label=f"target {TARGET}x")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(Ts)
+        ax.set_xticklabels([str(t) for t in Ts])
+        ax.set_xlabel("T (stored experiences)")
+        ax.set_ylabel(f"step time / naive step time ({metric} time)")
+        ax.set_title(f"{model_name} ({DEVICE_NOTE})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"saved {path}")
+
+
+def main():
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, nargs="+", default=None, help="stored experiences (default 1 5 10 20 50)")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
+    p.add_argument("--budget", type=float, default=None, help="seconds per variant per round (caps slow ones)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of ours at the largest T")
+    p.add_argument("--plot", default=os.path.join(HERE, "step_time_vs_T.png"))
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
+                   help="models to run (default: mlp; mlp resnet18 with --resnet or --device cuda)")
+    args = p.parse_args()
+    if args.device == "cpu":
+        ensure_malloc_env()
+    device = resolve_device(args.device)
+    apply_threads(args)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the same for every variant
+    torch.manual_seed(args.seed)
+    print(machine_info(device))
+    global DEVICE_NOTE
+    DEVICE_NOTE = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU, {torch.get_num_threads()} threads")
+
+    models = args.models or (["mlp"] + (["resnet18"] if (args.resnet or device.type == "cuda") else []))
+    summaries, tables = {}, {}
+    for model_name in models:
+        slow_cpu = model_name == "resnet18" and device.type == "cpu"
+        a = copy.copy(args)
+        Ts = args.T or ([1, 5] if args.quick else ([1, 10, 50] if slow_cpu else [1, 5, 10, 20, 50]))
+        if args.quick:
+            defaults = dict(rounds=2, steps=10, budget=2.0, block=5, warmup=2, min_steps=3)
+        elif slow_cpu:
+            defaults = dict(rounds=3, steps=5, budget=15.0, block=1, warmup=1, min_steps=2)
+        elif model_name == "resnet18":
+            defaults = dict(rounds=3, steps=100, budget=4.0, block=10, warmup=5, min_steps=20)
+        elif device.type == "cuda":
+            defaults = dict(rounds=5, steps=300, budget=2.0, block=20, warmup=10, min_steps=30)
+        else:
+            defaults = dict(rounds=5, steps=100, budget=1.5, block=3, warmup=5, min_steps=20)
+        for k, v in defaults.items():
+            if getattr(a, k, None) is None:
+                setattr(a, k, v)
+        table, summary, runners = run_model(model_name, a, device, Ts, print)
+        tables[model_name] = table
+        for m, summ in summary.items():
+            ours = {k: v for k, v in summ.items() if k.startswith("ours")}
+            worst, best = max(ours, key=ours.get), min(ours, key=ours.get)
+            met = all(v <= TARGET for v in ours.values())
+            what = (f"target ours <= {TARGET}x naive ({model_name}, {device.type}, step wall time): "
+                    f"{'MET' if met else 'MISSED'}") if m == "wall" else \
+                f"diagnostic, process CPU time ratio ({model_name}): {'all' if met else 'not all'} <= {TARGET}"
+            print(f"{what}; ours from {ours[best]:.3f}x ({best}) to {ours[worst]:.3f}x ({worst})")
+            print(f"  Avalanche separate ({m} time): {summ[f'avalanche T={min(Ts)}']:.2f}x at T={min(Ts)} ... "
+                  f"{summ[f'avalanche T={max(Ts)}']:.2f}x at T={max(Ts)}; online {summ['avalanche online']:.2f}x")
+        summaries[model_name] = summary
+        if args.profile:
+            profile(runners, max(Ts), device, a)
+        del runners
+    print(load_note("at end"))
+    metric = "wall"
+    per_model = {m: s[metric] for m, s in summaries.items()}
+    Ts_of = {m: sorted({int(k.split("T=")[1]) for k in s if "T=" in k}) for m, s in per_model.items()}
+    root, ext = os.path.splitext(args.plot)
+    for m, s in per_model.items():  # one figure per model: step_time_vs_T.png (MLP), ..._resnet18.png
+        if len(Ts_of[m]) > 1:
+            plot({m: s}, Ts_of[m], args.plot if m == "mlp" else f"{root}_{m}{ext}", metric)
+
+
+if __name__ == "__main__":
+    main()
