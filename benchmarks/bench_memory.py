@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import apply_threads, HERE, MODELS, base_parser, machine_info, print_table, resolve_device  # noqa: E402
+from common import apply_threads, HERE, MODELS, base_parser, machine_info, print_table, resolve_device, save_figure  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -107,9 +107,7 @@ def plot(all_series, path):
         ax.set_ylabel("state memory (MiB)")
         ax.set_title(name)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"saved {path}")
+    save_figure(fig, path)
 
 
 def main():

@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (apply_threads, ensure_malloc_env, load_note, HERE, base_parser, fake_strategy, fmt_spread, interleaved, machine_info, make_batch,  # noqa: E402
-                    med_spread, print_table, ratios, resolve_device, MODELS)
+                    med_spread, print_table, ratios, resolve_device, save_figure, MODELS)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -338,9 +338,7 @@ def plot(summaries, Ts, path, metric="wall"):
         ax.set_ylabel(f"step time / naive step time ({metric} time)")
         ax.set_title(f"{model_name} ({DEVICE_NOTE})")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"saved {path}")
+    save_figure(fig, path)
 
 
 def main():

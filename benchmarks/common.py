@@ -311,3 +311,10 @@ class PeakMemory:
                 peak = hwm_bytes()
             self.peak = peak - self.base
         return False
+
+
+def save_figure(fig, path: str) -> None:
+    """tight_layout, save at 120 dpi, say where."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"saved {path}")
