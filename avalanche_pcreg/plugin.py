@@ -30,6 +30,7 @@ from avalanche.training.utils import _at_task_boundary
 
 from ._checks import check_choice, check_nonneg_finite
 from .importance import SITracker, compute_importance, resolve_method
+from .importance._persample import DEFAULT_CHUNK
 from .penalty import Workspace
 from .state import MODES, ConsolidatedState
 
@@ -105,7 +106,7 @@ class ParameterChangePlugin(SupervisedPlugin):
         xi: float = 0.1,
         seed: int = 0,
         impl: Optional[str] = None,
-        chunk_size: int = 64,
+        chunk_size: int = DEFAULT_CHUNK,
     ):
         super().__init__()
         self.factor = check_nonneg_finite("factor", factor)

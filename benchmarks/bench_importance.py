@@ -84,8 +84,8 @@ def v_avalanche(model, data, batch, device, **_):
 
 def v_ours(method):
     def run(model, data, batch, device, chunk=None, **_):
-        chunk = 64 if chunk is None else chunk  # 64: the library's default chunk_size
-        return compute_importance(model, data, method, batch_size=batch, device=device, chunk_size=chunk)
+        kw = {} if chunk is None else {"chunk_size": chunk}  # default: the library's own
+        return compute_importance(model, data, method, batch_size=batch, device=device, **kw)
 
     run.__name__ = f"ours_{method}"
     return run

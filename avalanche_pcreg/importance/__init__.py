@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._checks import check_importance_tensor
 from ._common import dist_rank_world, eval_mode, model_device, resolve_names
+from ._persample import DEFAULT_CHUNK
 from .fisher import empirical_fisher, expected_fisher, fisher
 from .mas import mas
 from .minibatch import minibatch_fisher
@@ -146,7 +147,7 @@ def compute_importance(
     device=None,
     names: Optional[Sequence[str]] = None,
     seed: int = 0,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> Dict[str, Tensor]:
     """Per-parameter importances ``{name: Tensor}`` of ``model`` on ``data``.
 

@@ -97,6 +97,11 @@ class _Call:
         self.delta = None
 
 
+# Samples per chunk for the rules that materialise per-sample gradients (conv, sequences) and for
+# the vmap fallback. 16 measured best for ResNet-18 on the CPU: 0.50x Avalanche's minibatch pass at
+# 2.5x a step's memory, against 0.38x / 4.0x at 64 and 0.40x / 2.2x at 4 (benchmarks/RESULTS.md).
+DEFAULT_CHUNK = 16
+
 class PerSampleGradNorms:
     """Context manager. Installs forward hooks (capture layer inputs) and tensor hooks on layer
     outputs (capture grad at output) on the modules that own the requested parameters.
@@ -114,7 +119,7 @@ class PerSampleGradNorms:
     can share one forward), and on exit.
     """
 
-    def __init__(self, model: nn.Module, names: Iterable[str], power: int = 2, chunk_size: int = 64):
+    def __init__(self, model: nn.Module, names: Iterable[str], power: int = 2, chunk_size: int = DEFAULT_CHUNK):
         if power not in (1, 2) or isinstance(power, bool):
             raise ValueError(f"power must be 1 or 2, got {power!r}")
         if int(chunk_size) < 1:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import all_reduce_sums, batches, functional_forward, model_forward, per_sample_criterion
-from ._persample import PerSampleGradNorms
+from ._persample import DEFAULT_CHUNK, PerSampleGradNorms
 
 __all__ = ["empirical_fisher", "fisher", "expected_fisher", "per_sample_mean", "sample_labels"]
 
@@ -40,7 +40,7 @@ def per_sample_mean(
     need_labels: bool,
     estimator: str,
     limit: Optional[int] = None,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> Dict[str, Tensor]:
     """Mean over samples n of ``sum_k |grad l_k(x_n)|**power``.
 
@@ -68,7 +68,7 @@ def per_sample_mean(
     return {k: v.detach() / n for k, v in sums.items()}
 
 
-def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=64, **_):
+def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=DEFAULT_CHUNK, **_):
     """Empirical Fisher: mean over samples of the squared per-sample gradient at the true label.
 
     ``criterion`` (default cross-entropy) is used per sample (``reduction='none'``).
@@ -82,7 +82,7 @@ def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=N
                            estimator="empirical_fisher", limit=limit, chunk_size=chunk_size)
 
 
-def fisher(model, data, *, names, device=None, seed=0, limit=None, chunk_size=64, uniforms=None, **_):
+def fisher(model, data, *, names, device=None, seed=0, limit=None, chunk_size=DEFAULT_CHUNK, uniforms=None, **_):
     """Fisher at one label per sample drawn from the model's p(.|x).
 
     Sample n's label is the inverse CDF of p(.|x_n) at a uniform u_n. ``compute_importance``
@@ -116,7 +116,7 @@ def sample_labels(logits: Tensor, u: Tensor) -> Tensor:
     return (cdf <= u.unsqueeze(-1)).sum(-1).clamp_max(logits.shape[-1] - 1)
 
 
-def expected_fisher(model, data, *, names, device=None, limit=None, chunk_size=64, **_):
+def expected_fisher(model, data, *, names, device=None, limit=None, chunk_size=DEFAULT_CHUNK, **_):
     """Exact expected Fisher: mean over samples of ``sum_c p(c|x) g_c**2``.
 
     One forward and C backward passes a batch (C = number of outputs), never N*C.
