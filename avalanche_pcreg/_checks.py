@@ -24,6 +24,16 @@ def check_nonneg_finite(name: str, value: Any) -> float:
     return value
 
 
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False):
+    """A positive int (``batch_size``, ``num_samples``, ``chunk_size``), or None when allowed."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        expected = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if value not in choices:

@@ -28,11 +28,11 @@ from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.utils import _at_task_boundary
 
-from ._checks import check_choice, check_nonneg_finite
+from ._checks import check_choice, check_nonneg_finite, check_positive_int
 from .importance import SITracker, compute_importance, resolve_method
 from .importance._persample import DEFAULT_CHUNK
 from .penalty import Workspace
-from .state import MODES, ConsolidatedState
+from .state import ConsolidatedState
 
 __all__ = ["ParameterChangePlugin", "IMPORTANCE_DATA"]
 
@@ -110,21 +110,15 @@ class ParameterChangePlugin(SupervisedPlugin):
     ):
         super().__init__()
         self.factor = check_nonneg_finite("factor", factor)
-        check_choice("mode", mode, MODES)
-        if mode == "separate" and decay is not None:
-            raise ValueError(f"decay is only used with mode='online'; got decay={decay!r} with mode='separate'")
-        if decay is not None:
-            decay = check_nonneg_finite("decay", decay)
+        # The state checks mode and decay, and resolves online mode's default decay (1.0).
+        self._state = ConsolidatedState(mode, decay)
         if importance == "si":
             self.importance_name, self._estimator = "si", None
         else:
             self.importance_name, self._estimator = resolve_method(importance)
-        self.mode, self.decay = mode, decay
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-        if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples <= 0):
-            raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}")
-        self.batch_size, self.num_samples = batch_size, num_samples
+        self.mode, self.decay = self._state.mode, self._state.decay
+        self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
+        self.num_samples = check_positive_int("num_samples", num_samples, allow_none=True)
         self.criterion = criterion
         self.include, self.exclude = _patterns("include", include), _patterns("exclude", exclude)
         if parameters is not None and not callable(parameters):
@@ -133,13 +127,11 @@ class ParameterChangePlugin(SupervisedPlugin):
         self.importance_data = check_choice("importance_data", importance_data, IMPORTANCE_DATA)
         if impl is not None:
             check_choice("impl", impl, ("foreach", "forloop"))
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        self.seed, self.impl, self.chunk_size = int(seed), impl, chunk_size
+        self.seed, self.impl = int(seed), impl
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self._si = SITracker(xi) if self.importance_name == "si" else None
         self.xi = xi
 
-        self._state = ConsolidatedState(mode, decay)
         self._workspace = Workspace()  # per-step scratch of the CPU kernel (not part of the state)
         self._owner = None  # weakref to the strategy this instance is bound to
         self._patterns_checked = False
@@ -215,9 +207,7 @@ class ParameterChangePlugin(SupervisedPlugin):
         if sd["version"] != PLUGIN_VERSION:
             raise ValueError(f"plugin state_dict has version {sd['version']!r}; this library reads version {PLUGIN_VERSION}")
         state = ConsolidatedState.from_state_dict(sd["state"], map_location=map_location)
-        if (state.mode, state.decay if state.mode == "online" else None) != (
-            self.mode, (self.decay if self.decay is not None else 1.0) if self.mode == "online" else None
-        ):
+        if (state.mode, state.decay) != (self.mode, self.decay):
             raise ValueError(
                 f"state_dict was saved with mode={state.mode!r}, decay={state.decay!r}; this plugin has "
                 f"mode={self.mode!r}, decay={self.decay!r}"

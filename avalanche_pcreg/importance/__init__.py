@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._checks import check_importance_tensor
+from .._checks import check_importance_tensor, check_positive_int
 from ._common import dist_rank_world, eval_mode, model_device, resolve_names
 from ._persample import DEFAULT_CHUNK
 from .fisher import empirical_fisher, expected_fisher, fisher
@@ -92,14 +92,18 @@ def resolve_method(method) -> tuple:
     raise ValueError(f"unknown importance method {method!r}; valid names: {', '.join(valid_methods())}")
 
 
+def _take(dataset, idx):
+    """The samples ``idx`` of ``dataset``; Avalanche datasets keep their collate_fn and transforms."""
+    if hasattr(dataset, "subset"):
+        return dataset.subset(idx)
+    return torch.utils.data.Subset(dataset, idx)
+
+
 def _subset(dataset, num_samples: int, seed: int):
     n = len(dataset)
     gen = torch.Generator()
     gen.manual_seed(int(seed))
-    idx = torch.randperm(n, generator=gen)[: min(num_samples, n)].tolist()
-    if hasattr(dataset, "subset"):  # Avalanche datasets keep their collate_fn and transforms
-        return dataset.subset(idx)
-    return torch.utils.data.Subset(dataset, idx)
+    return _take(dataset, torch.randperm(n, generator=gen)[: min(num_samples, n)].tolist())
 
 
 def make_loader(data, batch_size: int, num_samples: Optional[int], seed: int, *, shuffle_rng: bool = True,
@@ -123,8 +127,7 @@ def make_loader(data, batch_size: int, num_samples: Optional[int], seed: int, *,
     total = len(data)
     rank, world = dist_rank_world()
     if shard and world > 1:
-        idx = list(range(rank, total, world))
-        data = data.subset(idx) if hasattr(data, "subset") else torch.utils.data.Subset(data, idx)
+        data = _take(data, list(range(rank, total, world)))
     else:
         rank, world = 0, 1
     collate = getattr(data, "collate_fn", None)
@@ -173,10 +176,8 @@ def compute_importance(
     name, fn = resolve_method(method)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples <= 0):
-        raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}")
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("num_samples", num_samples, allow_none=True)
     names = resolve_names(model, names)
     frozen = [n for n, p in model.named_parameters() if n in set(names) and not p.requires_grad]
     if frozen and name != "uniform":
