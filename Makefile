@@ -18,7 +18,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	$(PY) -m avalanche_pcreg.compare $(DEMO_ARGS)
+	$(PY) -m avalanche_pcreg.experiments $(DEMO_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_penalty.py

@@ -1,4 +1,4 @@
-"""The comparison runner and its CLI (avalanche_pcreg.runner / avalanche_pcreg.compare).
+"""The comparison runner and its CLI (avalanche_pcreg.experiments.runner / avalanche_pcreg.experiments).
 
 Tiny configurations only (digits subsampled to 20 images a class, 1 epoch). The figures a run reports
 are checked against each other and against brute-force recomputations: Avalanche's stream accuracy
@@ -21,9 +21,9 @@ import pytest
 import torch
 from hypothesis import given, settings as hsettings, strategies as st
 
-from avalanche_pcreg import compare, runner
-from avalanche_pcreg.data import make_benchmark
-from avalanche_pcreg.runner import METHODS, RESULT_COLUMNS, RunSpec, Settings
+from avalanche_pcreg.experiments import compare, runner
+from avalanche_pcreg.experiments.data import make_benchmark
+from avalanche_pcreg.experiments.runner import METHODS, RESULT_COLUMNS, RunSpec, Settings
 
 TINY = Settings(epochs=1, max_train_per_class=20)
 GRIDS = {"avl-ewc": [10.0, 1000.0], "pc-ewc": [1.0, 100.0]}

@@ -1,4 +1,4 @@
-"""Tests for avalanche_pcreg.data: digits / IDX loading, benchmarks, models."""
+"""Tests for avalanche_pcreg.experiments.data: digits / IDX loading, benchmarks, models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from avalanche_pcreg.data import (
+from avalanche_pcreg.experiments.data import (
     SCENARIOS,
     BenchmarkSpec,
     load_digits_arrays,

@@ -1,14 +1,14 @@
-"""``pcreg-compare`` / ``python -m avalanche_pcreg.compare``: our plugin vs Avalanche's EWC.
+"""``pcreg-compare`` / ``python -m avalanche_pcreg.experiments``: our plugin vs Avalanche's EWC.
 
-Argument parsing and printing only; the experiment lives in :mod:`avalanche_pcreg.runner`.
+Argument parsing and printing only; the experiment lives in :mod:`avalanche_pcreg.experiments.runner`.
 
 Examples::
 
-    python -m avalanche_pcreg.compare                      # the `make demo` default (digits)
-    python -m avalanche_pcreg.compare --quick              # smoke run, < 1 minute
-    python -m avalanche_pcreg.compare --full --out results/full
-    python -m avalanche_pcreg.compare --scenarios permuted --methods naive,avl-ewc,pc-ewc --seeds 5
-    python -m avalanche_pcreg.compare --dataset mnist --data-root ~/data --max-train-per-class 1000
+    python -m avalanche_pcreg.experiments                      # the `make demo` default (digits)
+    python -m avalanche_pcreg.experiments --quick              # smoke run, < 1 minute
+    python -m avalanche_pcreg.experiments --full --out results/full
+    python -m avalanche_pcreg.experiments --scenarios permuted --methods naive,avl-ewc,pc-ewc --seeds 5
+    python -m avalanche_pcreg.experiments --dataset mnist --data-root ~/data --max-train-per-class 1000
 """
 
 from __future__ import annotations

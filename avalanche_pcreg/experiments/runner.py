@@ -2,7 +2,7 @@
 
 Compares the parameter-change plugin (L2, EWC with three per-sample Fisher variants, online EWC,
 MAS, SI) against Avalanche 0.6's own ``EWCPlugin`` (separate and online), a naive fine-tuning
-lower bound and a joint-training upper bound, on the benchmarks of :mod:`avalanche_pcreg.data`.
+lower bound and a joint-training upper bound, on the benchmarks of :mod:`avalanche_pcreg.experiments.data`.
 
 Protocol (the same for every method):
 
@@ -277,7 +277,7 @@ def make_plugins(method: str, factor: Optional[float], seed: int = 0):
         from avalanche.training.plugins import EWCPlugin
 
         return [EWCPlugin(ewc_lambda=float(factor), **m.options)]
-    from .plugin import ParameterChangePlugin
+    from ..plugin import ParameterChangePlugin
 
     return [ParameterChangePlugin(float(factor), seed=seed, **m.options)]
 
