@@ -1,4 +1,4 @@
-"""ParameterChangePlugin on every kind of Avalanche 0.6.0 benchmark (issue #4).
+"""ParameterChangePlugin on every kind of Avalanche 0.6.0 benchmark.
 
 For each kind: a tiny model trained with Naive and
 ``[PreProbe, ParameterChangePlugin, PostProbe]``; asserted:

@@ -1,4 +1,4 @@
-"""ParameterChangePlugin with every strategy class that ``avalanche.training`` 0.6.0 exports (issue #4).
+"""ParameterChangePlugin with every strategy class that ``avalanche.training`` 0.6.0 exports.
 
 Each case trains a tiny model on a tiny 3-experience benchmark twice from the same seed: once with
 ``[PreProbe, ParameterChangePlugin, PostProbe, *strategy's own plugins]`` and once without our plugin
