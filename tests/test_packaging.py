@@ -1,0 +1,221 @@
+"""The package as a user installs it: declared ranges and pins, the wheel's contents and metadata, what the
+math modules import, and the markers that conftest.py applies.
+
+``tools/check_wheel.sh`` (``make check-wheel``) goes further: it installs the wheel into a fresh environment
+and runs the README's usage example there.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from email.parser import Parser
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "avalanche_pcreg"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
+
+# import name -> distribution name, for the third-party imports the package may use
+DIST_OF_IMPORT = {"torch": "torch", "avalanche": "avalanche-lib", "numpy": "numpy", "matplotlib": "matplotlib",
+                  "sklearn": "scikit-learn", "tqdm": "tqdm", "torchvision": "torchvision"}
+MATH_MODULES = ["avalanche_pcreg.penalty", "avalanche_pcreg.state", "avalanche_pcreg.regularizer",
+                "avalanche_pcreg.importance"]
+
+
+def _reqs(lines):
+    return {Requirement(r).name: Requirement(r) for r in lines}
+
+
+def _pins():
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"constraints.txt pins exactly, got {line!r}"
+            pins[req.name] = Version(spec.version)
+    return pins
+
+
+def _package_version() -> str:
+    tree = ast.parse((PKG / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("avalanche_pcreg/__init__.py defines no __version__")
+
+
+def test_dependencies_are_ranges_and_the_pins_satisfy_them():
+    deps = _reqs(PROJECT["dependencies"])
+    assert set(deps) == {"torch", "avalanche-lib", "numpy"}
+    for req in deps.values():
+        assert not any(s.operator in ("==", "===") for s in req.specifier), f"{req} is an exact pin"
+    # a compatible range: a floor for torch, the 0.6 series of avalanche-lib
+    assert {s.operator for s in deps["torch"].specifier} == {">="}
+    assert Version("2.14.2") in deps["torch"].specifier and Version("2.15.0") in deps["torch"].specifier
+    assert Version("0.6.1") in deps["avalanche-lib"].specifier
+    assert Version("0.7.0") not in deps["avalanche-lib"].specifier
+    assert Version("0.5.1") not in deps["avalanche-lib"].specifier
+    # the reproducible set-up: exact pins, inside the declared ranges
+    pins = _pins()
+    assert pins == {"torch": Version("2.14.1"), "torchvision": Version("0.29.1"), "avalanche-lib": Version("0.6.0")}
+    for name, version in pins.items():
+        if name in deps:
+            assert version in deps[name].specifier, (name, version)
+
+
+def test_extras_and_makefile_use_the_constraints():
+    extras = PROJECT["optional-dependencies"]
+    assert set(_reqs(extras["experiments"])) == {"matplotlib", "scikit-learn", "tqdm"}
+    assert "avalanche-pcreg" in _reqs(extras["test"])  # the test extra includes the experiments extra
+    assert _reqs(extras["test"])["avalanche-pcreg"].extras == {"experiments"}
+    make = (ROOT / "Makefile").read_text()
+    assert "-c constraints.txt" in make
+    assert "'.[test]'" in make and "'.[experiments]'" in make
+    assert re.search(r"^clean:\n\trm -rf .*\bbuild\b.*\bdist\b.*\*\.egg-info", make, re.M)
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_version_has_one_source():
+    assert "version" not in PROJECT and "version" in PROJECT["dynamic"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "avalanche_pcreg.__version__"}
+    Version(_package_version())  # a valid version
+
+
+def _third_party_imports(path: Path) -> set:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n != "avalanche_pcreg"}
+
+
+def test_every_import_is_declared_and_every_declared_package_is_imported():
+    core = set(_reqs(PROJECT["dependencies"]))
+    experiments = set(_reqs(PROJECT["optional-dependencies"]["experiments"]))
+    used_core, used_exp = set(), set()
+    for path in PKG.rglob("*.py"):
+        imports = _third_party_imports(path)
+        unknown = imports - set(DIST_OF_IMPORT)
+        assert not unknown, f"{path.relative_to(ROOT)} imports {sorted(unknown)}: declare them and extend this test"
+        dists = {DIST_OF_IMPORT[i] for i in imports}
+        if "experiments" in path.relative_to(PKG).parts:
+            used_exp |= dists
+        else:
+            used_core |= dists
+    assert used_core <= core, f"core modules import undeclared {sorted(used_core - core)}"
+    assert used_exp <= core | experiments, f"the harness imports undeclared {sorted(used_exp - core - experiments)}"
+    assert core <= used_core | used_exp and experiments <= used_exp, "a declared dependency is never imported"
+
+
+@pytest.mark.slow
+def test_math_modules_import_neither_avalanche_nor_plotting():
+    # one fresh interpreter imports them one by one and looks at sys.modules after each
+    # (not for tqdm: torch.hub imports it with torch)
+    code = ("import importlib, sys\n"
+            "for module in sys.argv[1:]:\n"
+            "    importlib.import_module(module)\n"
+            "    bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('avalanche', 'matplotlib', 'sklearn', 'torchvision'))\n"
+            "    print(module, ','.join(bad[:3]))\n")
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code, *MATH_MODULES], cwd=ROOT, capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:-1] == [f"{m} " for m in MATH_MODULES], out.stdout
+    # and the check can fail: the plugin does import avalanche
+    out = subprocess.run([sys.executable, "-c", code, "avalanche_pcreg.plugin"], cwd=ROOT, capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("avalanche_pcreg.plugin avalanche"), out.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    try:
+        setuptools_major = int(metadata.version("setuptools").split(".")[0])
+    except metadata.PackageNotFoundError:
+        setuptools_major = 0
+    if setuptools_major < 77:
+        pytest.skip("building the wheel offline needs setuptools>=77 in this environment (the test extra has it)")
+    work = tmp_path_factory.mktemp("wheel")
+    src = work / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(PKG, src / "avalanche_pcreg", ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(work / "dist"), str(src)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "deprecat" not in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
+    (path,) = (work / "dist").glob("avalanche_pcreg-*.whl")
+    return path
+
+
+def test_wheel_files(wheel):
+    version = _package_version()
+    assert wheel.name == f"avalanche_pcreg-{version}-py3-none-any.whl"
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "avalanche_pcreg/py.typed" in names
+    assert f"avalanche_pcreg-{version}.dist-info/licenses/LICENSE" in names
+    for module in ("penalty", "state", "regularizer", "plugin", "importance/__init__", "experiments/compare"):
+        assert f"avalanche_pcreg/{module}.py" in names
+    assert not [n for n in names if not n.startswith(("avalanche_pcreg/", f"avalanche_pcreg-{version}.dist-info/"))]
+    assert not [n for n in names if "tests/" in n or n.endswith(".pyc") or "__pycache__" in n]
+
+
+def test_wheel_metadata(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        info = Parser().parsestr(z.read(f"avalanche_pcreg-{_package_version()}.dist-info/METADATA").decode())
+        entry_points = z.read(f"avalanche_pcreg-{_package_version()}.dist-info/entry_points.txt").decode()
+    assert info["Name"] == "avalanche-pcreg" and info["Version"] == _package_version()
+    assert info["License-Expression"] == "MIT"
+    assert info.get_all("License-File") == ["LICENSE"]
+    requires = {str(Requirement(r)) for r in info.get_all("Requires-Dist")}
+    assert {"torch>=2.4", "avalanche-lib<0.7,>=0.6", "numpy"} <= requires
+    assert {'matplotlib; extra == "experiments"', 'scikit-learn; extra == "experiments"',
+            'tqdm; extra == "experiments"'} <= requires
+    assert not [r for r in requires if Requirement(r).name == "torchvision"
+                or any(s.operator == "==" for s in Requirement(r).specifier)]
+    assert set(info.get_all("Provides-Extra")) == {"experiments", "test"}
+    assert "pcreg-compare = avalanche_pcreg.experiments.compare:main" in entry_points
+
+
+def test_conftest_marker_rules_name_existing_tests():
+    """A renamed test must not silently drop out of the slow / upstream sets."""
+    import conftest
+
+    def source(module):
+        path = ROOT / "tests" / module
+        assert path.is_file(), f"conftest names {module}, which does not exist"
+        return path.read_text()
+
+    for module in conftest.SLOW_MODULES:
+        source(module)
+    for module, fixture in conftest.SLOW_FIXTURES:
+        text = source(module)
+        assert re.search(rf"^def {fixture}\(", text, re.M), (module, fixture)
+        assert re.search(rf"^def test_\w+\([^)]*\b{fixture}\b", text, re.M), (module, fixture)
+    for module, func in conftest.SLOW_TESTS | conftest.UPSTREAM_TESTS:
+        assert re.search(rf"^def {func}\(", source(module), re.M), (module, func)
+
+
+def test_pytest_markers_are_registered():
+    markers = {m.split(":")[0] for m in PYPROJECT["tool"]["pytest"]["ini_options"]["markers"]}
+    assert markers == {"slow", "upstream"}
+    assert "--strict-markers" in PYPROJECT["tool"]["pytest"]["ini_options"]["addopts"]
