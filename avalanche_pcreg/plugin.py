@@ -4,8 +4,9 @@ Where it lives in Avalanche's loop (0.6):
 
 * ``before_training_exp``: the model has adapted (heads have grown); the state is aligned to
   the current parameters (grown entries padded and free), and SI starts its path integral.
+* ``before_training_iteration``, ``after_backward``, ``before_update``, ``after_update``: forwarded
+  to a trajectory estimator (``si``, ``avalanche_si``, ``rwalk``, ...; see ``importance.trajectory``).
 * ``before_backward``: ``strategy.loss += penalty``.
-* ``before_update`` / ``after_update``: SI's path integral (only with ``importance="si"``).
 * ``after_training_epoch``: the epoch's mean penalty is published.
 * ``after_training_exp``: at a real task boundary, importances are estimated, merged with the
   current parameters as anchors, and swapped in only once everything succeeded.
@@ -29,7 +30,8 @@ from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.utils import _at_task_boundary
 
 from ._checks import check_choice, check_nonneg_finite, check_positive_int
-from .importance import SITracker, compute_importance, resolve_method
+from .importance import ESTIMATORS, TrajectoryEstimator, compute_importance, resolve_estimator
+from .importance._common import eval_mode, model_forward
 from .importance._persample import DEFAULT_CHUNK
 from .penalty import Workspace
 from .state import ConsolidatedState
@@ -82,6 +84,16 @@ class ParameterChangePlugin(SupervisedPlugin):
     :param importance_data: ``"experience"`` (the experience's dataset) or ``"adapted"`` (what
         the strategy trained on, replay buffer included); both with eval transforms.
     :param xi: SI's damping term in ``omega / (delta**2 + xi)``.
+    :param estimator_options: keyword arguments for a trajectory estimator given by name (e.g.
+        ``{"ewc_alpha": 0.9, "delta_t": 10}`` for ``rwalk``, ``{"eps": 1e-7}`` for ``avalanche_si``).
+        ``importance`` may also be a :class:`~avalanche_pcreg.importance.TrajectoryEstimator` object.
+    :param importance_scale: multiplies every importance before it is merged (> 0). Carries a
+        lambda tuned for one estimator to another: ``importance_scale=importance_ratio(model, data,
+        a="minibatch_fisher", b="empirical_fisher")`` with Avalanche's ``ewc_lambda`` as ``factor``.
+    :param running_average: online mode only: ``A <- decay * A + (1 - decay) * F_new`` after the
+        first consolidation (``A = F`` at the first), Avalanche ``MASPlugin``'s ``alpha`` average.
+    :param warn_ratio: warn when, on the first iteration of an experience where the penalty is
+        non-zero, it exceeds the task loss by this factor (None: never).
     :param seed: seeds the importance subset and ``fisher``'s sampled labels.
     :param impl: penalty kernel, ``"foreach"`` or ``"forloop"``; None picks per device.
 
@@ -107,16 +119,48 @@ class ParameterChangePlugin(SupervisedPlugin):
         seed: int = 0,
         impl: Optional[str] = None,
         chunk_size: int = DEFAULT_CHUNK,
+        estimator_options: Optional[dict] = None,
+        importance_scale: float = 1.0,
+        running_average: bool = False,
+        warn_ratio: Optional[float] = 1e4,
     ):
         super().__init__()
         self.factor = check_nonneg_finite("factor", factor)
         # The state checks mode and decay, and resolves online mode's default decay (1.0).
         self._state = ConsolidatedState(mode, decay)
-        if importance == "si":
-            self.importance_name, self._estimator = "si", None
-        else:
-            self.importance_name, self._estimator = resolve_method(importance)
+        self._record = resolve_estimator(importance)
+        self.importance_name, self._estimator = self._record.name, self._record.fn
+        if estimator_options is not None and not isinstance(estimator_options, dict):
+            raise TypeError(f"estimator_options must be a dict, got {type(estimator_options).__name__}")
+        if estimator_options and not (self._record.trajectory and isinstance(importance, str)):
+            raise ValueError(
+                f"estimator_options are for trajectory estimators given by name; importance {self.importance_name!r} "
+                "takes none"
+            )
+        self._tracker: Optional[TrajectoryEstimator] = None
+        self._data_record = None
+        if self._record.trajectory:
+            opts = dict(estimator_options or {})
+            if self._record.name == "si" and isinstance(importance, str):
+                opts.setdefault("xi", xi)
+            try:
+                self._tracker = self._record.tracker(**opts)
+            except TypeError as err:
+                raise TypeError(f"estimator_options {opts} do not fit importance {self.importance_name!r}: {err}") from None
+            if self._tracker.data_estimator is not None:
+                self._data_record = resolve_estimator(self._tracker.data_estimator)
+                if self._data_record.trajectory:
+                    raise ValueError(f"data_estimator {self._tracker.data_estimator!r} must be a data-pass estimator")
         self.mode, self.decay = self._state.mode, self._state.decay
+        self.importance_scale = check_nonneg_finite("importance_scale", importance_scale)
+        if self.importance_scale == 0:
+            raise ValueError("importance_scale must be > 0, got 0")
+        if not isinstance(running_average, bool):
+            raise TypeError(f"running_average must be a bool, got {type(running_average).__name__}")
+        if running_average and self.mode != "online":
+            raise ValueError("running_average=True needs mode='online' (it averages A with weight decay)")
+        self.running_average = running_average
+        self.warn_ratio = None if warn_ratio is None else check_nonneg_finite("warn_ratio", warn_ratio)
         self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
         self.num_samples = check_positive_int("num_samples", num_samples, allow_none=True)
         self.criterion = criterion
@@ -129,8 +173,8 @@ class ParameterChangePlugin(SupervisedPlugin):
             check_choice("impl", impl, ("foreach", "forloop"))
         self.seed, self.impl = int(seed), impl
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
-        self._si = SITracker(xi) if self.importance_name == "si" else None
         self.xi = xi
+        self._ratio_checked = True  # the penalty/loss check runs once per experience
 
         self._workspace = Workspace()  # per-step scratch of the CPU kernel (not part of the state)
         self._owner = None  # weakref to the strategy this instance is bound to
@@ -195,8 +239,11 @@ class ParameterChangePlugin(SupervisedPlugin):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        return {"version": PLUGIN_VERSION, "importance": self.importance_name, "factor": self.factor,
-                "state": self._state.state_dict(), "history": list(self.history)}
+        sd = {"version": PLUGIN_VERSION, "importance": self.importance_name, "factor": self.factor,
+              "state": self._state.state_dict(), "history": list(self.history)}
+        if self._tracker is not None:
+            sd["tracker"] = self._tracker.state_dict()
+        return sd
 
     def load_state_dict(self, sd: dict, map_location=None) -> None:
         if not isinstance(sd, dict):
@@ -214,6 +261,8 @@ class ParameterChangePlugin(SupervisedPlugin):
             )
         self._state = state
         self.history = list(sd.get("history", []))
+        if self._tracker is not None and "tracker" in sd:
+            self._tracker.load_state_dict(sd["tracker"])
 
     def __getstate__(self):
         d = self.__dict__.copy()
@@ -246,8 +295,10 @@ class ParameterChangePlugin(SupervisedPlugin):
         params = self.selected_parameters(strategy.model)
         self._selected_names = tuple(params)
         self._state = self._state.aligned(params)
-        if self._si is not None and _at_task_boundary(strategy.experience, before=True):
-            self._si.begin(params)
+        if self._tracker is not None and _at_task_boundary(strategy.experience, before=True):
+            self._tracker.begin(params)
+        self._ratio_checked = self.warn_ratio is None
+        self._check_stability(strategy)
 
     def before_training_epoch(self, strategy, *args, **kwargs):
         self._reset_counters()
@@ -255,6 +306,20 @@ class ParameterChangePlugin(SupervisedPlugin):
     def before_training_iteration(self, strategy, *args, **kwargs):
         self._iterations += 1
         self._workspace.release()  # the previous iteration's graph is done
+        if self._tracker is not None and self._tracker.needs_task_gradient:
+            self._task_gradient(strategy)
+
+    def _task_gradient(self, strategy) -> None:
+        """The gradient of the strategy's criterion alone on the current minibatch, in eval mode
+        (as Avalanche's RWalkPlugin computes it), handed to the trajectory estimator."""
+        params = self._tracked_params(strategy)
+        model = _unwrap(strategy.model)
+        names = [n for n, p in params.items() if p.requires_grad]
+        with eval_mode(model), torch.enable_grad():
+            out = model_forward(model, strategy.mb_x, strategy.mb_task_id)
+            loss = strategy._criterion(out, strategy.mb_y)
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        self._tracker.task_gradient(params, dict(zip(names, grads)))
 
     def before_backward(self, strategy, *args, **kwargs):
         self._backwards += 1
@@ -265,24 +330,78 @@ class ParameterChangePlugin(SupervisedPlugin):
         if name in params and params[name].device != A.device:  # the model moved mid-experience
             self._state = self._state.aligned(params)
         pen = self._state.penalty(params, self.factor, impl=self.impl, workspace=self._workspace)
+        if not self._ratio_checked:
+            self._check_ratio(strategy, pen)
         strategy.loss += pen
         detached = pen.detach()
         self._pen_sum = detached if self._pen_sum is None else self._pen_sum + detached
         self._pen_count += 1
 
-    def _si_params(self, strategy) -> Dict[str, Tensor]:
+    def _check_ratio(self, strategy, pen: Tensor) -> None:
+        """Warn once per experience when the penalty dwarfs the task loss (one host sync)."""
+        p, loss = float(pen.detach()), float(strategy.loss.detach())
+        if p == 0.0:
+            return  # at the anchor: look again on the next iteration
+        self._ratio_checked = True
+        ratio = p / abs(loss) if loss != 0 else float("inf")
+        if ratio > self.warn_ratio:
+            exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
+            warnings.warn(
+                f"ParameterChangePlugin: at the first iteration of experience {exp_id} the penalty ({p:.4g}) is "
+                f"{ratio:.3g}x the task loss ({loss:.4g}), above warn_ratio={self.warn_ratio:g}, with factor="
+                f"{self.factor:g} and importance={self.importance_name!r} (importance_scale={self.importance_scale:g}). "
+                "A lambda tuned for Avalanche's minibatch Fisher is about batch-size times too strong for the "
+                "per-sample estimators: scale it with importance_ratio(model, data, a='minibatch_fisher', "
+                f"b={self.importance_name!r}) (as importance_scale, or divide the factor by it)",
+                RuntimeWarning,
+            )
+
+    def _check_stability(self, strategy) -> None:
+        """Warn when the penalty alone makes (heavy-ball) SGD diverge: its curvature
+        ``2 * factor * A`` times ``lr`` exceeds ``2 * (1 + momentum)`` (one host sync per experience)."""
+        opt = getattr(strategy, "optimizer", None)
+        if self._state.empty or not isinstance(opt, torch.optim.SGD):
+            return
+        imps = self._state.importances
+        by_id = {id(p): n for n, p in _unwrap(strategy.model).named_parameters()}
+        for group in opt.param_groups:
+            lr, beta = float(group.get("lr", 0.0)), float(group.get("momentum", 0.0))
+            if group.get("dampening", 0.0) or group.get("nesterov", False) or lr <= 0:
+                continue
+            names = [by_id[id(p)] for p in group["params"] if id(p) in by_id and by_id[id(p)] in imps]
+            if not names:
+                continue
+            max_a = float(torch.stack([imps[n].max().float() for n in names if imps[n].numel()]).max())
+            limit = 2.0 * (1.0 + beta)
+            if lr * 2.0 * self.factor * max_a > limit:
+                safe = limit / (lr * 2.0 * max_a)
+                warnings.warn(
+                    f"ParameterChangePlugin: the penalty alone makes SGD diverge: lr * 2 * factor * max(A) = "
+                    f"{lr:g} * 2 * {self.factor:g} * {max_a:.4g} = {lr * 2 * self.factor * max_a:.4g} > "
+                    f"2 * (1 + momentum) = {limit:g}, so the parameters with the largest importance "
+                    f"({self.importance_name!r}) oscillate with growing amplitude and the loss goes to inf/NaN. "
+                    f"Use factor < {safe:.4g} (or a smaller lr).",
+                    RuntimeWarning,
+                )
+                return
+
+    def _tracked_params(self, strategy) -> Dict[str, Tensor]:
         # Selection is resolved once per experience (patterns are not matched every step);
         # the tensors themselves are read from strategy.model every time.
         named = dict(_unwrap(strategy.model).named_parameters())
         return {n: named[n] for n in self._selected_names if n in named}
 
+    def after_backward(self, strategy, *args, **kwargs):
+        if self._tracker is not None:
+            self._tracker.after_backward(self._tracked_params(strategy))
+
     def before_update(self, strategy, *args, **kwargs):
-        if self._si is not None:
-            self._si.before_update(self._si_params(strategy))
+        if self._tracker is not None:
+            self._tracker.before_update(self._tracked_params(strategy))
 
     def after_update(self, strategy, *args, **kwargs):
-        if self._si is not None:
-            self._si.after_update(self._si_params(strategy))
+        if self._tracker is not None:
+            self._tracker.after_update(self._tracked_params(strategy))
 
     def after_training_epoch(self, strategy, *args, **kwargs):
         if self._iterations > 0 and self._backwards == 0:
@@ -312,18 +431,18 @@ class ParameterChangePlugin(SupervisedPlugin):
         params = self.selected_parameters(model)
         exp_id = getattr(experience, "current_experience", strategy.clock.train_exp_counter)
         start = time.perf_counter()
-        if self._si is not None:
-            importances = self._si.importance(params)
-        else:
+        data_record = self._record if self._tracker is None else self._data_record
+        data_importance = None
+        if data_record is not None:
             data = self._importance_dataset(strategy, experience)
             if data is None or len(data) == 0:
                 warnings.warn(
                     f"experience {exp_id} has no samples: importance pass skipped, ParameterChangePlugin state unchanged"
                 )
                 return
-            importances = compute_importance(
-                model, data, self._estimator,
-                criterion=self._criterion_for(strategy),
+            data_importance = compute_importance(
+                model, data, data_record.name if ESTIMATORS.get(data_record.name) is data_record else data_record.fn,
+                criterion=self._criterion_for(strategy, data_record),
                 batch_size=self.batch_size or strategy.train_mb_size,
                 num_samples=self.num_samples,
                 device=strategy.device,
@@ -331,8 +450,23 @@ class ParameterChangePlugin(SupervisedPlugin):
                 seed=self.seed + int(strategy.clock.train_exp_counter),
                 chunk_size=self.chunk_size,
             )
-        # Anything that fails above or here leaves self._state as it was.
-        new_state = self._state.consolidated(importances, params, estimator=self.importance_name)
+        tracker_before = self._tracker.state_dict() if self._tracker is not None else None
+        try:
+            if self._tracker is not None:
+                importances = self._tracker.importance(params, data_importance)
+            else:
+                importances = data_importance
+            scale = self.importance_scale
+            if self.running_average and not self._state.empty:
+                scale *= 1.0 - self.decay
+            if scale != 1.0:
+                importances = {n: v * scale for n, v in importances.items()}
+            # Anything that fails above or here leaves self._state (and the tracker) as it was.
+            new_state = self._state.consolidated(importances, params, estimator=self.importance_name)
+        except BaseException:
+            if tracker_before is not None:
+                self._tracker.load_state_dict(tracker_before)
+            raise
         elapsed = time.perf_counter() - start
         self._state = new_state
         self._publish_importance_stats(strategy, importances, elapsed, exp_id)
@@ -359,10 +493,10 @@ class ParameterChangePlugin(SupervisedPlugin):
             data = data.eval()
         return data
 
-    def _criterion_for(self, strategy):
+    def _criterion_for(self, strategy, record=None):
         if self.criterion is not None:
             return self.criterion
-        if self.importance_name == "minibatch_fisher":
+        if (record or self._record).strategy_criterion:
             return getattr(strategy, "_criterion", None)
         return None
 
