@@ -92,6 +92,11 @@ class ParameterChangePlugin(SupervisedPlugin):
         a="minibatch_fisher", b="empirical_fisher")`` with Avalanche's ``ewc_lambda`` as ``factor``.
     :param running_average: online mode only: ``A <- decay * A + (1 - decay) * F_new`` after the
         first consolidation (``A = F`` at the first), Avalanche ``MASPlugin``'s ``alpha`` average.
+    :param stability_guard: when the penalty alone would make (heavy-ball) SGD diverge
+        (``lr * 2 * factor * A > 2 * (1 + momentum)``, checked once per experience), apply the
+        penalty with ``A`` capped at ``(1 + momentum) / (lr * 2 * factor)`` (half that limit) for
+        the experience, with a warning; the stored state is unchanged. False (default): warn only.
+        Where SGD is stable the cap does not bind and nothing changes.
     :param warn_ratio: warn when, on the first iteration of an experience where the penalty is
         non-zero, it exceeds the task loss by this factor (None: never).
     :param seed: seeds the importance subset and ``fisher``'s sampled labels.
@@ -122,6 +127,7 @@ class ParameterChangePlugin(SupervisedPlugin):
         estimator_options: Optional[dict] = None,
         importance_scale: float = 1.0,
         running_average: bool = False,
+        stability_guard: bool = False,
         warn_ratio: Optional[float] = 1e4,
     ):
         super().__init__()
@@ -160,6 +166,10 @@ class ParameterChangePlugin(SupervisedPlugin):
         if running_average and self.mode != "online":
             raise ValueError("running_average=True needs mode='online' (it averages A with weight decay)")
         self.running_average = running_average
+        if not isinstance(stability_guard, bool):
+            raise TypeError(f"stability_guard must be a bool, got {type(stability_guard).__name__}")
+        self.stability_guard = stability_guard
+        self._penalty_state: Optional[ConsolidatedState] = None  # capped by the stability guard
         self.warn_ratio = None if warn_ratio is None else check_nonneg_finite("warn_ratio", warn_ratio)
         self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
         self.num_samples = check_positive_int("num_samples", num_samples, allow_none=True)
@@ -260,6 +270,7 @@ class ParameterChangePlugin(SupervisedPlugin):
                 f"mode={self.mode!r}, decay={self.decay!r}"
             )
         self._state = state
+        self._penalty_state = None
         self.history = list(sd.get("history", []))
         if self._tracker is not None and "tracker" in sd:
             self._tracker.load_state_dict(sd["tracker"])
@@ -329,7 +340,9 @@ class ParameterChangePlugin(SupervisedPlugin):
         name, A = next(iter(self._state.importances.items()))
         if name in params and params[name].device != A.device:  # the model moved mid-experience
             self._state = self._state.aligned(params)
-        pen = self._state.penalty(params, self.factor, impl=self.impl, workspace=self._workspace)
+            self._check_stability(strategy)
+        state = self._penalty_state if self._penalty_state is not None else self._state
+        pen = state.penalty(params, self.factor, impl=self.impl, workspace=self._workspace)
         if not self._ratio_checked:
             self._check_ratio(strategy, pen)
         strategy.loss += pen
@@ -359,11 +372,13 @@ class ParameterChangePlugin(SupervisedPlugin):
     def _check_stability(self, strategy) -> None:
         """Warn when the penalty alone makes (heavy-ball) SGD diverge: its curvature
         ``2 * factor * A`` times ``lr`` exceeds ``2 * (1 + momentum)`` (one host sync per experience)."""
+        self._penalty_state = None
         opt = getattr(strategy, "optimizer", None)
-        if self._state.empty or not isinstance(opt, torch.optim.SGD):
+        if self._state.empty or not isinstance(opt, torch.optim.SGD) or self.factor == 0:
             return
         imps = self._state.importances
         by_id = {id(p): n for n, p in _unwrap(strategy.model).named_parameters()}
+        caps = {}
         for group in opt.param_groups:
             lr, beta = float(group.get("lr", 0.0)), float(group.get("momentum", 0.0))
             if group.get("dampening", 0.0) or group.get("nesterov", False) or lr <= 0:
@@ -375,15 +390,23 @@ class ParameterChangePlugin(SupervisedPlugin):
             limit = 2.0 * (1.0 + beta)
             if lr * 2.0 * self.factor * max_a > limit:
                 safe = limit / (lr * 2.0 * max_a)
+                cap = (1.0 + beta) / (lr * 2.0 * self.factor)
+                caps.update({n: cap for n in names})
+                guard = (f" stability_guard: the penalty uses A capped at {cap:.4g} during this experience "
+                         "(the stored state is unchanged)." if self.stability_guard else
+                         " (stability_guard=True would cap A for the experience instead.)")
                 warnings.warn(
                     f"ParameterChangePlugin: the penalty alone makes SGD diverge: lr * 2 * factor * max(A) = "
                     f"{lr:g} * 2 * {self.factor:g} * {max_a:.4g} = {lr * 2 * self.factor * max_a:.4g} > "
                     f"2 * (1 + momentum) = {limit:g}, so the parameters with the largest importance "
                     f"({self.importance_name!r}) oscillate with growing amplitude and the loss goes to inf/NaN. "
-                    f"Use factor < {safe:.4g} (or a smaller lr).",
+                    f"Use factor < {safe:.4g} (or a smaller lr).{guard}",
                     RuntimeWarning,
                 )
-                return
+        if caps and self.stability_guard:
+            capped = self._state._copy()
+            capped.importances = {n: (A.clamp(max=caps[n]) if n in caps else A) for n, A in imps.items()}
+            self._penalty_state = capped
 
     def _tracked_params(self, strategy) -> Dict[str, Tensor]:
         # Selection is resolved once per experience (patterns are not matched every step);
@@ -469,6 +492,7 @@ class ParameterChangePlugin(SupervisedPlugin):
             raise
         elapsed = time.perf_counter() - start
         self._state = new_state
+        self._penalty_state = None
         self._publish_importance_stats(strategy, importances, elapsed, exp_id)
 
     # ------------------------------------------------------------------ helpers

@@ -38,6 +38,13 @@ from .plugin import ParameterChangePlugin
 __all__ = ["EWC", "SynapticIntelligence", "MAS", "RWalk", "L2"]
 
 
+def _plugin(*args, **kwargs) -> ParameterChangePlugin:
+    """Our plugin with the SGD stability guard on: where Avalanche's run would diverge to NaN,
+    the penalty's importances are capped for the experience (with a warning); elsewhere the
+    guard does not bind and the numbers are Avalanche's."""
+    return ParameterChangePlugin(*args, stability_guard=True, **kwargs)
+
+
 def _with(plugins, plugin):
     """Avalanche appends its plugin to the caller's list (in place); so do we."""
     if plugins is None:
@@ -103,7 +110,7 @@ class EWC(_PCRegStrategy):
         if not isinstance(keep_importance_data, bool):
             raise TypeError(f"keep_importance_data must be a bool, got {type(keep_importance_data).__name__}")
         self.keep_importance_data = keep_importance_data
-        plugin = ParameterChangePlugin(ewc_lambda, importance, mode, decay_factor,
+        plugin = _plugin(ewc_lambda, importance, mode, decay_factor,
                                        importance_scale=importance_scale)
         super().__init__(model=model, optimizer=optimizer, criterion=criterion, train_mb_size=train_mb_size,
                          train_epochs=train_epochs, eval_mb_size=eval_mb_size, device=device,
@@ -186,10 +193,10 @@ class SynapticIntelligence(_PCRegStrategy):
         check_nonneg_finite("eps", eps)
         select = _NotIn(_norm_parameter_names(model))
         if importance == "avalanche_si":
-            plugin = ParameterChangePlugin(factors[0], "avalanche_si", "online", decay=0.0, parameters=select,
+            plugin = _plugin(factors[0], "avalanche_si", "online", decay=0.0, parameters=select,
                                            estimator_options={"eps": eps})
         elif importance == "si":
-            plugin = ParameterChangePlugin(factors[0], "si", "online", decay=1.0, parameters=select)
+            plugin = _plugin(factors[0], "si", "online", decay=1.0, parameters=select)
         else:
             raise ValueError(f"importance must be 'avalanche_si' or 'si' for SynapticIntelligence, got {importance!r}")
         extra = [plugin] if len(factors) == 1 else [_LambdaSchedule(plugin, factors), plugin]
@@ -239,7 +246,7 @@ class MAS(_PCRegStrategy):
         if alpha > 1:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         self.verbose = verbose
-        plugin = ParameterChangePlugin(lambda_reg, importance, "online", decay=alpha, running_average=True,
+        plugin = _plugin(lambda_reg, importance, "online", decay=alpha, running_average=True,
                                        importance_scale=importance_scale)
         super().__init__(model=model, optimizer=optimizer, criterion=criterion, train_mb_size=train_mb_size,
                          train_epochs=train_epochs, eval_mb_size=eval_mb_size, device=device,
@@ -284,9 +291,9 @@ class RWalk(_PCRegStrategy):
     ):
         opts = {"ewc_alpha": ewc_alpha, "delta_t": delta_t}
         if importance == "rwalk":
-            plugin = ParameterChangePlugin(ewc_lambda, "rwalk", "online", decay=0.0, estimator_options=opts)
+            plugin = _plugin(ewc_lambda, "rwalk", "online", decay=0.0, estimator_options=opts)
         elif importance == "rwalk_fisher":
-            plugin = ParameterChangePlugin(ewc_lambda, "rwalk_fisher", "separate", estimator_options=opts)
+            plugin = _plugin(ewc_lambda, "rwalk_fisher", "separate", estimator_options=opts)
         else:
             raise ValueError(f"importance must be 'rwalk' or 'rwalk_fisher' for RWalk, got {importance!r}")
         super().__init__(model=model, optimizer=optimizer, criterion=criterion, train_mb_size=train_mb_size,
@@ -324,7 +331,7 @@ class L2(_PCRegStrategy):
         importance: Union[str, Callable] = "uniform",
         **base_kwargs,
     ):
-        plugin = ParameterChangePlugin(l2_lambda, importance, mode, decay_factor)
+        plugin = _plugin(l2_lambda, importance, mode, decay_factor)
         super().__init__(model=model, optimizer=optimizer, criterion=criterion, train_mb_size=train_mb_size,
                          train_epochs=train_epochs, eval_mb_size=eval_mb_size, device=device,
                          plugins=_with(plugins, plugin), evaluator=evaluator, eval_every=eval_every, **base_kwargs)

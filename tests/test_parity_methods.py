@@ -103,3 +103,96 @@ def test_parity_rwalk(delta_t):
     )
     print(f"rwalk delta_t={delta_t}: max rel loss diff {rel:.2e}, max rel param diff {prel:.2e}")
     assert rel <= 1e-5 and prel <= 1e-5
+
+
+# ----------------------------------------------------------------------------- upstream defects
+# The set-up where Avalanche 0.6's SI and MAS fail: a 12-32-6 MLP, SGD with momentum 0.9,
+# 3 class-incremental experiences.
+
+def _small():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 6))
+
+
+def _strategy_run(cls, epochs=5, **kw):
+    from torch import nn
+    from helpers import LossRecorder
+    torch.manual_seed(0)
+    model = _small()
+    rec = LossRecorder()
+    strategy = cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                   criterion=nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=epochs, eval_mb_size=64,
+                   plugins=[rec], evaluator=None, **kw)
+    for exp in tiny_nc(3).train_stream:
+        strategy.train(exp)
+    return model, rec
+
+
+def test_avalanche_si_no_op_and_ours_regularizes_on_small_mlp():
+    import avalanche.training as avl
+    from avalanche.training.supervised import Naive
+    from avalanche_pcreg import training as ours
+    naive, _ = _strategy_run(Naive)
+    for lam in (1.0, 1000.0):
+        theirs, _ = _strategy_run(avl.SynapticIntelligence, si_lambda=lam)
+        assert all(torch.equal(a, b) for a, b in zip(theirs.parameters(), naive.parameters()))
+    mine, rec = _strategy_run(ours.SynapticIntelligence, si_lambda=1000.0)
+    assert all(math.isfinite(v) for v in rec.losses)
+    assert max((a - b).abs().max().item() for a, b in zip(mine.parameters(), naive.parameters())) > 1e-2
+
+
+def test_avalanche_mas_diverges_and_ours_does_not():
+    import avalanche.training as avl
+    from avalanche_pcreg import training as ours
+    _, rec_a = _strategy_run(avl.MAS, lambda_reg=0.5)
+    assert not all(math.isfinite(v) for v in rec_a.losses)  # Avalanche: inf, then NaN
+    with pytest.warns(RuntimeWarning, match=r"penalty alone makes SGD diverge.*capped"):
+        _, rec_o = _strategy_run(ours.MAS, lambda_reg=0.5)
+    assert all(math.isfinite(v) for v in rec_o.losses)
+    # identical to Avalanche as long as the guard does not bind: all of experience 0
+    first = [i for i, e in enumerate(rec_o.exp_of_loss) if e == 0]
+    assert [rec_o.losses[i] for i in first] == [rec_a.losses[i] for i in first]
+    # and the penalty did act on later experiences
+    from avalanche.training.supervised import Naive
+    _, rec_n = _strategy_run(Naive)
+    later = [i for i, e in enumerate(rec_o.exp_of_loss) if e > 0]
+    assert max(abs(rec_o.losses[i] - rec_n.losses[i]) for i in later) > 1e-2
+
+
+def test_stability_warning_without_guard_names_the_numbers():
+    from avalanche_pcreg import ParameterChangePlugin
+    m = _small()
+    # without the guard the run diverges as Avalanche's does, but the next merge refuses the
+    # inf/NaN importances instead of training on (as Avalanche does)
+    with pytest.warns(RuntimeWarning, match=r"lr \* 2 \* factor \* max\(A\).*Use factor <"), \
+            pytest.raises(ValueError, match="NaN/inf"):
+        run_naive(tiny_nc(3), m, [ParameterChangePlugin(0.5, "avalanche_mas", "online", decay=0.5,
+                                                         running_average=True)],
+                  momentum=0.9, epochs=5, lr=0.05)
+
+
+def test_rwalk_keeps_train_mode():
+    """Upstream defect: RWalkPlugin's extra backward (before every iteration) calls model.eval()
+    and never restores it, so every training forward runs in eval mode (dropout off, batch-norm
+    statistics frozen). Ours restores each module's flag."""
+    from torch import nn
+    from avalanche.core import SupervisedPlugin
+
+    class Modes(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.flags = []
+
+        def before_forward(self, strategy, **kw):
+            self.flags.append(strategy.model.training)
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 6))
+
+    bench = tiny_nc(2)
+    theirs, ours = Modes(), Modes()
+    run_naive(bench, model(), [RWalkPlugin(), theirs])
+    run_naive(bench, model(), [ParameterChangePlugin(0.1, "rwalk", "online", decay=0.0), ours])
+    assert theirs.flags and not any(theirs.flags)  # every training forward ran in eval mode
+    assert ours.flags and all(ours.flags)
