@@ -16,7 +16,9 @@ Everything is keyed by parameter name and read from ``strategy.model`` every tim
 
 from __future__ import annotations
 
+import cmath
 import fnmatch
+import math
 import time
 import warnings
 import weakref
@@ -92,11 +94,12 @@ class ParameterChangePlugin(SupervisedPlugin):
         a="minibatch_fisher", b="empirical_fisher")`` with Avalanche's ``ewc_lambda`` as ``factor``.
     :param running_average: online mode only: ``A <- decay * A + (1 - decay) * F_new`` after the
         first consolidation (``A = F`` at the first), Avalanche ``MASPlugin``'s ``alpha`` average.
-    :param stability_guard: when the penalty alone would make (heavy-ball) SGD diverge
-        (``lr * 2 * factor * A > 2 * (1 + momentum)``, checked once per experience), apply the
-        penalty with ``A`` capped at ``(1 + momentum) / (lr * 2 * factor)`` (half that limit) for
-        the experience, with a warning; the stored state is unchanged. False (default): warn only.
-        Where SGD is stable the cap does not bind and nothing changes.
+    :param stability_guard: when the penalty alone would make (heavy-ball) SGD blow up over the
+        experience (``lr * 2 * factor * A > 2 * (1 + momentum)`` and a deviation amplified more
+        than 1e6x over its iterations; checked once per experience), apply the penalty with ``A``
+        capped at ``(1 + momentum) / (lr * 2 * factor)`` (half that limit) for the experience,
+        with a warning; the stored state is unchanged. False (default): warn only. Where SGD is
+        stable the cap does not bind and nothing changes.
     :param warn_ratio: warn when, on the first iteration of an experience where the penalty is
         non-zero, it exceeds the task loss by this factor (None: never).
     :param seed: seeds the importance subset and ``fisher``'s sampled labels.
@@ -370,40 +373,58 @@ class ParameterChangePlugin(SupervisedPlugin):
             )
 
     def _check_stability(self, strategy) -> None:
-        """Warn when the penalty alone makes (heavy-ball) SGD diverge: its curvature
-        ``2 * factor * A`` times ``lr`` exceeds ``2 * (1 + momentum)`` (one host sync per experience)."""
+        """Warn when the penalty alone makes (heavy-ball) SGD unstable: its curvature
+        ``2 * factor * A`` times ``lr`` exceeds ``2 * (1 + momentum)`` (one host sync per experience).
+
+        Along the parameter with the largest ``A`` the update then multiplies a deviation from the
+        anchor by ``rho > 1`` every step (rho: the largest root of ``z**2 - (1 + momentum - a) z +
+        momentum``, ``a = lr * 2 * factor * A``); over the experience's ``N`` iterations, by
+        ``rho**N``. With ``stability_guard``, when ``rho**N > 1e6`` (the run would blow up, as
+        Avalanche's MAS does on a small MLP), the penalty uses ``A`` capped at ``(1 + momentum) /
+        (lr * 2 * factor)`` for this experience.
+        """
         self._penalty_state = None
         opt = getattr(strategy, "optimizer", None)
         if self._state.empty or not isinstance(opt, torch.optim.SGD) or self.factor == 0:
             return
         imps = self._state.importances
         by_id = {id(p): n for n, p in _unwrap(strategy.model).named_parameters()}
+        try:
+            steps = len(strategy.dataloader) * int(strategy.train_epochs)
+        except (TypeError, AttributeError):
+            steps = None
         caps = {}
         for group in opt.param_groups:
             lr, beta = float(group.get("lr", 0.0)), float(group.get("momentum", 0.0))
             if group.get("dampening", 0.0) or group.get("nesterov", False) or lr <= 0:
                 continue
-            names = [by_id[id(p)] for p in group["params"] if id(p) in by_id and by_id[id(p)] in imps]
+            names = [by_id[id(p)] for p in group["params"]
+                     if id(p) in by_id and by_id[id(p)] in imps and imps[by_id[id(p)]].numel()]
             if not names:
                 continue
-            max_a = float(torch.stack([imps[n].max().float() for n in names if imps[n].numel()]).max())
-            limit = 2.0 * (1.0 + beta)
-            if lr * 2.0 * self.factor * max_a > limit:
-                safe = limit / (lr * 2.0 * max_a)
-                cap = (1.0 + beta) / (lr * 2.0 * self.factor)
+            max_a = float(torch.stack([imps[n].max().float() for n in names]).max())
+            a, limit = lr * 2.0 * self.factor * max_a, 2.0 * (1.0 + beta)
+            if a <= limit:
+                continue
+            b = 1.0 + beta - a
+            rho = max(abs(z) for z in ((b + cmath.sqrt(b * b - 4 * beta)) / 2, (b - cmath.sqrt(b * b - 4 * beta)) / 2))
+            growth = math.inf if steps is None else math.exp(min(steps * math.log(rho), 700.0))
+            cap = (1.0 + beta) / (lr * 2.0 * self.factor)
+            bind = self.stability_guard and growth > 1e6
+            if bind:
                 caps.update({n: cap for n in names})
-                guard = (f" stability_guard: the penalty uses A capped at {cap:.4g} during this experience "
-                         "(the stored state is unchanged)." if self.stability_guard else
-                         " (stability_guard=True would cap A for the experience instead.)")
-                warnings.warn(
-                    f"ParameterChangePlugin: the penalty alone makes SGD diverge: lr * 2 * factor * max(A) = "
-                    f"{lr:g} * 2 * {self.factor:g} * {max_a:.4g} = {lr * 2 * self.factor * max_a:.4g} > "
-                    f"2 * (1 + momentum) = {limit:g}, so the parameters with the largest importance "
-                    f"({self.importance_name!r}) oscillate with growing amplitude and the loss goes to inf/NaN. "
-                    f"Use factor < {safe:.4g} (or a smaller lr).{guard}",
-                    RuntimeWarning,
-                )
-        if caps and self.stability_guard:
+            guard = (f" stability_guard: the penalty uses A capped at {cap:.4g} during this experience (the stored "
+                     "state is unchanged)." if bind else "")
+            warnings.warn(
+                f"ParameterChangePlugin: the penalty alone makes SGD unstable: lr * 2 * factor * max(A) = "
+                f"{lr:g} * 2 * {self.factor:g} * {max_a:.4g} = {a:.4g} > 2 * (1 + momentum) = {limit:g}: the "
+                f"parameters with the largest importance ({self.importance_name!r}) oscillate, their distance to "
+                f"the anchor growing {rho:.3g}x per step ({growth:.3g}x over the experience's "
+                f"{steps if steps is not None else 'unknown number of'} iterations) and the loss can go to "
+                f"inf/NaN. Use factor < {limit / (lr * 2.0 * max_a):.4g} (or a smaller lr).{guard}",
+                RuntimeWarning,
+            )
+        if caps:
             capped = self._state._copy()
             capped.importances = {n: (A.clamp(max=caps[n]) if n in caps else A) for n, A in imps.items()}
             self._penalty_state = capped
