@@ -356,3 +356,38 @@ def compute_importance(
                 f"which has shape {tuple(params[n].shape)}"
             )
     return result
+
+
+def importance_ratio(
+    model: nn.Module,
+    data: Union[Dataset, DataLoader],
+    a: Union[str, Callable] = "minibatch_fisher",
+    b: Union[str, Callable] = "empirical_fisher",
+    *,
+    batch_size: int = 64,
+    criterion: Optional[Callable] = None,
+    num_samples: Optional[int] = None,
+    names: Optional[Sequence[str]] = None,
+    device=None,
+    seed: int = 0,
+) -> float:
+    """``sum(importance a) / sum(importance b)`` over every regularized entry of ``model`` on ``data``.
+
+    Carries a lambda tuned for estimator ``a`` to estimator ``b``: the penalty
+    ``lambda * sum_i w_i (theta_i - theta*_i)**2`` has about the same size with
+    ``ParameterChangePlugin(lambda, b, importance_scale=r)`` as with ``(lambda, a)``, where ``r``
+    is this ratio. Call it on the model trained on the first experience, with that experience's
+    data, and ``batch_size`` equal to the training minibatch size when ``a`` is
+    ``"minibatch_fisher"`` (Avalanche's EWC uses ``train_mb_size``; the ratio is about
+    ``1 / batch_size``). The global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        ia = compute_importance(model, data, a, criterion=criterion, batch_size=batch_size, num_samples=num_samples,
+                                names=names, device=device, seed=seed)
+        ib = compute_importance(model, data, b, criterion=criterion, batch_size=batch_size, num_samples=num_samples,
+                                names=names, device=device, seed=seed)
+    sa = sum(float(t.double().sum()) for t in ia.values())
+    sb = sum(float(t.double().sum()) for t in ib.values())
+    if sb == 0:
+        raise ValueError(f"importance {b!r} is 0 everywhere on this data: no ratio to {a!r}")
+    return sa / sb
