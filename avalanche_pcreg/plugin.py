@@ -16,9 +16,7 @@ Everything is keyed by parameter name and read from ``strategy.model`` every tim
 
 from __future__ import annotations
 
-import cmath
 import fnmatch
-import math
 import time
 import warnings
 import weakref
@@ -32,6 +30,7 @@ from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.utils import _at_task_boundary
 
 from ._checks import check_choice, check_nonneg_finite, check_positive_int
+from ._guards import capped, penalty_ratio_message, sgd_instability
 from .importance import ESTIMATORS, TrajectoryEstimator, compute_importance, resolve_estimator
 from .importance._common import eval_mode, model_forward
 from .importance._persample import DEFAULT_CHUNK
@@ -69,9 +68,15 @@ class ParameterChangePlugin(SupervisedPlugin):
     """Parameter-change regularization ``factor * sum_i w_i (theta_i - theta*_i)**2``.
 
     :param factor: lambda/2 of the EWC paper; equals Avalanche's ``ewc_lambda``. Finite, >= 0.
-    :param importance: an estimator name (``uniform``, ``empirical_fisher``, ``fisher``,
-        ``expected_fisher``, ``minibatch_fisher``, ``mas``, ``si``) or a callable
-        ``(model, data, **kw) -> {name: Tensor}``.
+    :param importance: a registered estimator name (data passes: ``uniform``,
+        ``empirical_fisher``, ``fisher``, ``expected_fisher``, ``minibatch_fisher``, ``mas``,
+        ``avalanche_mas``; trajectory estimators: ``si``, ``avalanche_si``, ``rwalk``,
+        ``rwalk_fisher``), a callable ``(model, data, **kw) -> {name: Tensor}``, or a
+        :class:`~avalanche_pcreg.importance.TrajectoryEstimator` object. Avalanche parity:
+        ``minibatch_fisher`` (EWCPlugin), ``avalanche_si`` (SynapticIntelligencePlugin, with
+        ``mode="online", decay=0`` and ``factor=si_lambda/2``), ``avalanche_mas`` (MASPlugin,
+        with ``mode="online", decay=alpha, running_average=True``), ``rwalk`` (RWalkPlugin, with
+        ``mode="online", decay=0``); see docs/migration.md and :mod:`avalanche_pcreg.training`.
     :param mode: ``"separate"`` (one quadratic per past experience, stored consolidated) or
         ``"online"`` (F <- decay * F + F_new, theta* <- theta_now).
     :param decay: online mode's decay (default 1.0); an error with ``mode="separate"``.
@@ -359,75 +364,32 @@ class ParameterChangePlugin(SupervisedPlugin):
         if p == 0.0:
             return  # at the anchor: look again on the next iteration
         self._ratio_checked = True
-        ratio = p / abs(loss) if loss != 0 else float("inf")
-        if ratio > self.warn_ratio:
-            exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
-            warnings.warn(
-                f"ParameterChangePlugin: at the first iteration of experience {exp_id} the penalty ({p:.4g}) is "
-                f"{ratio:.3g}x the task loss ({loss:.4g}), above warn_ratio={self.warn_ratio:g}, with factor="
-                f"{self.factor:g} and importance={self.importance_name!r} (importance_scale={self.importance_scale:g}). "
-                "A lambda tuned for Avalanche's minibatch Fisher is about batch-size times too strong for the "
-                "per-sample estimators: scale it with importance_ratio(model, data, a='minibatch_fisher', "
-                f"b={self.importance_name!r}) (as importance_scale, or divide the factor by it)",
-                RuntimeWarning,
-            )
+        exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
+        msg = penalty_ratio_message(p, loss, self.warn_ratio, exp_id=exp_id, factor=self.factor,
+                                    importance=self.importance_name, importance_scale=self.importance_scale)
+        if msg:
+            warnings.warn(msg, RuntimeWarning)
 
     def _check_stability(self, strategy) -> None:
-        """Warn when the penalty alone makes (heavy-ball) SGD unstable: its curvature
-        ``2 * factor * A`` times ``lr`` exceeds ``2 * (1 + momentum)`` (one host sync per experience).
-
-        Along the parameter with the largest ``A`` the update then multiplies a deviation from the
-        anchor by ``rho > 1`` every step (rho: the largest root of ``z**2 - (1 + momentum - a) z +
-        momentum``, ``a = lr * 2 * factor * A``); over the experience's ``N`` iterations, by
-        ``rho**N``. With ``stability_guard``, when ``rho**N > 1e6`` (the run would blow up, as
-        Avalanche's MAS does on a small MLP), the penalty uses ``A`` capped at ``(1 + momentum) /
-        (lr * 2 * factor)`` for this experience.
-        """
+        """Warn when the penalty alone makes plain SGD unstable; with ``stability_guard``, cap
+        ``A`` for the experience where the run would blow up (see :func:`._guards.sgd_instability`)."""
         self._penalty_state = None
-        opt = getattr(strategy, "optimizer", None)
-        if self._state.empty or not isinstance(opt, torch.optim.SGD) or self.factor == 0:
+        if self._state.empty:
             return
-        imps = self._state.importances
-        by_id = {id(p): n for n, p in _unwrap(strategy.model).named_parameters()}
         try:
             steps = len(strategy.dataloader) * int(strategy.train_epochs)
         except (TypeError, AttributeError):
             steps = None
-        caps = {}
-        for group in opt.param_groups:
-            lr, beta = float(group.get("lr", 0.0)), float(group.get("momentum", 0.0))
-            if group.get("dampening", 0.0) or group.get("nesterov", False) or lr <= 0:
-                continue
-            names = [by_id[id(p)] for p in group["params"]
-                     if id(p) in by_id and by_id[id(p)] in imps and imps[by_id[id(p)]].numel()]
-            if not names:
-                continue
-            max_a = float(torch.stack([imps[n].max().float() for n in names]).max())
-            a, limit = lr * 2.0 * self.factor * max_a, 2.0 * (1.0 + beta)
-            if a <= limit:
-                continue
-            b = 1.0 + beta - a
-            rho = max(abs(z) for z in ((b + cmath.sqrt(b * b - 4 * beta)) / 2, (b - cmath.sqrt(b * b - 4 * beta)) / 2))
-            growth = math.inf if steps is None else math.exp(min(steps * math.log(rho), 700.0))
-            cap = (1.0 + beta) / (lr * 2.0 * self.factor)
-            bind = self.stability_guard and growth > 1e6
-            if bind:
-                caps.update({n: cap for n in names})
-            guard = (f" stability_guard: the penalty uses A capped at {cap:.4g} during this experience (the stored "
-                     "state is unchanged)." if bind else "")
-            warnings.warn(
-                f"ParameterChangePlugin: the penalty alone makes SGD unstable: lr * 2 * factor * max(A) = "
-                f"{lr:g} * 2 * {self.factor:g} * {max_a:.4g} = {a:.4g} > 2 * (1 + momentum) = {limit:g}: the "
-                f"parameters with the largest importance ({self.importance_name!r}) oscillate, their distance to "
-                f"the anchor growing {rho:.3g}x per step ({growth:.3g}x over the experience's "
-                f"{steps if steps is not None else 'unknown number of'} iterations) and the loss can go to "
-                f"inf/NaN. Use factor < {limit / (lr * 2.0 * max_a):.4g} (or a smaller lr).{guard}",
-                RuntimeWarning,
-            )
+        names_by_id = {id(p): n for n, p in _unwrap(strategy.model).named_parameters()}
+        messages, caps = sgd_instability(getattr(strategy, "optimizer", None), self._state.importances, names_by_id,
+                                         self.factor, steps, self.importance_name,
+                                         1e6 if self.stability_guard else None)
+        for msg in messages:
+            warnings.warn(msg, RuntimeWarning)
         if caps:
-            capped = self._state._copy()
-            capped.importances = {n: (A.clamp(max=caps[n]) if n in caps else A) for n, A in imps.items()}
-            self._penalty_state = capped
+            state = self._state._copy()
+            state.importances = capped(self._state.importances, caps)
+            self._penalty_state = state
 
     def _tracked_params(self, strategy) -> Dict[str, Tensor]:
         # Selection is resolved once per experience (patterns are not matched every step);
