@@ -3,8 +3,8 @@
 For each demo scenario and model size: train ``make_model`` with Naive on the first experience,
 then report ``importance_ratio(model, exp0, a, b)`` for
 (minibatch_fisher -> empirical_fisher) at the training minibatch size, and
-(avalanche_mas -> mas). Divide an Avalanche lambda by nothing; multiply our importances by
-the ratio (``importance_scale=ratio``), or equivalently use ``lambda * ratio`` as our factor.
+(avalanche_mas -> mas). To keep an Avalanche lambda with our estimator, multiply our
+importances by the ratio (``importance_scale=ratio``), or use ``lambda * ratio`` as the factor.
 
     python benchmarks/bench_lambda_transfer.py
 """

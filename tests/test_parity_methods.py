@@ -196,3 +196,52 @@ def test_rwalk_keeps_train_mode():
     run_naive(bench, model(), [ParameterChangePlugin(0.1, "rwalk", "online", decay=0.0), ours])
     assert theirs.flags and not any(theirs.flags)  # every training forward ran in eval mode
     assert ours.flags and all(ours.flags)
+
+
+@pytest.mark.parametrize("importance,opts", [("rwalk", {"delta_t": 3}), ("avalanche_si", None), ("si", None)])
+def test_trajectory_state_survives_a_checkpoint(importance, opts):
+    """Resume from plugin.state_dict() between experiences (fresh plugin, fresh strategy, model
+    weights copied): the run continues exactly as the uninterrupted one (the path statistics that
+    outlive an experience, e.g. RWalk's EWC++ Fisher and step counter, are in the checkpoint)."""
+    import copy
+    import pickle
+
+    def plugin():
+        return ParameterChangePlugin(5.0, importance, "online", decay=0.0, estimator_options=opts)
+
+    bench = tiny_nc(3)
+    full = mlp()
+    p_full = plugin()
+    s_full, _ = run_naive(bench, full, [p_full])
+
+    first = mlp()
+    p1 = plugin()
+    from helpers import LossRecorder
+    from avalanche.training.supervised import Naive
+    from torch import nn
+
+    def strategy(model, p):
+        return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2, eval_mb_size=64,
+                     plugins=[p], evaluator=None)
+
+    torch.manual_seed(0)
+    s1 = strategy(first, p1)
+    for exp in bench.train_stream[:2]:
+        s1.train(exp)
+    sd = pickle.loads(pickle.dumps(p1.state_dict()))
+    rng = torch.random.get_rng_state()
+    second = copy.deepcopy(first)
+    p2 = plugin()
+    p2.load_state_dict(sd)
+    s2 = strategy(second, p2)
+    s2.clock.train_iterations = s1.clock.train_iterations
+    s2.clock.train_exp_counter = s1.clock.train_exp_counter
+    torch.random.set_rng_state(rng)
+    s2.train(bench.train_stream[2])
+    for a, b in zip(full.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+    # the importances merged at the end, which depend on the path statistics carried over
+    assert p_full.importances.keys() == p2.importances.keys()
+    for n, a in p_full.importances.items():
+        assert torch.equal(a, p2.importances[n]), n
