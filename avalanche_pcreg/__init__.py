@@ -20,6 +20,7 @@ _EXPORTS = {
     "ParameterChangePlugin": ".plugin",
     "compute_importance": ".importance",
     "register_importance": ".importance",
+    "importance_ratio": ".importance",
     "IMPORTANCE_ESTIMATORS": ".importance",
     "ConsolidatedState": ".state",
     "quadratic_penalty": ".penalty",
@@ -42,7 +43,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .importance import IMPORTANCE_ESTIMATORS, compute_importance, register_importance
+    from .importance import IMPORTANCE_ESTIMATORS, compute_importance, importance_ratio, register_importance
     from .penalty import quadratic_penalty
     from .plugin import ParameterChangePlugin
     from .regularizer import ParameterChangeReg

@@ -4,8 +4,9 @@ Where it lives in Avalanche's loop (0.6):
 
 * ``before_training_exp``: the model has adapted (heads have grown); the state is aligned to
   the current parameters (grown entries padded and free), and SI starts its path integral.
+* ``before_training_iteration``, ``after_backward``, ``before_update``, ``after_update``: forwarded
+  to a trajectory estimator (``si``, ``avalanche_si``, ``rwalk``, ...; see ``importance.trajectory``).
 * ``before_backward``: ``strategy.loss += penalty``.
-* ``before_update`` / ``after_update``: SI's path integral (only with ``importance="si"``).
 * ``after_training_epoch``: the epoch's mean penalty is published.
 * ``after_training_exp``: at a real task boundary, importances are estimated, merged with the
   current parameters as anchors, and swapped in only once everything succeeded.
@@ -29,7 +30,9 @@ from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.utils import _at_task_boundary
 
 from ._checks import check_choice, check_nonneg_finite, check_positive_int
-from .importance import SITracker, compute_importance, resolve_method
+from ._guards import capped, penalty_ratio_message, sgd_instability
+from .importance import ESTIMATORS, TrajectoryEstimator, compute_importance, resolve_estimator
+from .importance._common import eval_mode, model_forward
 from .importance._persample import DEFAULT_CHUNK
 from .penalty import Workspace
 from .state import ConsolidatedState
@@ -65,9 +68,15 @@ class ParameterChangePlugin(SupervisedPlugin):
     """Parameter-change regularization ``factor * sum_i w_i (theta_i - theta*_i)**2``.
 
     :param factor: lambda/2 of the EWC paper; equals Avalanche's ``ewc_lambda``. Finite, >= 0.
-    :param importance: an estimator name (``uniform``, ``empirical_fisher``, ``fisher``,
-        ``expected_fisher``, ``minibatch_fisher``, ``mas``, ``si``) or a callable
-        ``(model, data, **kw) -> {name: Tensor}``.
+    :param importance: a registered estimator name (data passes: ``uniform``,
+        ``empirical_fisher``, ``fisher``, ``expected_fisher``, ``minibatch_fisher``, ``mas``,
+        ``avalanche_mas``; trajectory estimators: ``si``, ``avalanche_si``, ``rwalk``,
+        ``rwalk_fisher``), a callable ``(model, data, **kw) -> {name: Tensor}``, or a
+        :class:`~avalanche_pcreg.importance.TrajectoryEstimator` object. Avalanche parity:
+        ``minibatch_fisher`` (EWCPlugin), ``avalanche_si`` (SynapticIntelligencePlugin, with
+        ``mode="online", decay=0`` and ``factor=si_lambda/2``), ``avalanche_mas`` (MASPlugin,
+        with ``mode="online", decay=alpha, running_average=True``), ``rwalk`` (RWalkPlugin, with
+        ``mode="online", decay=0``); see docs/migration.md and :mod:`avalanche_pcreg.training`.
     :param mode: ``"separate"`` (one quadratic per past experience, stored consolidated) or
         ``"online"`` (F <- decay * F + F_new, theta* <- theta_now).
     :param decay: online mode's decay (default 1.0); an error with ``mode="separate"``.
@@ -82,6 +91,22 @@ class ParameterChangePlugin(SupervisedPlugin):
     :param importance_data: ``"experience"`` (the experience's dataset) or ``"adapted"`` (what
         the strategy trained on, replay buffer included); both with eval transforms.
     :param xi: SI's damping term in ``omega / (delta**2 + xi)``.
+    :param estimator_options: keyword arguments for a trajectory estimator given by name (e.g.
+        ``{"ewc_alpha": 0.9, "delta_t": 10}`` for ``rwalk``, ``{"eps": 1e-7}`` for ``avalanche_si``).
+        ``importance`` may also be a :class:`~avalanche_pcreg.importance.TrajectoryEstimator` object.
+    :param importance_scale: multiplies every importance before it is merged (> 0). Carries a
+        lambda tuned for one estimator to another: ``importance_scale=importance_ratio(model, data,
+        a="minibatch_fisher", b="empirical_fisher")`` with Avalanche's ``ewc_lambda`` as ``factor``.
+    :param running_average: online mode only: ``A <- decay * A + (1 - decay) * F_new`` after the
+        first consolidation (``A = F`` at the first), Avalanche ``MASPlugin``'s ``alpha`` average.
+    :param stability_guard: when the penalty alone would make (heavy-ball) SGD blow up over the
+        experience (``lr * 2 * factor * A > 2 * (1 + momentum)`` and a deviation amplified more
+        than 1e6x over its iterations; checked once per experience), apply the penalty with ``A``
+        capped at ``(1 + momentum) / (lr * 2 * factor)`` (half that limit) for the experience,
+        with a warning; the stored state is unchanged. False (default): warn only. Where SGD is
+        stable the cap does not bind and nothing changes.
+    :param warn_ratio: warn when, on the first iteration of an experience where the penalty is
+        non-zero, it exceeds the task loss by this factor (None: never).
     :param seed: seeds the importance subset and ``fisher``'s sampled labels.
     :param impl: penalty kernel, ``"foreach"`` or ``"forloop"``; None picks per device.
 
@@ -107,16 +132,53 @@ class ParameterChangePlugin(SupervisedPlugin):
         seed: int = 0,
         impl: Optional[str] = None,
         chunk_size: int = DEFAULT_CHUNK,
+        estimator_options: Optional[dict] = None,
+        importance_scale: float = 1.0,
+        running_average: bool = False,
+        stability_guard: bool = False,
+        warn_ratio: Optional[float] = 1e4,
     ):
         super().__init__()
         self.factor = check_nonneg_finite("factor", factor)
         # The state checks mode and decay, and resolves online mode's default decay (1.0).
         self._state = ConsolidatedState(mode, decay)
-        if importance == "si":
-            self.importance_name, self._estimator = "si", None
-        else:
-            self.importance_name, self._estimator = resolve_method(importance)
+        self._record = resolve_estimator(importance)
+        self.importance_name, self._estimator = self._record.name, self._record.fn
+        if estimator_options is not None and not isinstance(estimator_options, dict):
+            raise TypeError(f"estimator_options must be a dict, got {type(estimator_options).__name__}")
+        if estimator_options and not (self._record.trajectory and isinstance(importance, str)):
+            raise ValueError(
+                f"estimator_options are for trajectory estimators given by name; importance {self.importance_name!r} "
+                "takes none"
+            )
+        self._tracker: Optional[TrajectoryEstimator] = None
+        self._data_record = None
+        if self._record.trajectory:
+            opts = dict(estimator_options or {})
+            if self._record.name == "si" and isinstance(importance, str):
+                opts.setdefault("xi", xi)
+            try:
+                self._tracker = self._record.tracker(**opts)
+            except TypeError as err:
+                raise TypeError(f"estimator_options {opts} do not fit importance {self.importance_name!r}: {err}") from None
+            if self._tracker.data_estimator is not None:
+                self._data_record = resolve_estimator(self._tracker.data_estimator)
+                if self._data_record.trajectory:
+                    raise ValueError(f"data_estimator {self._tracker.data_estimator!r} must be a data-pass estimator")
         self.mode, self.decay = self._state.mode, self._state.decay
+        self.importance_scale = check_nonneg_finite("importance_scale", importance_scale)
+        if self.importance_scale == 0:
+            raise ValueError("importance_scale must be > 0, got 0")
+        if not isinstance(running_average, bool):
+            raise TypeError(f"running_average must be a bool, got {type(running_average).__name__}")
+        if running_average and self.mode != "online":
+            raise ValueError("running_average=True needs mode='online' (it averages A with weight decay)")
+        self.running_average = running_average
+        if not isinstance(stability_guard, bool):
+            raise TypeError(f"stability_guard must be a bool, got {type(stability_guard).__name__}")
+        self.stability_guard = stability_guard
+        self._penalty_state: Optional[ConsolidatedState] = None  # capped by the stability guard
+        self.warn_ratio = None if warn_ratio is None else check_nonneg_finite("warn_ratio", warn_ratio)
         self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
         self.num_samples = check_positive_int("num_samples", num_samples, allow_none=True)
         self.criterion = criterion
@@ -129,8 +191,8 @@ class ParameterChangePlugin(SupervisedPlugin):
             check_choice("impl", impl, ("foreach", "forloop"))
         self.seed, self.impl = int(seed), impl
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
-        self._si = SITracker(xi) if self.importance_name == "si" else None
         self.xi = xi
+        self._ratio_checked = True  # the penalty/loss check runs once per experience
 
         self._workspace = Workspace()  # per-step scratch of the CPU kernel (not part of the state)
         self._owner = None  # weakref to the strategy this instance is bound to
@@ -195,8 +257,11 @@ class ParameterChangePlugin(SupervisedPlugin):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        return {"version": PLUGIN_VERSION, "importance": self.importance_name, "factor": self.factor,
-                "state": self._state.state_dict(), "history": list(self.history)}
+        sd = {"version": PLUGIN_VERSION, "importance": self.importance_name, "factor": self.factor,
+              "state": self._state.state_dict(), "history": list(self.history)}
+        if self._tracker is not None:
+            sd["tracker"] = self._tracker.state_dict()
+        return sd
 
     def load_state_dict(self, sd: dict, map_location=None) -> None:
         if not isinstance(sd, dict):
@@ -213,7 +278,10 @@ class ParameterChangePlugin(SupervisedPlugin):
                 f"mode={self.mode!r}, decay={self.decay!r}"
             )
         self._state = state
+        self._penalty_state = None
         self.history = list(sd.get("history", []))
+        if self._tracker is not None and "tracker" in sd:
+            self._tracker.load_state_dict(sd["tracker"])
 
     def __getstate__(self):
         d = self.__dict__.copy()
@@ -246,8 +314,10 @@ class ParameterChangePlugin(SupervisedPlugin):
         params = self.selected_parameters(strategy.model)
         self._selected_names = tuple(params)
         self._state = self._state.aligned(params)
-        if self._si is not None and _at_task_boundary(strategy.experience, before=True):
-            self._si.begin(params)
+        if self._tracker is not None and _at_task_boundary(strategy.experience, before=True):
+            self._tracker.begin(params)
+        self._ratio_checked = self.warn_ratio is None
+        self._check_stability(strategy)
 
     def before_training_epoch(self, strategy, *args, **kwargs):
         self._reset_counters()
@@ -255,6 +325,20 @@ class ParameterChangePlugin(SupervisedPlugin):
     def before_training_iteration(self, strategy, *args, **kwargs):
         self._iterations += 1
         self._workspace.release()  # the previous iteration's graph is done
+        if self._tracker is not None and self._tracker.needs_task_gradient:
+            self._task_gradient(strategy)
+
+    def _task_gradient(self, strategy) -> None:
+        """The gradient of the strategy's criterion alone on the current minibatch, in eval mode
+        (as Avalanche's RWalkPlugin computes it), handed to the trajectory estimator."""
+        params = self._tracked_params(strategy)
+        model = _unwrap(strategy.model)
+        names = [n for n, p in params.items() if p.requires_grad]
+        with eval_mode(model), torch.enable_grad():
+            out = model_forward(model, strategy.mb_x, strategy.mb_task_id)
+            loss = strategy._criterion(out, strategy.mb_y)
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        self._tracker.task_gradient(params, dict(zip(names, grads)))
 
     def before_backward(self, strategy, *args, **kwargs):
         self._backwards += 1
@@ -264,25 +348,66 @@ class ParameterChangePlugin(SupervisedPlugin):
         name, A = next(iter(self._state.importances.items()))
         if name in params and params[name].device != A.device:  # the model moved mid-experience
             self._state = self._state.aligned(params)
-        pen = self._state.penalty(params, self.factor, impl=self.impl, workspace=self._workspace)
+            self._check_stability(strategy)
+        state = self._penalty_state if self._penalty_state is not None else self._state
+        pen = state.penalty(params, self.factor, impl=self.impl, workspace=self._workspace)
+        if not self._ratio_checked:
+            self._check_ratio(strategy, pen)
         strategy.loss += pen
         detached = pen.detach()
         self._pen_sum = detached if self._pen_sum is None else self._pen_sum + detached
         self._pen_count += 1
 
-    def _si_params(self, strategy) -> Dict[str, Tensor]:
+    def _check_ratio(self, strategy, pen: Tensor) -> None:
+        """Warn once per experience when the penalty dwarfs the task loss (one host sync)."""
+        p, loss = float(pen.detach()), float(strategy.loss.detach())
+        if p == 0.0:
+            return  # at the anchor: look again on the next iteration
+        self._ratio_checked = True
+        exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
+        msg = penalty_ratio_message(p, loss, self.warn_ratio, exp_id=exp_id, factor=self.factor,
+                                    importance=self.importance_name, importance_scale=self.importance_scale)
+        if msg:
+            warnings.warn(msg, RuntimeWarning)
+
+    def _check_stability(self, strategy) -> None:
+        """Warn when the penalty alone makes plain SGD unstable; with ``stability_guard``, cap
+        ``A`` for the experience where the run would blow up (see :func:`._guards.sgd_instability`)."""
+        self._penalty_state = None
+        if self._state.empty:
+            return
+        try:
+            steps = len(strategy.dataloader) * int(strategy.train_epochs)
+        except (TypeError, AttributeError):
+            steps = None
+        names_by_id = {id(p): n for n, p in _unwrap(strategy.model).named_parameters()}
+        messages, caps = sgd_instability(getattr(strategy, "optimizer", None), self._state.importances, names_by_id,
+                                         self.factor, steps, self.importance_name,
+                                         1e6 if self.stability_guard else None)
+        for msg in messages:
+            warnings.warn(msg, RuntimeWarning)
+        if caps:
+            state = self._state._copy()
+            state.importances = capped(self._state.importances, caps)
+            self._penalty_state = state
+
+    def _tracked_params(self, strategy) -> Dict[str, Tensor]:
         # Selection is resolved once per experience (patterns are not matched every step);
         # the tensors themselves are read from strategy.model every time.
         named = dict(_unwrap(strategy.model).named_parameters())
         return {n: named[n] for n in self._selected_names if n in named}
 
+    def after_backward(self, strategy, *args, **kwargs):
+        if self._tracker is not None:
+            self._tracker.after_backward(self._tracked_params(strategy))
+
     def before_update(self, strategy, *args, **kwargs):
-        if self._si is not None:
-            self._si.before_update(self._si_params(strategy))
+        if self._tracker is not None:
+            self._tracker.before_update(self._tracked_params(strategy))
 
     def after_update(self, strategy, *args, **kwargs):
-        if self._si is not None:
-            self._si.after_update(self._si_params(strategy))
+        if self._tracker is not None:
+            self._tracker.after_update(self._tracked_params(strategy))
 
     def after_training_epoch(self, strategy, *args, **kwargs):
         if self._iterations > 0 and self._backwards == 0:
@@ -312,18 +437,18 @@ class ParameterChangePlugin(SupervisedPlugin):
         params = self.selected_parameters(model)
         exp_id = getattr(experience, "current_experience", strategy.clock.train_exp_counter)
         start = time.perf_counter()
-        if self._si is not None:
-            importances = self._si.importance(params)
-        else:
+        data_record = self._record if self._tracker is None else self._data_record
+        data_importance = None
+        if data_record is not None:
             data = self._importance_dataset(strategy, experience)
             if data is None or len(data) == 0:
                 warnings.warn(
                     f"experience {exp_id} has no samples: importance pass skipped, ParameterChangePlugin state unchanged"
                 )
                 return
-            importances = compute_importance(
-                model, data, self._estimator,
-                criterion=self._criterion_for(strategy),
+            data_importance = compute_importance(
+                model, data, data_record.name if ESTIMATORS.get(data_record.name) is data_record else data_record.fn,
+                criterion=self._criterion_for(strategy, data_record),
                 batch_size=self.batch_size or strategy.train_mb_size,
                 num_samples=self.num_samples,
                 device=strategy.device,
@@ -331,10 +456,26 @@ class ParameterChangePlugin(SupervisedPlugin):
                 seed=self.seed + int(strategy.clock.train_exp_counter),
                 chunk_size=self.chunk_size,
             )
-        # Anything that fails above or here leaves self._state as it was.
-        new_state = self._state.consolidated(importances, params, estimator=self.importance_name)
+        tracker_before = self._tracker.state_dict() if self._tracker is not None else None
+        try:
+            if self._tracker is not None:
+                importances = self._tracker.importance(params, data_importance)
+            else:
+                importances = data_importance
+            scale = self.importance_scale
+            if self.running_average and not self._state.empty:
+                scale *= 1.0 - self.decay
+            if scale != 1.0:
+                importances = {n: v * scale for n, v in importances.items()}
+            # Anything that fails above or here leaves self._state (and the tracker) as it was.
+            new_state = self._state.consolidated(importances, params, estimator=self.importance_name)
+        except BaseException:
+            if tracker_before is not None:
+                self._tracker.load_state_dict(tracker_before)
+            raise
         elapsed = time.perf_counter() - start
         self._state = new_state
+        self._penalty_state = None
         self._publish_importance_stats(strategy, importances, elapsed, exp_id)
 
     # ------------------------------------------------------------------ helpers
@@ -359,10 +500,10 @@ class ParameterChangePlugin(SupervisedPlugin):
             data = data.eval()
         return data
 
-    def _criterion_for(self, strategy):
+    def _criterion_for(self, strategy, record=None):
         if self.criterion is not None:
             return self.criterion
-        if self.importance_name == "minibatch_fisher":
+        if (record or self._record).strategy_criterion:
             return getattr(strategy, "_criterion", None)
         return None
 

@@ -1,4 +1,4 @@
-"""Importance estimators, each a function, chosen by name from a registry.
+"""Importance estimators, chosen by name from a registry of estimator records.
 
 ===================== ==========================================================================
 ``uniform``           ones: plain L2 regularization towards the anchor
@@ -7,16 +7,26 @@
 ``expected_fisher``   exact expectation over classes: mean over samples of sum_c p(c|x) g_c**2
 ``minibatch_fisher``  squared minibatch-mean gradients: what Avalanche 0.6's ``EWCPlugin`` uses
 ``mas``               Aljundi et al. 2018: mean over samples of |d ||f(x)||^2 / d theta|
-``si``                Synaptic Intelligence: path integral during training (plugin only)
+``avalanche_mas``     |minibatch-mean gradient of ||f(x)||^2|: what Avalanche 0.6's ``MASPlugin`` uses
+``si``                Synaptic Intelligence: path integral during training (trajectory, plugin only)
+``avalanche_si``      Avalanche 0.6 ``SynapticIntelligencePlugin``'s path integral (trajectory)
+``rwalk``             Avalanche 0.6 ``RWalkPlugin``: EWC++ Fisher + path score (trajectory)
+``rwalk_fisher``      RWalk's path score + the per-sample empirical Fisher, per experience (trajectory)
 ===================== ==========================================================================
 
-Every estimator is ``fn(model, data, *, names, criterion, device, seed, limit, chunk_size)``
+A data-pass estimator is ``fn(model, data, *, names, criterion, device, seed, limit, chunk_size)``
 returning ``{name: Tensor}``; ``data`` is an iterable of batches ``(x, y[, ..., task_label])``.
+A trajectory estimator is an object with the callbacks of :class:`.trajectory.TrajectoryEstimator`,
+which the plugin forwards during training (see :mod:`.trajectory`).
 Register more with :func:`register_importance`, or pass any callable ``(model, data, **kw)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
@@ -26,17 +36,27 @@ from torch.utils.data import DataLoader, Dataset
 from .._checks import check_importance_tensor, check_positive_int
 from ._common import dist_rank_world, eval_mode, model_device, resolve_names
 from ._persample import DEFAULT_CHUNK
+from .avalanche_mas import avalanche_mas
 from .fisher import empirical_fisher, expected_fisher, fisher
 from .mas import mas
 from .minibatch import minibatch_fisher
-from .si import SITracker
+from .rwalk import RWalkFisherTracker, RWalkTracker
+from .si import AvalancheSITracker, SITracker
+from .trajectory import TrajectoryEstimator
 
 __all__ = [
     "compute_importance",
     "register_importance",
+    "importance_ratio",
+    "Estimator",
+    "ESTIMATORS",
     "IMPORTANCE_ESTIMATORS",
     "TRAJECTORY_ESTIMATORS",
+    "TrajectoryEstimator",
     "SITracker",
+    "AvalancheSITracker",
+    "RWalkTracker",
+    "RWalkFisherTracker",
     "uniform",
 ]
 
@@ -47,49 +67,168 @@ def uniform(model, data, *, names, **_):
     return {n: torch.ones_like(params[n]) for n in names}
 
 
-IMPORTANCE_ESTIMATORS: Dict[str, Callable] = {
-    "uniform": uniform,
-    "empirical_fisher": empirical_fisher,
-    "fisher": fisher,
-    "expected_fisher": expected_fisher,
-    "minibatch_fisher": minibatch_fisher,
-    "mas": mas,
-}
-# Estimators that need the training trajectory, not a pass over data (available in the plugin).
-TRAJECTORY_ESTIMATORS = ("si",)
+@dataclass(frozen=True)
+class Estimator:
+    """What the registry knows about one estimator.
+
+    :param fn: a data-pass estimator ``fn(model, loader, **kw) -> {name: Tensor}``; None for a
+        trajectory estimator.
+    :param tracker: a factory ``(**options) -> TrajectoryEstimator`` for a path-based estimator.
+    :param shardable: under ``torch.distributed``, a Dataset is split by rank and the estimator
+        all-reduces its sums (per-sample estimators).
+    :param uses_uniforms: it receives ``uniforms=`` (one per global sample, drawn up front).
+    :param own_rng: the importance DataLoader gets its own generator (True), or draws its seed from
+        the global RNG as Avalanche's plugins do (False, for exact parity of the next experience).
+    :param eval_mode: run the pass in eval mode (True), or in the mode training left the model in
+        (False: Avalanche's ``MASPlugin`` runs its pass in train mode).
+    :param strategy_criterion: with no ``criterion`` given, the plugin passes the strategy's
+        criterion (Avalanche's ``EWCPlugin`` does); otherwise cross-entropy.
+    """
+
+    name: str
+    fn: Optional[Callable] = None
+    tracker: Optional[Callable[..., TrajectoryEstimator]] = None
+    shardable: bool = False
+    uses_uniforms: bool = False
+    own_rng: bool = True
+    eval_mode: bool = True
+    strategy_criterion: bool = False
+
+    @property
+    def trajectory(self) -> bool:
+        return self.tracker is not None
 
 
-def register_importance(name: str, fn: Optional[Callable] = None):
-    """Register ``fn`` under ``name`` (usable as a decorator)."""
+#: every registered estimator, by name
+ESTIMATORS: Dict[str, Estimator] = {}
+
+
+class _View(MutableMapping):
+    """A live ``name -> fn`` (or ``name -> tracker factory``) view of :data:`ESTIMATORS`."""
+
+    def __init__(self, trajectory: bool):
+        self._trajectory = trajectory
+
+    def _names(self):
+        return [n for n, r in ESTIMATORS.items() if r.trajectory == self._trajectory]
+
+    def __getitem__(self, name):
+        rec = ESTIMATORS.get(name)
+        if rec is None or rec.trajectory != self._trajectory:
+            raise KeyError(name)
+        return rec.tracker if self._trajectory else rec.fn
+
+    def __setitem__(self, name, value):
+        if self._trajectory:
+            register_importance(name, tracker=value)
+        else:
+            register_importance(name, value)
+
+    def __delitem__(self, name):
+        self[name]  # KeyError when absent or of the other kind
+        del ESTIMATORS[name]
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self):
+        return len(self._names())
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._names()})"
+
+
+#: data-pass estimators, ``name -> fn`` (a live view of :data:`ESTIMATORS`)
+IMPORTANCE_ESTIMATORS = _View(trajectory=False)
+#: path-based estimators, ``name -> tracker factory`` (available in the plugin)
+TRAJECTORY_ESTIMATORS = _View(trajectory=True)
+
+
+def register_importance(name: str, fn: Optional[Callable] = None, *, tracker: Optional[Callable] = None,
+                        shardable: Optional[bool] = None, uses_uniforms: Optional[bool] = None,
+                        own_rng: bool = True, eval_mode: bool = True, strategy_criterion: bool = False):
+    """Register a data-pass estimator ``fn`` (usable as a decorator) or a trajectory ``tracker``
+    factory under ``name``, with its record (see :class:`Estimator`).
+
+    ``shardable`` / ``uses_uniforms`` default to the function attributes of the same name, if set.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"importance estimator name must be a non-empty str, got {name!r}")
+    if tracker is not None:
+        if fn is not None:
+            raise TypeError("give either fn (a data pass) or tracker (a trajectory estimator), not both")
+        if not callable(tracker):
+            raise TypeError(f"tracker of estimator {name!r} must be callable (a factory), got {type(tracker).__name__}")
+        if name in ESTIMATORS:
+            raise ValueError(f"importance estimator {name!r} is already registered")
+        ESTIMATORS[name] = Estimator(name, tracker=tracker, own_rng=own_rng, eval_mode=eval_mode)
+        return tracker
 
     def deco(f):
         if not callable(f):
             raise TypeError(f"importance estimator {name!r} must be callable, got {type(f).__name__}")
-        if name in IMPORTANCE_ESTIMATORS or name in TRAJECTORY_ESTIMATORS:
+        if name in ESTIMATORS:
             raise ValueError(f"importance estimator {name!r} is already registered")
-        IMPORTANCE_ESTIMATORS[name] = f
+        ESTIMATORS[name] = Estimator(
+            name, fn=f,
+            shardable=bool(getattr(f, "shardable", False) if shardable is None else shardable),
+            uses_uniforms=bool(getattr(f, "uses_uniforms", False) if uses_uniforms is None else uses_uniforms),
+            own_rng=own_rng, eval_mode=eval_mode, strategy_criterion=strategy_criterion,
+        )
         return f
 
     return deco(fn) if fn is not None else deco
 
 
+register_importance("uniform", uniform)
+register_importance("empirical_fisher", empirical_fisher, shardable=True)
+register_importance("fisher", fisher, shardable=True, uses_uniforms=True)
+register_importance("expected_fisher", expected_fisher, shardable=True)
+# Avalanche's EWCPlugin: its DataLoader draws from the global RNG, with the strategy's criterion.
+register_importance("minibatch_fisher", minibatch_fisher, own_rng=False, strategy_criterion=True)
+register_importance("mas", mas, shardable=True)
+# Avalanche's MASPlugin: global-RNG DataLoader, pass run in train mode.
+register_importance("avalanche_mas", avalanche_mas, own_rng=False, eval_mode=False)
+register_importance("si", tracker=SITracker)
+register_importance("avalanche_si", tracker=AvalancheSITracker)
+register_importance("rwalk", tracker=RWalkTracker)
+register_importance("rwalk_fisher", tracker=RWalkFisherTracker)
+
+
 def valid_methods() -> list:
-    return sorted(IMPORTANCE_ESTIMATORS) + list(TRAJECTORY_ESTIMATORS)
+    return sorted(ESTIMATORS)
+
+
+def _record_for_callable(fn) -> Estimator:
+    name = getattr(fn, "__name__", type(fn).__name__)
+    return Estimator(name, fn=fn, shardable=bool(getattr(fn, "shardable", False)),
+                     uses_uniforms=bool(getattr(fn, "uses_uniforms", False)))
+
+
+def _given(tracker):
+    return tracker
+
+
+def resolve_estimator(method) -> Estimator:
+    """The record of a registered name, a callable, or a trajectory estimator object."""
+    if isinstance(method, TrajectoryEstimator):
+        return Estimator(type(method).__name__, tracker=functools.partial(_given, method))
+    if callable(method) and not isinstance(method, str):
+        return _record_for_callable(method)
+    if isinstance(method, str) and method in ESTIMATORS:
+        return ESTIMATORS[method]
+    raise ValueError(f"unknown importance method {method!r}; valid names: {', '.join(valid_methods())}")
 
 
 def resolve_method(method) -> tuple:
-    """``(name, fn)`` for a registered name or a callable; ValueError listing valid names."""
-    if callable(method):
-        return getattr(method, "__name__", type(method).__name__), method
-    if isinstance(method, str):
-        if method in IMPORTANCE_ESTIMATORS:
-            return method, IMPORTANCE_ESTIMATORS[method]
-        if method in TRAJECTORY_ESTIMATORS:
-            raise ValueError(
-                f"importance {method!r} is path-based: it accumulates during training, so it is "
-                "available through ParameterChangePlugin(importance='si'), not compute_importance"
-            )
-    raise ValueError(f"unknown importance method {method!r}; valid names: {', '.join(valid_methods())}")
+    """``(name, fn)`` for a data-pass estimator; ValueError for unknown or path-based names."""
+    rec = resolve_estimator(method)
+    if rec.trajectory:
+        raise ValueError(
+            f"importance {rec.name!r} is path-based: it accumulates during training, so it is "
+            f"available through ParameterChangePlugin(importance={rec.name!r}), not compute_importance"
+        )
+    return rec.name, rec.fn
 
 
 def _take(dataset, idx):
@@ -139,6 +278,11 @@ def make_loader(data, batch_size: int, num_samples: Optional[int], seed: int, *,
     return loader, None
 
 
+@contextlib.contextmanager
+def _keep_mode(model):
+    yield model
+
+
 def compute_importance(
     model: nn.Module,
     data: Union[Dataset, DataLoader],
@@ -174,6 +318,7 @@ def compute_importance(
     raise ValueError naming the parameter and the estimator.
     """
     name, fn = resolve_method(method)
+    rec = ESTIMATORS[name] if isinstance(method, str) else _record_for_callable(fn)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_positive_int("batch_size", batch_size)
@@ -183,18 +328,18 @@ def compute_importance(
     if frozen and name != "uniform":
         raise ValueError(f"parameters {frozen} have requires_grad=False; leave them out of names")
     device = model_device(model) if device is None else torch.device(device)
-    loader, limit = make_loader(data, batch_size, num_samples, seed, shuffle_rng=name != "minibatch_fisher",
-                                shard=getattr(fn, "shardable", False) and not isinstance(data, DataLoader))
+    loader, limit = make_loader(data, batch_size, num_samples, seed, shuffle_rng=rec.own_rng,
+                                shard=rec.shardable and not isinstance(data, DataLoader))
     extra = {}
     shard_info = getattr(loader, "pcreg_shard", None)
-    if getattr(fn, "uses_uniforms", False) and shard_info is not None:
+    if rec.uses_uniforms and shard_info is not None:
         # One uniform per global sample, drawn up front and sharded with the data, so that
         # sampled labels do not depend on how the data is split across ranks.
         total, rank, world = shard_info
         gen = torch.Generator()
         gen.manual_seed(int(seed))
         extra["uniforms"] = torch.rand(total, generator=gen, dtype=torch.float64)[rank::world]
-    with eval_mode(model):
+    with (eval_mode(model) if rec.eval_mode else _keep_mode(model)):
         result = fn(model, loader, names=names, criterion=criterion, device=device, seed=seed,
                     limit=limit, chunk_size=chunk_size, **extra)
     if not isinstance(result, dict):
@@ -211,3 +356,38 @@ def compute_importance(
                 f"which has shape {tuple(params[n].shape)}"
             )
     return result
+
+
+def importance_ratio(
+    model: nn.Module,
+    data: Union[Dataset, DataLoader],
+    a: Union[str, Callable] = "minibatch_fisher",
+    b: Union[str, Callable] = "empirical_fisher",
+    *,
+    batch_size: int = 64,
+    criterion: Optional[Callable] = None,
+    num_samples: Optional[int] = None,
+    names: Optional[Sequence[str]] = None,
+    device=None,
+    seed: int = 0,
+) -> float:
+    """``sum(importance a) / sum(importance b)`` over every regularized entry of ``model`` on ``data``.
+
+    Carries a lambda tuned for estimator ``a`` to estimator ``b``: the penalty
+    ``lambda * sum_i w_i (theta_i - theta*_i)**2`` has about the same size with
+    ``ParameterChangePlugin(lambda, b, importance_scale=r)`` as with ``(lambda, a)``, where ``r``
+    is this ratio. Call it on the model trained on the first experience, with that experience's
+    data, and ``batch_size`` equal to the training minibatch size when ``a`` is
+    ``"minibatch_fisher"`` (Avalanche's EWC uses ``train_mb_size``; the ratio is about
+    ``1 / batch_size``). The global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        ia = compute_importance(model, data, a, criterion=criterion, batch_size=batch_size, num_samples=num_samples,
+                                names=names, device=device, seed=seed)
+        ib = compute_importance(model, data, b, criterion=criterion, batch_size=batch_size, num_samples=num_samples,
+                                names=names, device=device, seed=seed)
+    sa = sum(float(t.double().sum()) for t in ia.values())
+    sb = sum(float(t.double().sum()) for t in ib.values())
+    if sb == 0:
+        raise ValueError(f"importance {b!r} is 0 everywhere on this data: no ratio to {a!r}")
+    return sa / sb
