@@ -72,14 +72,17 @@ def check_importance_tensor(name: str, tensor: Tensor, estimator: str) -> None:
 
 
 def check_finite_parameter(name: str, tensor: Tensor, what: str = "parameter") -> None:
-    """Anchors must be finite: a consolidation of a diverged model is refused."""
+    """Anchors must be finite: a consolidation of a diverged model (or a state dict with NaN/inf
+    anchors) is refused, since its penalty would be NaN whatever the model does afterwards."""
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
-        raise ValueError(
-            f"{what} {name!r} has {int(bad.sum())} NaN/inf entries of {tensor.numel()}: the model diverged, and "
-            "a consolidation would store NaN/inf anchors (the state is left unchanged; lower the learning rate "
-            "or the factor, or restore the model)"
-        )
+        head = f"{what} {name!r} has {int(bad.sum())} NaN/inf entries of {tensor.numel()}"
+        if what == "parameter":
+            raise ValueError(
+                head + ": the model diverged, and a consolidation would store NaN/inf anchors (the state is left "
+                "unchanged; lower the learning rate or the factor, or restore the model)"
+            )
+        raise ValueError(head + "; anchors must be finite (the penalty would be NaN)")
 
 
 def leading_slice(name: str, target_shape, ref_shape, what: str = "reference"):

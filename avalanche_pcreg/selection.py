@@ -51,14 +51,7 @@ def canonical_name(name: str) -> str:
 
 def raw_names(model: nn.Module) -> Dict[str, str]:
     """canonical name -> the name of the parameter in ``unwrap(model)``."""
-    out: Dict[str, str] = {}
-    for raw, _ in unwrap(model).named_parameters():
-        name = canonical_name(raw)
-        if name in out:
-            raise ValueError(f"parameters {out[name]!r} and {raw!r} of the model both have the name {name!r} "
-                             "once torch.compile's '_orig_mod.' is removed")
-        out[name] = raw
-    return out
+    return {canonical_name(raw): raw for raw, _ in unwrap(model).named_parameters()}
 
 
 def named_parameters(model: nn.Module) -> Dict[str, Tensor]:
