@@ -129,6 +129,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         self._selected_names: tuple = ()
         self._open_task = None  # an online task whose end the stream did not flag (yet)
         self._warned_nonfinite = False
+        self._epoch = 0  # the current epoch of the experience, for messages
         self._reset_counters()
         self.history: list = []  # one dict of figures per consolidation (timings included)
 
@@ -259,6 +260,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_epoch(self, strategy, *args, **kwargs):
         self._reset_counters()  # an epoch interrupted by an exception leaks nothing into this one
+        self._epoch = strategy.clock.train_exp_epochs
 
     def before_training_iteration(self, strategy, *args, **kwargs):
         self._iterations += 1
@@ -287,10 +289,11 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
                 first = torch.full((), -1, dtype=torch.long, device=detached.device)
             self._first_nonfinite = torch.where(~torch.isfinite(detached) & (first < 0), self._iterations, first)
 
-    def _nonfinite(self, strategy, value: float, iteration: int) -> None:
+    def _nonfinite(self, strategy, value: Optional[float], iteration: int) -> None:
         exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
-        msg = (f"ParameterChangePlugin penalty is {value} (not finite) at experience {exp_id}, epoch "
-               f"{strategy.clock.train_exp_epochs}, iteration {iteration} of the epoch, with factor={self.factor}: "
+        what = "not finite" if value is None else f"{value} (not finite)"
+        msg = (f"ParameterChangePlugin penalty is {what} at experience {exp_id}, epoch "
+               f"{self._epoch}, iteration {iteration} of the epoch, with factor={self.factor}: "
                "the model (or the loaded state) diverged; lower the learning rate or the factor")
         if self.on_nonfinite == "raise":
             raise FloatingPointError(msg + " (on_nonfinite='warn' trains on with a warning)")
@@ -323,7 +326,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         if self._first_nonfinite is not None:
             first = int(self._first_nonfinite)
             if first >= 0:
-                self._nonfinite(strategy, float("nan"), first)
+                self._nonfinite(strategy, None, first)
         if self._pen_count:
             mean = (self._pen_sum / self._pen_count).item()
             self._publish(strategy, "penalty_epoch", mean, strategy.clock.train_iterations)
