@@ -34,6 +34,7 @@ from avalanche.training.utils import _at_task_boundary
 
 from ._checks import check_choice, check_finite_parameter, check_nonneg_finite, check_positive_int, check_seed
 from ._data import IMPORTANCE_DATA, importance_criterion, importance_dataset
+from ._stats import importance_stats
 from .importance import SITracker, compute_importance, resolve_method
 from .importance._persample import DEFAULT_CHUNK
 from .selection import ParameterSelection, canonical_name, named_parameters, raw_names, unwrap
@@ -386,18 +387,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         evaluator.publish_metric_value(MetricValue(self, f"{METRIC_PREFIX}/{name}", value, x))
 
     def _publish_importance_stats(self, strategy, importances, elapsed, exp_id) -> None:
-        total = sum(t.numel() for t in importances.values())
-        if total:
-            flat_sum = sum(t.double().sum() for t in importances.values())
-            flat_max = max(t.max() for t in importances.values() if t.numel())
-            zeros = sum((t == 0).sum() for t in importances.values())
-            stats = {
-                "importance_mean": float(flat_sum) / total,
-                "importance_max": float(flat_max),
-                "importance_zero_frac": float(zeros) / total,
-            }
-        else:
-            stats = {"importance_mean": 0.0, "importance_max": 0.0, "importance_zero_frac": 0.0}
+        stats = importance_stats(importances)
         # Only figures that a resumed run reproduces go through the evaluator; wall-clock time
         # stays in plugin.history.
         x = int(strategy.clock.train_exp_counter)
