@@ -81,6 +81,9 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
     ``module.`` and ``torch.compile``'s ``_orig_mod.`` are looked through.
     """
 
+    # devices where reading the penalty every step costs nothing (no asynchronous queue to drain)
+    _check_every_step_on = ("cpu",)
+
     def __init__(
         self,
         factor: float,
@@ -279,7 +282,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         detached = pen.detach()
         self._pen_sum = detached if self._pen_sum is None else self._pen_sum + detached
         self._pen_count += 1
-        if detached.device.type == "cpu":
+        if detached.device.type in self._check_every_step_on:
             if not bool(torch.isfinite(detached)):  # free on the CPU
                 self._nonfinite(strategy, float(detached), self._iterations)
         else:

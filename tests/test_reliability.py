@@ -526,6 +526,20 @@ def test_nonfinite_penalty_raises_at_its_iteration():
     assert strategy.clock.train_exp_iterations == 2  # stopped before the step of iteration 3
 
 
+def test_nonfinite_penalty_without_per_step_sync_raises_at_epoch_end():
+    """The CUDA path (forced here on the CPU): the first non-finite iteration is kept on the device
+    and reported once, at the end of the epoch, with its iteration number."""
+    plugin = ParameterChangePlugin(7.5, "uniform")
+    plugin._check_every_step_on = ()
+    strategy = make_strategy(mlp(), [PoisonAt(exp=1, iteration=2), plugin])
+    bench = tiny_nc(3)
+    strategy.train(bench.train_stream[0])
+    with pytest.raises(FloatingPointError, match=r"penalty is not finite at experience 1, epoch 0, iteration 2 of the epoch"):
+        strategy.train(bench.train_stream[1])
+    n_iter = -(-len(bench.train_stream[1].dataset) // 32)
+    assert n_iter == 3 and strategy.clock.train_exp_iterations == n_iter  # the whole epoch ran
+
+
 def test_nonfinite_penalty_warns_once_when_asked():
     plugin = ParameterChangePlugin(7.5, "uniform", on_nonfinite="warn")
     strategy = make_strategy(mlp(), [PoisonAt(exp=1, iteration=2), plugin], epochs=2)
