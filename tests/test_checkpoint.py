@@ -1,4 +1,4 @@
-"""Checkpointing ParameterChangePlugin (issue #4).
+"""Checkpointing ParameterChangePlugin.
 
 * ``plugin.state_dict()`` / ``load_state_dict()`` round trip through ``torch.save``/``torch.load``
   (``weights_only=True``): the same state, the same penalty, the same training afterwards.

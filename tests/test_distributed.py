@@ -1,4 +1,4 @@
-"""Distributed importances (issue #4): 2 gloo processes on CPU, spawned from pytest.
+"""Distributed importances: 2 gloo processes on CPU, spawned from pytest.
 
 Expected library behaviour: when ``torch.distributed`` is initialized, ``compute_importance`` shards a
 Dataset by rank (``rank::world_size``), all-reduces the sums and the sample counts, and returns on

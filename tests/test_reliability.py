@@ -1,4 +1,5 @@
-"""Reliability (issue #7): transactional consolidation, autocast, devices, checkpoints, long streams."""
+"""Reliability: transactional consolidation, autocast, devices, checkpoints, long streams, names under
+wrappers (torch.compile, DataParallel), anchors as copies in every dtype, divergence, kept gradients."""
 
 import copy
 import gc
