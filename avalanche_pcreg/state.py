@@ -1,6 +1,6 @@
 """Anchor/importance state, consolidated: two tensors per parameter and one scalar.
 
-Separate mode (``shared/DESIGN.md``): a sum of T quadratics is one quadratic,
+Separate mode: a sum of T quadratics is one quadratic,
 
     sum_t F_t (theta - theta*_t)**2 = A (theta - mu)**2 + c
     A = sum_t F_t,   mu = sum_t F_t theta*_t / A  (latest theta* where A == 0),
