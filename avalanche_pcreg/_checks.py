@@ -25,13 +25,22 @@ def check_nonneg_finite(name: str, value: Any) -> float:
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False):
-    """A positive int (``batch_size``, ``num_samples``, ``chunk_size``), or None when allowed."""
+    """A positive int (``batch_size``, ``num_samples``, ``chunk_size``), or None when allowed.
+
+    Any integral number is accepted (``numpy.int64`` too) and returned as a Python int."""
     if value is None and allow_none:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
         expected = "a positive int or None" if allow_none else "a positive int"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return value
+        raise ValueError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_seed(name: str, value: Any) -> int:
+    """An integral seed (``numpy`` integers too), returned as a Python int."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int (the importance pass is always seeded), got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
@@ -60,6 +69,20 @@ def check_importance_tensor(name: str, tensor: Tensor, estimator: str) -> None:
             f"{int((tensor < 0).sum())} negative entries (min {tensor.min().item():.3g}); "
             "importances must be >= 0"
         )
+
+
+def check_finite_parameter(name: str, tensor: Tensor, what: str = "parameter") -> None:
+    """Anchors must be finite: a consolidation of a diverged model (or a state dict with NaN/inf
+    anchors) is refused, since its penalty would be NaN whatever the model does afterwards."""
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        head = f"{what} {name!r} has {int(bad.sum())} NaN/inf entries of {tensor.numel()}"
+        if what == "parameter":
+            raise ValueError(
+                head + ": the model diverged, and a consolidation would store NaN/inf anchors (the state is left "
+                "unchanged; lower the learning rate or the factor, or restore the model)"
+            )
+        raise ValueError(head + "; anchors must be finite (the penalty would be NaN)")
 
 
 def leading_slice(name: str, target_shape, ref_shape, what: str = "reference"):

@@ -3,24 +3,29 @@
 Where it lives in Avalanche's loop (0.6):
 
 * ``before_training_exp``: the model has adapted (heads have grown); the state is aligned to
-  the current parameters (grown entries padded and free), and SI starts its path integral.
+  the current parameters (grown entries padded and free), and a trajectory estimator (SI,
+  RWalk) starts its path statistics.
 * ``before_training_iteration``, ``after_backward``, ``before_update``, ``after_update``: forwarded
   to a trajectory estimator (``si``, ``avalanche_si``, ``rwalk``, ...; see ``importance.trajectory``).
-* ``before_backward``: ``strategy.loss += penalty``.
-* ``after_training_epoch``: the epoch's mean penalty is published.
+* ``before_backward``: ``strategy.loss += penalty``; a non-finite penalty is reported at once
+  (on CUDA, at the end of the epoch, without a per-step host synchronisation).
+* ``before_training_epoch`` / ``after_training_epoch``: the epoch's mean penalty, from a clean
+  running sum, is published.
 * ``after_training_exp``: at a real task boundary, importances are estimated, merged with the
   current parameters as anchors, and swapped in only once everything succeeded.
 
-Everything is keyed by parameter name and read from ``strategy.model`` every time.
+Everything is keyed by canonical parameter name (:mod:`avalanche_pcreg.selection`: no
+DDP/DataParallel/``torch.compile`` prefix) and read from ``strategy.model`` every time. Which
+parameters are regularized lives in :mod:`avalanche_pcreg.selection`, what the importance pass
+reads in :mod:`avalanche_pcreg._data`; only the callbacks live here.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import time
 import warnings
 import weakref
-from typing import Callable, Dict, Iterable, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,42 +34,24 @@ from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.utils import _at_task_boundary
 
-from ._checks import check_choice, check_nonneg_finite, check_positive_int
+from ._checks import check_choice, check_finite_parameter, check_nonneg_finite, check_positive_int, check_seed
+from ._data import IMPORTANCE_DATA, importance_criterion, importance_dataset
 from ._guards import capped, penalty_ratio_message, sgd_instability
+from ._stats import importance_stats
 from .importance import ESTIMATORS, TrajectoryEstimator, compute_importance, resolve_estimator
 from .importance._common import eval_mode, model_forward
 from .importance._persample import DEFAULT_CHUNK
-from .penalty import Workspace
+from .selection import ParameterSelection, canonical_name, named_parameters, raw_names, unwrap
 from .state import ConsolidatedState
 
 __all__ = ["ParameterChangePlugin", "IMPORTANCE_DATA"]
 
-IMPORTANCE_DATA = ("experience", "adapted")
 PLUGIN_VERSION = 1
 METRIC_PREFIX = "ParameterChange"
+ON_NONFINITE = ("raise", "warn")
 
 
-def _patterns(arg: str, value) -> Optional[tuple]:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = (value,)
-    if not isinstance(value, Iterable):
-        raise TypeError(f"{arg} must be a name pattern (str) or a list of them, got {type(value).__name__} {value!r}")
-    value = tuple(value)
-    if not value or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"{arg} must be a name pattern (str) or a non-empty list of them, got {value!r}")
-    return value
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel, so names carry no 'module.'."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
-class ParameterChangePlugin(SupervisedPlugin):
+class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
     """Parameter-change regularization ``factor * sum_i w_i (theta_i - theta*_i)**2``.
 
     :param factor: lambda/2 of the EWC paper; equals Avalanche's ``ewc_lambda``. Finite, >= 0.
@@ -109,10 +96,18 @@ class ParameterChangePlugin(SupervisedPlugin):
         non-zero, it exceeds the task loss by this factor (None: never).
     :param seed: seeds the importance subset and ``fisher``'s sampled labels.
     :param impl: penalty kernel, ``"foreach"`` or ``"forloop"``; None picks per device.
+    :param strict: stored parameter names missing from the model at the start of an experience
+        raise ValueError (True) or warn (False; those entries then add nothing to the penalty).
+    :param on_nonfinite: a non-finite penalty raises FloatingPointError (``"raise"``) or warns
+        once (``"warn"``).
 
     Frozen parameters (``requires_grad=False``) are never regularized. Parameters that got no
-    gradient get zero importance.
+    gradient get zero importance. Names are those of the plain model: DDP/DataParallel's
+    ``module.`` and ``torch.compile``'s ``_orig_mod.`` are looked through.
     """
+
+    # devices where reading the penalty every step costs nothing (no asynchronous queue to drain)
+    _check_every_step_on = ("cpu",)
 
     def __init__(
         self,
@@ -137,6 +132,8 @@ class ParameterChangePlugin(SupervisedPlugin):
         running_average: bool = False,
         stability_guard: bool = False,
         warn_ratio: Optional[float] = 1e4,
+        strict: bool = True,
+        on_nonfinite: str = "raise",
     ):
         super().__init__()
         self.factor = check_nonneg_finite("factor", factor)
@@ -165,7 +162,6 @@ class ParameterChangePlugin(SupervisedPlugin):
                 self._data_record = resolve_estimator(self._tracker.data_estimator)
                 if self._data_record.trajectory:
                     raise ValueError(f"data_estimator {self._tracker.data_estimator!r} must be a data-pass estimator")
-        self.mode, self.decay = self._state.mode, self._state.decay
         self.importance_scale = check_nonneg_finite("importance_scale", importance_scale)
         if self.importance_scale == 0:
             raise ValueError("importance_scale must be > 0, got 0")
@@ -182,32 +178,51 @@ class ParameterChangePlugin(SupervisedPlugin):
         self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
         self.num_samples = check_positive_int("num_samples", num_samples, allow_none=True)
         self.criterion = criterion
-        self.include, self.exclude = _patterns("include", include), _patterns("exclude", exclude)
-        if parameters is not None and not callable(parameters):
-            raise TypeError(f"parameters must be a callable (name, param) -> bool, got {type(parameters).__name__}")
-        self.parameters = parameters
+        self._selection = ParameterSelection(include, exclude, parameters)
         self.importance_data = check_choice("importance_data", importance_data, IMPORTANCE_DATA)
         if impl is not None:
             check_choice("impl", impl, ("foreach", "forloop"))
-        self.seed, self.impl = int(seed), impl
+        self.seed, self.impl = check_seed("seed", seed), impl
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be a bool, got {type(strict).__name__} {strict!r}")
+        self.strict = strict
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.xi = xi
         self._ratio_checked = True  # the penalty/loss check runs once per experience
 
-        self._workspace = Workspace()  # per-step scratch of the CPU kernel (not part of the state)
         self._owner = None  # weakref to the strategy this instance is bound to
-        self._patterns_checked = False
         self._selected_names: tuple = ()
         self._open_task = None  # an online task whose end the stream did not flag (yet)
+        self._warned_nonfinite = False
+        self._epoch = 0  # the current epoch of the experience, for messages
         self._reset_counters()
-        self._pen_sum: Optional[Tensor] = None
-        self._pen_count = 0
-        self.history: list = []  # one dict of figures per consolidation
+        self.history: list = []  # one dict of figures per consolidation (timings included)
 
     # ------------------------------------------------------------------ public state
     @property
     def state(self) -> ConsolidatedState:
         return self._state
+
+    @property
+    def mode(self) -> str:
+        return self._state.mode
+
+    @property
+    def decay(self) -> Optional[float]:
+        return self._state.decay
+
+    @property
+    def include(self):
+        return self._selection.include
+
+    @property
+    def exclude(self):
+        return self._selection.exclude
+
+    @property
+    def parameters(self):
+        return self._selection.parameters
 
     @property
     def importances(self) -> Dict[str, Tensor]:
@@ -225,35 +240,11 @@ class ParameterChangePlugin(SupervisedPlugin):
 
     def penalty(self, model: nn.Module) -> Tensor:
         """The penalty the plugin adds to the loss for ``model`` now (differentiable)."""
-        return self._state.penalty(dict(_unwrap(model).named_parameters()), self.factor, impl=self.impl)
+        return self._state.penalty(named_parameters(model), self.factor, impl=self.impl)
 
     def selected_parameters(self, model: nn.Module) -> Dict[str, Tensor]:
-        """The parameters this plugin regularizes, by name (trainable and selected)."""
-        out = {}
-        for name, p in _unwrap(model).named_parameters():
-            if not p.requires_grad:
-                continue
-            if self.include is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in self.include):
-                continue
-            if self.exclude is not None and any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude):
-                continue
-            if self.parameters is not None and not self.parameters(name, p):
-                continue
-            out[name] = p
-        return out
-
-    def _check_patterns(self, model: nn.Module) -> None:
-        if self._patterns_checked:
-            return
-        names = [n for n, _ in _unwrap(model).named_parameters()]
-        for arg, pats in (("include", self.include), ("exclude", self.exclude)):
-            for pat in pats or ():
-                if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                    raise ValueError(
-                        f"{arg} pattern {pat!r} matches no parameter of the model; parameter names are "
-                        f"{names[:8]}{' ...' if len(names) > 8 else ''}"
-                    )
-        self._patterns_checked = True
+        """The parameters this plugin regularizes, by canonical name (trainable and selected)."""
+        return self._selection.select(named_parameters(model))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -263,7 +254,9 @@ class ParameterChangePlugin(SupervisedPlugin):
             sd["tracker"] = self._tracker.state_dict()
         return sd
 
-    def load_state_dict(self, sd: dict, map_location=None) -> None:
+    def load_state_dict(self, sd: dict, map_location=None, strict: bool = False) -> None:
+        """Restore a :meth:`state_dict`. One saved with another ``importance`` or ``factor`` warns,
+        or raises ValueError with ``strict=True``; another mode or decay always raises."""
         if not isinstance(sd, dict):
             raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
         missing = [k for k in ("version", "importance", "state") if k not in sd]
@@ -277,6 +270,15 @@ class ParameterChangePlugin(SupervisedPlugin):
                 f"state_dict was saved with mode={state.mode!r}, decay={state.decay!r}; this plugin has "
                 f"mode={self.mode!r}, decay={self.decay!r}"
             )
+        differ = [f"{key}={sd[key]!r} (this plugin: {key}={mine!r})"
+                  for key, mine in (("importance", self.importance_name), ("factor", self.factor))
+                  if key in sd and sd[key] != mine]
+        if differ:
+            msg = ("state_dict was saved with " + ", ".join(differ) + "; the loaded importances and anchors are "
+                   "used as they are, with this plugin's settings from now on")
+            if strict:
+                raise ValueError(msg + " (strict=True)")
+            warnings.warn(msg, stacklevel=2)
         self._state = state
         self._penalty_state = None
         self.history = list(sd.get("history", []))
@@ -286,14 +288,17 @@ class ParameterChangePlugin(SupervisedPlugin):
     def __getstate__(self):
         d = self.__dict__.copy()
         d["_owner"] = None  # weak references do not pickle; rebound on the next training run
-        d["_workspace"] = Workspace()  # scratch, rebuilt on the next step
         d["_open_task"] = None
         return d
 
     # ------------------------------------------------------------------ callbacks
     def _reset_counters(self) -> None:
+        """Per-epoch counters and the epoch's running penalty sum."""
         self._iterations = 0
         self._backwards = 0
+        self._pen_sum: Optional[Tensor] = None
+        self._pen_count = 0
+        self._first_nonfinite: Optional[Tensor] = None  # device-side (no host sync), off the CPU
 
     def before_training(self, strategy, *args, **kwargs):
         owner = self._owner() if self._owner is not None else None
@@ -306,25 +311,33 @@ class ParameterChangePlugin(SupervisedPlugin):
         self._owner = weakref.ref(strategy)
 
     def before_training_exp(self, strategy, *args, **kwargs):
-        self._check_patterns(strategy.model)
+        named = named_parameters(strategy.model)
+        self._selection.check_patterns(named)
         if self._open_task is not None and _at_task_boundary(strategy.experience, before=True):
             # A new task starts but the previous one was never closed by an is_last_subexp flag:
             # consolidate it now, with the model as it left that task.
             self._consolidate(strategy, self._open_task)
-        params = self.selected_parameters(strategy.model)
+        missing = [n for n in self._state.importances if n not in named]
+        if missing:
+            msg = (f"stored parameters {missing} are missing from the model, so their penalty would be dropped; "
+                   f"the model's parameters are {list(named)[:8]}{' ...' if len(named) > 8 else ''}")
+            if self.strict:
+                raise ValueError(msg + ". Pass strict=False to train on without them.")
+            warnings.warn(msg, stacklevel=2)
+        params = self._selection.select(named)
         self._selected_names = tuple(params)
-        self._state = self._state.aligned(params)
+        self._state = self._state.aligned(named)
         if self._tracker is not None and _at_task_boundary(strategy.experience, before=True):
             self._tracker.begin(params)
         self._ratio_checked = self.warn_ratio is None
         self._check_stability(strategy)
 
     def before_training_epoch(self, strategy, *args, **kwargs):
-        self._reset_counters()
+        self._reset_counters()  # an epoch interrupted by an exception leaks nothing into this one
+        self._epoch = strategy.clock.train_exp_epochs
 
     def before_training_iteration(self, strategy, *args, **kwargs):
         self._iterations += 1
-        self._workspace.release()  # the previous iteration's graph is done
         if self._tracker is not None and self._tracker.needs_task_gradient:
             self._task_gradient(strategy)
 
@@ -332,7 +345,7 @@ class ParameterChangePlugin(SupervisedPlugin):
         """The gradient of the strategy's criterion alone on the current minibatch, in eval mode
         (as Avalanche's RWalkPlugin computes it), handed to the trajectory estimator."""
         params = self._tracked_params(strategy)
-        model = _unwrap(strategy.model)
+        model = unwrap(strategy.model)
         names = [n for n, p in params.items() if p.requires_grad]
         with eval_mode(model), torch.enable_grad():
             out = model_forward(model, strategy.mb_x, strategy.mb_task_id)
@@ -344,19 +357,41 @@ class ParameterChangePlugin(SupervisedPlugin):
         self._backwards += 1
         if self._state.empty:
             return
-        params = dict(_unwrap(strategy.model).named_parameters())
+        params = named_parameters(strategy.model)
         name, A = next(iter(self._state.importances.items()))
         if name in params and params[name].device != A.device:  # the model moved mid-experience
             self._state = self._state.aligned(params)
             self._check_stability(strategy)
         state = self._penalty_state if self._penalty_state is not None else self._state
-        pen = state.penalty(params, self.factor, impl=self.impl, workspace=self._workspace)
+        pen = state.penalty(params, self.factor, impl=self.impl)
         if not self._ratio_checked:
             self._check_ratio(strategy, pen)
         strategy.loss += pen
         detached = pen.detach()
         self._pen_sum = detached if self._pen_sum is None else self._pen_sum + detached
         self._pen_count += 1
+        if detached.device.type in self._check_every_step_on:
+            if not bool(torch.isfinite(detached)):  # free on the CPU
+                self._nonfinite(strategy, float(detached), self._iterations)
+        else:
+            # No host synchronisation per step: the first non-finite iteration of the epoch is
+            # kept on the device and read once, at the end of the epoch.
+            first = self._first_nonfinite
+            if first is None:
+                first = torch.full((), -1, dtype=torch.long, device=detached.device)
+            self._first_nonfinite = torch.where(~torch.isfinite(detached) & (first < 0), self._iterations, first)
+
+    def _nonfinite(self, strategy, value: Optional[float], iteration: int) -> None:
+        exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
+        what = "not finite" if value is None else f"{value} (not finite)"
+        msg = (f"ParameterChangePlugin penalty is {what} at experience {exp_id}, epoch "
+               f"{self._epoch}, iteration {iteration} of the epoch, with factor={self.factor}: "
+               "the model (or the loaded state) diverged; lower the learning rate or the factor")
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(msg + " (on_nonfinite='warn' trains on with a warning)")
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(msg + " (warned once)", RuntimeWarning, stacklevel=3)
 
     def _check_ratio(self, strategy, pen: Tensor) -> None:
         """Warn once per experience when the penalty dwarfs the task loss (one host sync)."""
@@ -380,7 +415,7 @@ class ParameterChangePlugin(SupervisedPlugin):
             steps = len(strategy.dataloader) * int(strategy.train_epochs)
         except (TypeError, AttributeError):
             steps = None
-        names_by_id = {id(p): n for n, p in _unwrap(strategy.model).named_parameters()}
+        names_by_id = {id(p): canonical_name(n) for n, p in unwrap(strategy.model).named_parameters()}
         messages, caps = sgd_instability(getattr(strategy, "optimizer", None), self._state.importances, names_by_id,
                                          self.factor, steps, self.importance_name,
                                          1e6 if self.stability_guard else None)
@@ -394,7 +429,7 @@ class ParameterChangePlugin(SupervisedPlugin):
     def _tracked_params(self, strategy) -> Dict[str, Tensor]:
         # Selection is resolved once per experience (patterns are not matched every step);
         # the tensors themselves are read from strategy.model every time.
-        named = dict(_unwrap(strategy.model).named_parameters())
+        named = named_parameters(strategy.model)
         return {n: named[n] for n in self._selected_names if n in named}
 
     def after_backward(self, strategy, *args, **kwargs):
@@ -417,10 +452,14 @@ class ParameterChangePlugin(SupervisedPlugin):
                 "templates such as MER/LaMAML and StreamingLDA work this way). Refusing to train silently "
                 "without the regularizer."
             )
+        if self._first_nonfinite is not None:
+            first = int(self._first_nonfinite)
+            if first >= 0:
+                self._nonfinite(strategy, None, first)
         if self._pen_count:
             mean = (self._pen_sum / self._pen_count).item()
             self._publish(strategy, "penalty_epoch", mean, strategy.clock.train_iterations)
-        self._pen_sum, self._pen_count = None, 0
+        self._reset_counters()
 
     def after_training_exp(self, strategy, *args, **kwargs):
         experience = strategy.experience
@@ -433,29 +472,34 @@ class ParameterChangePlugin(SupervisedPlugin):
 
     def _consolidate(self, strategy, experience) -> None:
         self._open_task = None
-        model = _unwrap(strategy.model)
-        params = self.selected_parameters(model)
+        model = unwrap(strategy.model)
+        named = named_parameters(model)
+        params = self._selection.select(named)
+        for name, p in params.items():  # before the importance pass: a clear error, state unchanged
+            check_finite_parameter(name, p.detach())
         exp_id = getattr(experience, "current_experience", strategy.clock.train_exp_counter)
         start = time.perf_counter()
         data_record = self._record if self._tracker is None else self._data_record
         data_importance = None
         if data_record is not None:
-            data = self._importance_dataset(strategy, experience)
+            data = importance_dataset(strategy, experience, self.importance_data)
             if data is None or len(data) == 0:
                 warnings.warn(
                     f"experience {exp_id} has no samples: importance pass skipped, ParameterChangePlugin state unchanged"
                 )
                 return
+            raw = raw_names(model)
             data_importance = compute_importance(
                 model, data, data_record.name if ESTIMATORS.get(data_record.name) is data_record else data_record.fn,
-                criterion=self._criterion_for(strategy, data_record),
+                criterion=importance_criterion(strategy, self.criterion, data_record.strategy_criterion),
                 batch_size=self.batch_size or strategy.train_mb_size,
                 num_samples=self.num_samples,
                 device=strategy.device,
-                names=list(params),
+                names=[raw[n] for n in params],
                 seed=self.seed + int(strategy.clock.train_exp_counter),
                 chunk_size=self.chunk_size,
             )
+            data_importance = {canonical_name(n): t for n, t in data_importance.items()}
         tracker_before = self._tracker.state_dict() if self._tracker is not None else None
         try:
             if self._tracker is not None:
@@ -468,7 +512,9 @@ class ParameterChangePlugin(SupervisedPlugin):
             if scale != 1.0:
                 importances = {n: v * scale for n, v in importances.items()}
             # Anything that fails above or here leaves self._state (and the tracker) as it was.
-            new_state = self._state.consolidated(importances, params, estimator=self.importance_name)
+            # Every parameter is an anchor candidate: online mode moves (and decays) entries that
+            # got no importance too.
+            new_state = self._state.consolidated(importances, named, estimator=self.importance_name)
         except BaseException:
             if tracker_before is not None:
                 self._tracker.load_state_dict(tracker_before)
@@ -479,34 +525,6 @@ class ParameterChangePlugin(SupervisedPlugin):
         self._publish_importance_stats(strategy, importances, elapsed, exp_id)
 
     # ------------------------------------------------------------------ helpers
-    def _importance_dataset(self, strategy, experience):
-        if self.importance_data == "adapted":
-            # What the strategy trained on: Avalanche's multi-dataset loaders (ReplayDataLoader:
-            # the experience plus the replay buffer) keep their parts in `.datasets`.
-            parts = getattr(getattr(strategy, "dataloader", None), "datasets", None)
-            if parts and all(hasattr(d, "concat") for d in parts):
-                data = parts[0]
-                for part in parts[1:]:
-                    data = data.concat(part)
-            else:
-                data = strategy.adapted_dataset
-        else:
-            # On an online stream with task boundaries the task's data is the whole origin
-            # experience, not only the last mini-experience.
-            origin = getattr(experience, "origin_experience", None)
-            use_origin = origin is not None and getattr(experience, "access_task_boundaries", False)
-            data = origin.dataset if use_origin else experience.dataset
-        if data is not None and hasattr(data, "eval"):
-            data = data.eval()
-        return data
-
-    def _criterion_for(self, strategy, record=None):
-        if self.criterion is not None:
-            return self.criterion
-        if (record or self._record).strategy_criterion:
-            return getattr(strategy, "_criterion", None)
-        return None
-
     def _publish(self, strategy, name: str, value: float, x: int) -> None:
         evaluator = getattr(strategy, "evaluator", None)
         if evaluator is None:
@@ -514,20 +532,11 @@ class ParameterChangePlugin(SupervisedPlugin):
         evaluator.publish_metric_value(MetricValue(self, f"{METRIC_PREFIX}/{name}", value, x))
 
     def _publish_importance_stats(self, strategy, importances, elapsed, exp_id) -> None:
-        total = sum(t.numel() for t in importances.values())
-        if total:
-            flat_sum = sum(t.double().sum() for t in importances.values())
-            flat_max = max(t.max() for t in importances.values() if t.numel())
-            zeros = sum((t == 0).sum() for t in importances.values())
-            stats = {
-                "importance_mean": float(flat_sum) / total,
-                "importance_max": float(flat_max),
-                "importance_zero_frac": float(zeros) / total,
-            }
-        else:
-            stats = {"importance_mean": 0.0, "importance_max": 0.0, "importance_zero_frac": 0.0}
-        stats["importance_time_s"] = elapsed
+        stats = importance_stats(importances)
+        # Only figures that a resumed run reproduces go through the evaluator; wall-clock time
+        # stays in plugin.history.
         x = int(strategy.clock.train_exp_counter)
         for k, v in stats.items():
             self._publish(strategy, k, v, x)
-        self.history.append({"experience": exp_id, **stats, "state_bytes": self._state.nbytes()})
+        self.history.append({"experience": exp_id, **stats, "importance_time_s": elapsed,
+                             "state_bytes": self._state.nbytes()})

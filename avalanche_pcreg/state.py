@@ -1,6 +1,6 @@
 """Anchor/importance state, consolidated: two tensors per parameter and one scalar.
 
-Separate mode (``shared/DESIGN.md``): a sum of T quadratics is one quadratic,
+Separate mode: a sum of T quadratics is one quadratic,
 
     sum_t F_t (theta - theta*_t)**2 = A (theta - mu)**2 + c
     A = sum_t F_t,   mu = sum_t F_t theta*_t / A  (latest theta* where A == 0),
@@ -8,12 +8,20 @@ Separate mode (``shared/DESIGN.md``): a sum of T quadratics is one quadratic,
 
 merged one experience at a time in float64, with the constant's increment in the
 cancellation-free form ``A F / (A + F) * (mu - theta*)**2``; A and mu are stored in the parameter's dtype.
-Online mode: A <- decay * A + F, mu <- theta_now, c = 0.
+Online mode: A <- decay * A + F, mu <- theta_now, c = 0; the decay applies to every stored
+entry, also to one that got no importance this time (a parameter frozen or left out), as in
+Avalanche's ``EWCPlugin``.
+
+A and mu are always copies, never views of the parameters (whatever the dtype), and a
+consolidation refuses non-finite parameters or importances, so NaN/inf never enter the state.
+The constant c stays float64; the penalty adds it in float64 when it would overflow the
+parameters' dtype.
 
 Grown parameters: A is padded with zeros and mu with the new anchor before the merge, so new
 entries start free. Parameters that first appear later have A = 0 until they get importance.
 
-Every update returns a **new** state; the old one is never modified, so a failed merge loses
+Names are canonical (:func:`avalanche_pcreg.selection.canonical_name`): no ``torch.compile``
+prefix. Every update returns a **new** state; the old one is never modified, so a failed merge loses
 nothing (the plugin swaps the new state in only once everything has been computed).
 Framework-free: torch only.
 """
@@ -25,8 +33,9 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_importance_tensor, check_nonneg_finite, leading_slice
-from .penalty import Workspace, quadratic_penalty
+from ._checks import check_choice, check_finite_parameter, check_importance_tensor, check_nonneg_finite, leading_slice
+from .penalty import quadratic_penalty
+from .selection import canonical_name
 
 __all__ = ["ConsolidatedState", "MODES", "STATE_VERSION"]
 
@@ -87,16 +96,31 @@ class ConsolidatedState:
         """A new state with one more experience merged: importances F and anchors theta*.
 
         ``importances`` maps name -> F (finite, >= 0, the shape of ``params[name]``);
-        ``params`` maps name -> the current parameter (the anchor). Names in the state but not
-        in ``importances`` keep their entries.
+        ``params`` maps name -> the current parameter (the anchor), and may hold more names than
+        ``importances``. Names in the state but not in ``importances`` keep their entries in
+        separate mode (F = 0); in online mode their A is decayed and their anchor moves to
+        ``params[name]`` when given. Non-finite parameters raise ValueError; ``self`` is never
+        modified.
         """
         new = self._copy()
         delta_c = torch.zeros((), dtype=torch.float64)
-        for name, F in importances.items():
-            if name not in params:
+        todo = dict(importances)
+        if self.mode == "online":
+            for name in self.importances:
+                todo.setdefault(name, None)  # decayed, with F = 0
+        for name, F in todo.items():
+            theta = params.get(name)
+            if F is None:
+                if theta is None:  # not in the model any more: decayed in place
+                    A = self.importances[name]
+                    new.importances[name] = (self.decay * A.to(torch.float64)).to(A.dtype)
+                    continue
+                F = torch.zeros_like(theta, dtype=torch.float64)
+            elif theta is None:
                 raise ValueError(f"importance given for parameter {name!r}, which is not among the model's parameters")
-            theta = params[name].detach()
+            theta = theta.detach()
             check_importance_tensor(name, F, estimator)
+            check_finite_parameter(name, theta)
             if tuple(F.shape) != tuple(theta.shape):
                 raise ValueError(
                     f"shape mismatch for parameter {name!r}: importance has {tuple(F.shape)}, "
@@ -122,8 +146,10 @@ class ConsolidatedState:
                 mu_new = torch.where(A64 > 0, mu64 + F64 / safe * gap, t64)
                 # A mu^2 + F t^2 - A' mu'^2, written without cancellation: A F / A' (mu - t)^2 >= 0.
                 delta_c = delta_c + torch.where(A_new > 0, A64 * F64 / safe * gap * gap, 0.0).sum().cpu()
-            new.importances[name] = A_new.to(dtype)
-            new.anchors[name] = mu_new.to(dtype)
+            # copy=True: for a float64 parameter, .to() would return the very tensor (mu_new is the
+            # parameter itself in online mode), and the anchor would follow the parameter.
+            new.importances[name] = A_new.to(dtype, copy=True)
+            new.anchors[name] = mu_new.to(dtype, copy=True)
         if self.mode == "separate":
             new.const = self.const + delta_c
         new.num_consolidations = self.num_consolidations + 1
@@ -153,21 +179,23 @@ class ConsolidatedState:
         return new if changed else self
 
     # ------------------------------------------------------------------ penalty
-    def _const_on(self, device, dtype) -> Tensor:
-        key = (device, dtype)
+    def _const_on(self, device, dtype, factor: float) -> Tensor:
+        """c on ``device``: in ``dtype``, or in float64 where ``factor * c`` would not fit ``dtype``."""
+        key = (device, dtype, factor)
         c = self._const_cache.get(key)
         if c is None:
-            c = self.const.to(device=device, dtype=dtype)
+            value = float(self.const)  # a CPU tensor: no device synchronisation
+            fits = value * max(factor, 1.0) <= torch.finfo(dtype).max / 4  # headroom for the quadratic part
+            c = self.const.to(device=device, dtype=dtype if fits else torch.float64)
             self._const_cache[key] = c
         return c
 
-    def penalty(self, params: Mapping[str, Tensor], factor: float, impl: Optional[str] = None,
-                workspace: Optional[Workspace] = None) -> Tensor:
+    def penalty(self, params: Mapping[str, Tensor], factor: float, impl: Optional[str] = None) -> Tensor:
         """``factor * (sum A (theta - mu)**2 + c)`` over the stored names present in ``params``.
 
         Parameters absent from ``params`` are skipped; grown ones are compared on their leading
-        block (call :meth:`aligned` once per experience to avoid the slicing). ``workspace``
-        lends persistent buffers to the CPU kernel (see :mod:`avalanche_pcreg.penalty`).
+        block (call :meth:`aligned` once per experience to avoid the slicing). The value has the
+        parameters' dtype, or float64 when c does not fit that dtype.
         """
         thetas, weights, anchors = [], [], []
         for name, A in self.importances.items():
@@ -182,8 +210,8 @@ class ConsolidatedState:
             anchors.append(self.anchors[name])
         if not thetas:
             return torch.zeros(())
-        const = self._const_on(thetas[0].device, thetas[0].dtype) if self.mode == "separate" else None
-        return quadratic_penalty(thetas, weights, anchors, factor, const=const, impl=impl, workspace=workspace)
+        const = self._const_on(thetas[0].device, thetas[0].dtype, float(factor)) if self.mode == "separate" else None
+        return quadratic_penalty(thetas, weights, anchors, factor, const=const, impl=impl)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to(self, device) -> "ConsolidatedState":
@@ -220,15 +248,23 @@ class ConsolidatedState:
                 f"only in importances {sorted(set(imps) - set(anchors))}, only in anchors {sorted(set(anchors) - set(imps))}"
             )
         new = cls(sd["mode"], sd["decay"] if sd["mode"] == "online" else None)
-        for name in imps:
-            A, mu = imps[name], anchors[name]
+        seen: Dict[str, str] = {}
+        for stored in imps:
+            A, mu = imps[stored], anchors[stored]
+            # states written from a torch.compile'd model by earlier versions carry '_orig_mod.'
+            name = canonical_name(stored)
+            if name in seen:
+                raise ValueError(f"state_dict names {seen[name]!r} and {stored!r} are the same parameter {name!r}")
+            seen[name] = stored
             if tuple(A.shape) != tuple(mu.shape):
                 raise ValueError(
                     f"state_dict shape mismatch for parameter {name!r}: importance {tuple(A.shape)}, anchor {tuple(mu.shape)}"
                 )
             check_importance_tensor(name, A, "state_dict")
-            new.importances[name] = A.to(map_location) if map_location is not None else A
-            new.anchors[name] = mu.to(map_location) if map_location is not None else mu
+            check_finite_parameter(name, mu, what="anchor in state_dict")
+            # copies: the state never shares memory with the caller's tensors
+            new.importances[name] = (A.to(map_location) if map_location is not None else A).detach().clone()
+            new.anchors[name] = (mu.to(map_location) if map_location is not None else mu).detach().clone()
         new.const = torch.as_tensor(sd["const"], dtype=torch.float64).cpu()
         new.num_consolidations = int(sd["num_consolidations"])
         return new

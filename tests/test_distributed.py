@@ -1,4 +1,4 @@
-"""Distributed importances (issue #4): 2 gloo processes on CPU, spawned from pytest.
+"""Distributed importances: 2 gloo processes on CPU, spawned from pytest.
 
 Expected library behaviour: when ``torch.distributed`` is initialized, ``compute_importance`` shards a
 Dataset by rank (``rank::world_size``), all-reduces the sums and the sample counts, and returns on
@@ -9,6 +9,7 @@ identical on every rank.
 Both ranks run one script (written to tmp_path) with torchrun-style environment variables
 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free port) and save what they computed; the
 single-process references are computed here, in the pytest process, with no process group.
+Subprocess timeout: ``PCREG_TEST_TIMEOUT`` seconds (default 600; a loaded 2-core machine needs minutes).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from helpers import tiny_nc
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 METHODS = ["empirical_fisher", "fisher", "expected_fisher", "mas", "minibatch_fisher", "uniform"]
+TIMEOUT = float(os.environ.get("PCREG_TEST_TIMEOUT", "600"))
 N_ODD = 101  # shards of 51 and 50 samples: different batch counts per rank
 
 
@@ -72,14 +74,14 @@ SCRIPT = textwrap.dedent(r'''
     for m in METHODS:
         out["compute"][m] = compute_importance(model, data, m, batch_size=16, seed=5)
 
-    class Snap(SupervisedPlugin):  # before ours: the unwrapped model at each consolidation
+    class Snap(SupervisedPlugin, supports_distributed=True):  # before ours: the unwrapped model at each consolidation
         def __init__(self):
             super().__init__()
             self.models = []
         def after_training_exp(self, strategy, **kw):
             self.models.append(copy.deepcopy(strategy.model.module).state_dict())
 
-    class Tap(SupervisedPlugin):  # after ours: the state after each consolidation
+    class Tap(SupervisedPlugin, supports_distributed=True):  # after ours: the state after each consolidation
         def __init__(self, plugin):
             super().__init__()
             self.plugin, self.states = plugin, []
@@ -96,6 +98,7 @@ SCRIPT = textwrap.dedent(r'''
     torch.manual_seed(1)
     for exp in list(tiny_nc(3).train_stream)[:2]:
         strategy.train(exp)
+    out["compatible"] = strategy._check_distributed_training_compatibility()  # Avalanche's own check
     out["plugin"] = {"n": plugin.num_consolidations, "states": tap.states, "snapshots": snap.models,
                      "penalty": float(plugin.penalty(strategy.model).detach()),
                      "final": {k: v.detach().clone() for k, v in net.state_dict().items()}}
@@ -127,7 +130,7 @@ def ranks(tmp_path_factory):
     logs = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=50)[0])
+            logs.append(p.communicate(timeout=TIMEOUT)[0])
     finally:
         for p in procs:
             if p.poll() is None:
@@ -161,6 +164,7 @@ def test_sharding_is_real(ranks):
 
 
 def test_plugin_under_ddp(ranks):
+    assert ranks[0]["compatible"] is True and ranks[1]["compatible"] is True  # supports_distributed
     p0, p1 = ranks[0]["plugin"], ranks[1]["plugin"]
     assert p0["n"] == p1["n"] == 2
     exps = list(tiny_nc(3).train_stream)

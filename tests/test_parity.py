@@ -1,10 +1,12 @@
-"""Exact parity with Avalanche 0.6's EWCPlugin (minibatch Fisher), and the consolidated form."""
+"""Parity with Avalanche 0.6's EWCPlugin (minibatch Fisher): the same losses and parameters up to
+float32 rounding (tolerances below, with the measured figures)."""
 
 import copy
 
 import pytest
 import torch
 from avalanche.training.plugins import EWCPlugin
+from avalanche.core import SupervisedPlugin
 from avalanche.models import IncrementalClassifier
 
 from avalanche_pcreg import ParameterChangePlugin
@@ -31,39 +33,6 @@ def _compare(bench, make_model, ours, theirs):
     return rel, maxdiff
 
 
-def test_parity_separate_class_incremental():
-    bench = tiny_nc(3)
-    rel, maxdiff = _compare(
-        bench, lambda: mlp(),
-        ParameterChangePlugin(LAMBDA, "minibatch_fisher", "separate", batch_size=32),
-        EWCPlugin(ewc_lambda=LAMBDA, mode="separate"),
-    )
-    print(f"separate: max rel loss diff {rel:.2e}, max abs param diff {maxdiff:.2e}")
-    assert rel <= 1e-5 and maxdiff <= 1e-5
-
-
-def test_parity_online():
-    bench = tiny_nc(3)
-    rel, maxdiff = _compare(
-        bench, lambda: mlp(),
-        ParameterChangePlugin(LAMBDA, "minibatch_fisher", "online", decay=0.7, batch_size=32),
-        EWCPlugin(ewc_lambda=LAMBDA, mode="online", decay_factor=0.7),
-    )
-    print(f"online: max rel loss diff {rel:.2e}, max abs param diff {maxdiff:.2e}")
-    assert rel <= 1e-5 and maxdiff <= 1e-5
-
-
-def test_parity_separate_multi_head_task_incremental():
-    bench = tiny_nc(3, task_labels=True)
-    rel, maxdiff = _compare(
-        bench, lambda: MultiHeadMLP(),
-        ParameterChangePlugin(LAMBDA, "minibatch_fisher", "separate", batch_size=32),
-        EWCPlugin(ewc_lambda=LAMBDA, mode="separate"),
-    )
-    print(f"multi-head: max rel loss diff {rel:.2e}, max abs param diff {maxdiff:.2e}")
-    assert rel <= 1e-5 and maxdiff <= 1e-5
-
-
 class _IncMLP(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -75,13 +44,63 @@ class _IncMLP(torch.nn.Module):
         return self.head(self.trunk(x))
 
 
-def test_parity_separate_growing_head():
-    """An IncrementalClassifier grows between experiences: old rows regularized, new rows free."""
-    bench = tiny_nc(3)
+# Measured (CPU, float32): separate 7.1e-7 / 3.6e-7, online 7.3e-8 / 3.0e-8, multi-head and growing
+# head 0 / 3.0e-8 (max relative loss difference / max absolute parameter difference). Not bit for
+# bit: the consolidated quadratic and the per-experience sum round differently in float32.
+REL_LOSS_TOL, PARAM_TOL = 2e-6, 1e-6
+
+PARITY_CASES = {
+    "separate": (False, mlp, dict(mode="separate"), dict(mode="separate")),
+    "online": (False, mlp, dict(mode="online", decay=0.7), dict(mode="online", decay_factor=0.7)),
+    "multi-head": (True, MultiHeadMLP, dict(mode="separate"), dict(mode="separate")),
+    # an IncrementalClassifier grows between experiences: old rows regularized, new rows free
+    "growing-head": (False, _IncMLP, dict(mode="separate"), dict(mode="separate")),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_parity_with_ewc_plugin(case):
+    task_labels, make_model, ours_kw, theirs_kw = PARITY_CASES[case]
     rel, maxdiff = _compare(
-        bench, _IncMLP,
-        ParameterChangePlugin(LAMBDA, "minibatch_fisher", "separate", batch_size=32),
-        EWCPlugin(ewc_lambda=LAMBDA, mode="separate"),
+        tiny_nc(3, task_labels=task_labels), make_model,
+        ParameterChangePlugin(LAMBDA, "minibatch_fisher", batch_size=32, **ours_kw),
+        EWCPlugin(ewc_lambda=LAMBDA, **theirs_kw),
     )
-    print(f"growing head: max rel loss diff {rel:.2e}, max abs param diff {maxdiff:.2e}")
-    assert rel <= 1e-5 and maxdiff <= 1e-5
+    print(f"{case}: max rel loss diff {rel:.2e}, max abs param diff {maxdiff:.2e}")
+    assert rel <= REL_LOSS_TOL and maxdiff <= PARAM_TOL
+
+
+class FreezeFrom(SupervisedPlugin):
+    """Freezes the first layer from experience ``start`` on (before anything else runs)."""
+
+    def __init__(self, start):
+        super().__init__()
+        self.start = start
+
+    def before_training_exp(self, strategy, **kw):
+        if strategy.clock.train_exp_counter >= self.start:
+            strategy.model[0].weight.requires_grad_(False)
+            strategy.model[0].bias.requires_grad_(False)
+
+
+def test_online_decay_applies_to_frozen_parameters_as_in_ewc_plugin():
+    """Online mode: F <- decay * F + F_new for EVERY stored entry. A layer frozen after the first
+    experience gets no new importance, but its old one still decays (Avalanche: F_new = 0)."""
+    decay = 0.5
+    bench = tiny_nc(3)
+    ours = ParameterChangePlugin(LAMBDA, "minibatch_fisher", "online", decay=decay, batch_size=32)
+    theirs = EWCPlugin(ewc_lambda=LAMBDA, mode="online", decay_factor=decay)
+    m1, m2 = mlp(), mlp()
+    _, rec_a = run_naive(bench, m1, [FreezeFrom(1), theirs])
+    _, rec_o = run_naive(bench, m2, [FreezeFrom(1), ours])
+    got, ref = ours.importances, theirs.importances[2]
+    assert set(got) == {n for n, _ in m2.named_parameters()}
+    for n in got:
+        torch.testing.assert_close(got[n], ref[n].data, rtol=1e-5, atol=1e-12, msg=lambda m: f"{n}: {m}")
+    # the frozen layer's importance is its first-experience importance times decay**2, and > 0
+    frozen = ref["0.weight"].data
+    assert float(frozen.sum()) > 0
+    for n, p in ours.anchors.items():  # anchors: the parameters at the last consolidation
+        assert torch.equal(p, dict(m2.named_parameters())[n].detach())
+    la, lo = torch.tensor(rec_a.losses, dtype=torch.float64), torch.tensor(rec_o.losses, dtype=torch.float64)
+    assert ((la - lo).abs() / la.abs()).max().item() <= REL_LOSS_TOL

@@ -265,15 +265,19 @@ def test_logger_sees_penalty_and_importance_statistics():
         strategy.train(exp)
 
     assert len(produced) == 3
-    for stat in ("importance_mean", "importance_max", "importance_zero_frac", "importance_time_s"):
+    for stat in ("importance_mean", "importance_max", "importance_zero_frac"):
         rows = logger.of(f"ParameterChange/{stat}")
         assert [x for x, _ in rows] == [0, 1, 2], stat
+    # wall-clock time is not a metric (a resumed run could not reproduce it): history only
+    assert logger.of("ParameterChange/importance_time_s") == []
+    assert {n for n, _, _ in logger.records if n.startswith("ParameterChange/")} == {
+        f"ParameterChange/{s}" for s in ("importance_mean", "importance_max", "importance_zero_frac", "penalty_epoch")}
     for k, imp in enumerate(produced):
         flat = torch.cat([t.reshape(-1).double() for t in imp.values()])
         assert logger.of("ParameterChange/importance_mean")[k][1] == pytest.approx(flat.mean().item(), rel=1e-9)
         assert logger.of("ParameterChange/importance_max")[k][1] == pytest.approx(flat.max().item(), rel=1e-7)
         assert logger.of("ParameterChange/importance_zero_frac")[k][1] == pytest.approx((flat == 0).double().mean().item())
-        assert logger.of("ParameterChange/importance_time_s")[k][1] >= 0.0
+        assert plugin.history[k]["importance_time_s"] >= 0.0
         assert plugin.history[k]["importance_mean"] == pytest.approx(flat.mean().item(), rel=1e-9)
         assert plugin.history[k]["state_bytes"] == 2 * 4 * flat.numel()
 
@@ -470,3 +474,98 @@ def test_load_state_dict_errors():
     other.load_state_dict(good)
     for n, t in plugin.importances.items():
         assert torch.equal(other.importances[n], t)
+
+
+# ----------------------------------------------------------------------------- epoch metrics, distributed flag, arguments
+class RaiseOnce(SupervisedPlugin):
+    """After the plugin: raises in before_backward of the given iteration of one experience, once."""
+
+    def __init__(self, exp, iteration):
+        super().__init__()
+        self.exp, self.iteration, self.count, self.fired = exp, iteration, 0, False
+
+    def before_training_epoch(self, strategy, **kw):
+        self.count = 0
+
+    def before_backward(self, strategy, **kw):
+        self.count += 1
+        if not self.fired and strategy.clock.train_exp_counter == self.exp and self.count == self.iteration:
+            self.fired = True
+            raise RuntimeError("boom")
+
+
+def test_interrupted_epoch_leaks_nothing_into_the_next_epoch_metric():
+    logger = RecordingLogger()
+    plugin = ParameterChangePlugin(2.0, "uniform")
+    probe = PenaltyProbe(plugin)
+    strategy = make_strategy(mlp(), [plugin, probe, RaiseOnce(exp=1, iteration=3)],
+                             evaluator=EvaluationPlugin(loggers=[logger]), lr=0.1)
+    bench = tiny_nc(3)
+    strategy.train(bench.train_stream[0])
+    with pytest.raises(RuntimeError, match="boom"):
+        strategy.train(bench.train_stream[1])
+    assert len(probe.per_epoch[-1]) == 3 and max(probe.per_epoch[-1]) > 0  # a partial sum was running
+    strategy.train(bench.train_stream[1])  # the user retries the experience
+    pen = logger.of("ParameterChange/penalty_epoch")
+    assert len(pen) == 1
+    retried = probe.per_epoch[-1]
+    assert pen[0][1] == pytest.approx(sum(retried) / len(retried), rel=1e-6)
+
+
+def test_supports_distributed_declared_and_seen_by_avalanche(monkeypatch):
+    assert ParameterChangePlugin.supports_distributed is True
+    assert ParameterChangePlugin(1.0).supports_distributed is True
+    ours = make_strategy(mlp(), [ParameterChangePlugin(1.0)])
+    other = make_strategy(mlp(), [ParameterChangePlugin(1.0), SupervisedPlugin()])
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # what Avalanche's check reads
+    assert ours._check_distributed_training_compatibility() is True
+    # the check can fail: a plugin that does not declare it is reported
+    with pytest.warns(UserWarning, match="not compatible"):
+        assert other._check_distributed_training_compatibility() is False
+
+
+def test_plugin_keeps_to_the_callbacks():
+    """Avalanche's convention: before*/after* names are callbacks of SupervisedPlugin, nothing else;
+    mode and decay are read from the state, not copied."""
+    own = {n for n in vars(ParameterChangePlugin) if n.startswith(("before", "after"))}
+    assert own and own <= set(dir(SupervisedPlugin))
+    plugin = ParameterChangePlugin(1.0, mode="online", decay=0.3)
+    assert (plugin.mode, plugin.decay) == (plugin.state.mode, plugin.state.decay) == ("online", 0.3)
+    _train_one(plugin)
+    assert plugin.mode is plugin.state.mode
+
+
+def test_load_state_dict_with_other_importance_or_factor_warns_or_raises():
+    plugin = ParameterChangePlugin(1.0, "uniform")
+    _train_one(plugin)
+    sd = plugin.state_dict()
+    with pytest.warns(UserWarning, match=r"importance='uniform' \(this plugin: importance='empirical_fisher'\)"):
+        ParameterChangePlugin(1.0).load_state_dict(sd)
+    with pytest.warns(UserWarning, match=r"factor=1\.0 \(this plugin: factor=3\.0\)"):
+        ParameterChangePlugin(3.0, "uniform").load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"importance='uniform'.*factor=1\.0.*strict=True"):
+        ParameterChangePlugin(3.0).load_state_dict(sd, strict=True)
+    strict_ok = ParameterChangePlugin(1.0, "uniform")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strict_ok.load_state_dict(sd, strict=True)  # same settings: silent
+    for n, t in plugin.importances.items():
+        assert torch.equal(strict_ok.importances[n], t)
+
+
+def test_integer_like_arguments():
+    np = pytest.importorskip("numpy")
+    plugin = ParameterChangePlugin(1.0, batch_size=np.int64(16), num_samples=np.int32(40), seed=np.int64(3))
+    assert (plugin.batch_size, plugin.num_samples, plugin.seed) == (16, 40, 3)
+    assert all(type(v) is int for v in (plugin.batch_size, plugin.num_samples, plugin.seed))
+    _train_one(plugin)
+    assert plugin.num_consolidations == 1
+    with pytest.raises(TypeError, match=r"seed must be an int .*got NoneType None"):
+        ParameterChangePlugin(1.0, seed=None)
+    with pytest.raises(TypeError, match=r"seed must be an int .*got float 1\.5"):
+        ParameterChangePlugin(1.0, seed=1.5)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive int or None, got float64"):
+        ParameterChangePlugin(1.0, batch_size=np.float64(16))
+    with pytest.raises(ValueError, match=r"num_samples must be a positive int or None, got str '5'"):
+        ParameterChangePlugin(1.0, num_samples="5")

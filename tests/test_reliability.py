@@ -1,8 +1,10 @@
-"""Reliability (issue #7): transactional consolidation, autocast, devices, checkpoints, long streams."""
+"""Reliability: transactional consolidation, autocast, devices, checkpoints, long streams, names under
+wrappers (torch.compile, DataParallel), anchors as copies in every dtype, divergence, kept gradients."""
 
 import copy
 import gc
 import io
+import warnings
 
 import pytest
 import torch
@@ -332,3 +334,276 @@ def test_long_stream_memory_flat():
     theirs = run(ewc, lambda: _ewc_bytes(ewc), n_exps=20)
     assert theirs[2][0] == 2 * (2 * P * 4)
     assert theirs[20][0] == 10 * theirs[2][0]
+
+
+# ----------------------------------------------------------------------------- names under wrappers
+class LossRecorderAfter(SupervisedPlugin):
+    """After the plugin: the loss (penalty included) and the plugin's penalty at every step."""
+
+    def __init__(self, plugin):
+        super().__init__()
+        self.plugin, self.losses, self.penalties = plugin, [], []
+
+    def before_backward(self, strategy, **kw):
+        self.losses.append(float(strategy.loss.detach()))
+        self.penalties.append((strategy.clock.train_exp_counter, float(self.plugin.penalty(strategy.model).detach())))
+
+
+def _run_wrapped(wrap_from=None, wrap=None, plugin=None, n_exps=3):
+    torch.manual_seed(0)
+    model = mlp()
+    plugin = plugin or ParameterChangePlugin(50.0, "empirical_fisher")
+    rec = LossRecorderAfter(plugin)
+    strategy = make_strategy(model, [plugin, rec])
+    for k, exp in enumerate(list(tiny_nc(3).train_stream)[:n_exps]):
+        if wrap_from is not None and k == wrap_from:
+            strategy.model = wrap(model)
+        torch.manual_seed(10 + k)
+        strategy.train(exp)
+    return plugin, rec, strategy
+
+
+@pytest.mark.parametrize("wrapper", ["compile", "dataparallel"])
+def test_wrapping_the_model_after_the_first_experience_keeps_the_penalty(wrapper):
+    """torch.compile adds '_orig_mod.' to every name, DataParallel 'module.': the stored names must
+    still match, the penalty must stay on, and the state must not grow a second copy."""
+    if wrapper == "compile":
+        wrap = lambda m: torch.compile(m, backend="eager")  # noqa: E731  (adds the prefix like any backend)
+    else:
+        wrap = nn.DataParallel  # on CPU: a plain call of the module, but the 'module.' names
+    plain, rec_plain, _ = _run_wrapped()
+    wrapped, rec_wrapped, strategy = _run_wrapped(wrap_from=1, wrap=wrap)
+    prefix = "_orig_mod." if wrapper == "compile" else "module."
+    assert all(n.startswith(prefix) for n, _ in strategy.model.named_parameters())
+    assert sorted(wrapped.importances) == sorted(plain.importances) == ["0.bias", "0.weight", "2.bias", "2.weight",
+                                                                       "4.bias", "4.weight"]
+    assert wrapped.state.nbytes() == plain.state.nbytes()
+    later = [v for e, v in rec_wrapped.penalties if e > 0]
+    assert len(later) > 2 and later[0] == 0.0 and min(later[1:]) > 0  # 0 only at the anchor itself
+    la, lb = torch.tensor(rec_plain.losses, dtype=F64), torch.tensor(rec_wrapped.losses, dtype=F64)
+    assert len(la) == len(lb)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=0)
+
+
+def test_state_saved_with_compile_prefix_loads_into_plain_model():
+    plain, _, strategy = _run_wrapped(n_exps=2)
+    sd = plain.state_dict()
+    # what a state written from a compiled model by an earlier version looked like
+    for key in ("importances", "anchors"):
+        sd["state"][key] = {f"_orig_mod.{n}": t for n, t in sd["state"][key].items()}
+    loaded = ParameterChangePlugin(50.0, "empirical_fisher")
+    loaded.load_state_dict(sd)
+    assert sorted(loaded.importances) == sorted(plain.importances)
+    model = copy.deepcopy(strategy.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    assert loaded.penalty(model).item() == plain.penalty(model).item() > 0
+    dup = copy.deepcopy(plain.state_dict())
+    dup["state"]["importances"]["_orig_mod.0.bias"] = dup["state"]["importances"]["0.bias"]
+    dup["state"]["anchors"]["_orig_mod.0.bias"] = dup["state"]["anchors"]["0.bias"]
+    with pytest.raises(ValueError, match=r"'0\.bias'.*'_orig_mod\.0\.bias'.*'0\.bias'"):
+        ParameterChangePlugin(50.0, "empirical_fisher").load_state_dict(dup)
+
+
+def test_stored_names_missing_from_model_raise_or_warn():
+    plain, _, _ = _run_wrapped(n_exps=1)
+    sd = copy.deepcopy(plain.state_dict())
+    for key in ("importances", "anchors"):
+        sd["state"][key]["ghost.weight"] = torch.ones(3)
+    strict = ParameterChangePlugin(50.0, "empirical_fisher")
+    strict.load_state_dict(sd)
+    strategy = make_strategy(mlp(), [strict])
+    with pytest.raises(ValueError, match=r"stored parameters \['ghost\.weight'\] are missing from the model.*strict=False"):
+        strategy.train(tiny_nc(3).train_stream[1])
+    lenient = ParameterChangePlugin(50.0, "empirical_fisher", strict=False)
+    lenient.load_state_dict(sd)
+    strategy = make_strategy(mlp(), [lenient])
+    with pytest.warns(UserWarning, match=r"stored parameters \['ghost\.weight'\] are missing from the model"):
+        strategy.train(tiny_nc(3).train_stream[1])
+    assert lenient.num_consolidations == 2
+    with pytest.raises(TypeError, match="strict"):
+        ParameterChangePlugin(1.0, strict="yes")
+
+
+# ----------------------------------------------------------------------------- anchors are copies, any dtype
+class SnapshotBefore(SupervisedPlugin):
+    """Before the plugin: the parameters at each consolidation (the anchors it must store)."""
+
+    def __init__(self):
+        super().__init__()
+        self.params = []
+
+    def after_training_exp(self, strategy, **kw):
+        self.params.append({n: p.detach().clone() for n, p in strategy.model.named_parameters()})
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["online", "separate"])
+def test_anchors_are_copies_for_every_dtype(dtype, mode):
+    """Online mode on a float64 model stored the parameters themselves as anchors (a .to() that
+    copies nothing): the anchor followed the parameter and the penalty was always 0."""
+    model = CastingMLP().to(dtype)
+    plugin = ParameterChangePlugin(3.0, "uniform", mode)
+    snap = SnapshotBefore()
+    strategy = make_strategy(model, [snap, plugin], lr=0.1)
+    bench = tiny_nc(2)
+    strategy.train(bench.train_stream[0])
+    params = dict(model.named_parameters())
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for d in (plugin.importances, plugin.anchors):
+        assert all(t.dtype == dtype for t in d.values())
+        assert not storages & {t.untyped_storage().data_ptr() for t in d.values()}
+    strategy.train(bench.train_stream[1])  # the model moves away from the anchors
+    anchors = snap.params[0] if mode == "separate" else snap.params[1]
+    if mode == "online":
+        for n, mu in plugin.anchors.items():
+            assert torch.equal(mu, anchors[n]), n
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.25)
+    ref = 0.0
+    for n, A in plugin.importances.items():
+        if mode == "online":  # uniform: A = decay * 1 + 1 = 2, mu = theta at the 2nd consolidation
+            ref += 2.0 * float(((params[n].detach().double() - anchors[n].double()) ** 2).sum())
+        else:  # A = 2, mu = mean of the two anchors, c = sum (theta1 - theta2)**2 / 2
+            t1, t2 = snap.params[0][n].double(), snap.params[1][n].double()
+            p = params[n].detach().double()
+            ref += float(((p - t1) ** 2 + (p - t2) ** 2).sum())
+    pen = plugin.penalty(model)
+    assert ref > 0
+    assert pen.item() == pytest.approx(3.0 * ref, rel=5e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+# ----------------------------------------------------------------------------- NaN / inf
+def test_consolidating_a_diverged_model_raises_and_keeps_state():
+    plugin = ParameterChangePlugin(1.0, "uniform")
+    model = mlp()
+    strategy = make_strategy(model, [plugin])
+    bench = tiny_nc(3)
+    strategy.train(bench.train_stream[0])
+    before = copy.deepcopy(plugin.state_dict())
+    good = copy.deepcopy(model.state_dict())
+
+    class Diverge(SupervisedPlugin):
+        def after_training_epoch(self, strategy, **kw):
+            with torch.no_grad():
+                strategy.model[2].weight[0, 0] = float("nan")
+
+    strategy.plugins.insert(0, Diverge())
+    with pytest.raises(ValueError, match=r"parameter '2\.weight' has 1 NaN/inf entries .*diverged"):
+        strategy.train(bench.train_stream[1])
+    sd_equal(before, plugin.state_dict())
+    # the user rolls the model back: the penalty is finite and training goes on
+    strategy.plugins.pop(0)
+    model.load_state_dict(good)
+    assert torch.isfinite(plugin.penalty(model))
+    strategy.train(bench.train_stream[1])
+    assert plugin.num_consolidations == 2 and torch.isfinite(plugin.penalty(model))
+    assert all(torch.isfinite(t).all() for t in plugin.anchors.values())
+
+
+class PoisonAt(SupervisedPlugin):
+    """Before the plugin: sets one weight to inf before the forward of the given iteration of the
+    given experience's first epoch (the loss then is NaN/inf too, but the penalty is what we check)."""
+
+    def __init__(self, exp, iteration):
+        super().__init__()
+        self.exp, self.iteration, self.count = exp, iteration, 0
+
+    def before_training_epoch(self, strategy, **kw):
+        self.count = 0
+
+    def before_training_iteration(self, strategy, **kw):
+        self.count += 1
+        if strategy.clock.train_exp_counter == self.exp and self.count == self.iteration:
+            with torch.no_grad():
+                strategy.model[0].weight[0, 0] = float("inf")
+
+
+def test_nonfinite_penalty_raises_at_its_iteration():
+    plugin = ParameterChangePlugin(7.5, "uniform")
+    strategy = make_strategy(mlp(), [PoisonAt(exp=1, iteration=3), plugin])
+    bench = tiny_nc(3)
+    strategy.train(bench.train_stream[0])
+    with pytest.raises(FloatingPointError, match=r"at experience 1, epoch 0, iteration 3 of the epoch, with factor=7\.5"):
+        strategy.train(bench.train_stream[1])
+    assert strategy.clock.train_exp_iterations == 2  # stopped before the step of iteration 3
+
+
+def test_nonfinite_penalty_without_per_step_sync_raises_at_epoch_end():
+    """The CUDA path (forced here on the CPU): the first non-finite iteration is kept on the device
+    and reported once, at the end of the epoch, with its iteration number."""
+    plugin = ParameterChangePlugin(7.5, "uniform")
+    plugin._check_every_step_on = ()
+    strategy = make_strategy(mlp(), [PoisonAt(exp=1, iteration=2), plugin])
+    bench = tiny_nc(3)
+    strategy.train(bench.train_stream[0])
+    with pytest.raises(FloatingPointError, match=r"penalty is not finite at experience 1, epoch 0, iteration 2 of the epoch"):
+        strategy.train(bench.train_stream[1])
+    n_iter = -(-len(bench.train_stream[1].dataset) // 32)
+    assert n_iter == 3 and strategy.clock.train_exp_iterations == n_iter  # the whole epoch ran
+
+
+def test_nonfinite_penalty_warns_once_when_asked():
+    plugin = ParameterChangePlugin(7.5, "uniform", on_nonfinite="warn")
+    strategy = make_strategy(mlp(), [PoisonAt(exp=1, iteration=2), plugin], epochs=2)
+    bench = tiny_nc(3)
+    strategy.train(bench.train_stream[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # training went on (two epochs, one warning); the diverged model is then refused as anchor
+        with pytest.raises(ValueError, match="diverged"):
+            strategy.train(bench.train_stream[1])
+    assert strategy.clock.train_exp_epochs == 2
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "not finite" in str(w.message)]
+    assert len(msgs) == 1 and "iteration 2 of the epoch" in msgs[0] and "factor=7.5" in msgs[0]
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        ParameterChangePlugin(1.0, on_nonfinite="ignore")
+
+
+# ----------------------------------------------------------------------------- gradients kept by others
+class GradKeeper(SupervisedPlugin):
+    """After the plugin: torch.autograd.grad of the loss for the unused head (only the penalty
+    reaches it), kept across steps, with a copy taken at the time."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept, self.copies = [], []
+
+    def before_backward(self, strategy, **kw):
+        if strategy.clock.train_exp_counter == 0:
+            return
+        w = strategy.model.unused.weight
+        (g,) = torch.autograd.grad(strategy.loss, [w], retain_graph=True)
+        self.kept.append(g)
+        self.copies.append(g.clone())
+
+
+class UnusedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(12, 8)
+        self.head = nn.Linear(8, 6)
+        self.unused = nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_gradients_kept_across_steps_are_not_overwritten_in_training():
+    model = UnusedHead()
+    plugin = ParameterChangePlugin(2.0, "uniform")
+    keeper = GradKeeper()
+    strategy = make_strategy(model, [plugin, keeper], lr=0.1)
+    bench = tiny_nc(2)
+    strategy.train(bench.train_stream[0])
+    with torch.no_grad():
+        model.unused.weight.add_(1.0)  # away from its anchor: the penalty pulls it back, step by step
+    strategy.train(bench.train_stream[1])
+    assert len(keeper.kept) >= 3
+    for g, c in zip(keeper.kept, keeper.copies):
+        assert torch.equal(g, c)
+    assert not torch.equal(keeper.copies[0], keeper.copies[-1])
+    torch.testing.assert_close(keeper.copies[0], torch.full_like(keeper.copies[0], 2 * 2.0 * 1.0))

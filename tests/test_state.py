@@ -245,7 +245,7 @@ def test_property_100_experiences_wide_importances(seed, grow, appear, factor):
 @HYP
 @given(seed=st.integers(0, 2**31 - 1), T=st.integers(1, 12), mode=st.sampled_from(["separate", "online"]),
        decay=st.floats(0.0, 2.0), dtype=st.sampled_from([F64, torch.float32]))
-def test_property_penalty_nonnegative_and_zero_at_anchor_online(seed, T, mode, decay, dtype):
+def test_property_penalty_nonnegative_both_modes_and_zero_at_anchor_online(seed, T, mode, decay, dtype):
     history = make_history(T, seed, lo=1e-12, hi=1e6, dtype=dtype)
     state = run_state(history, mode, decay if mode == "online" else None)
     params = final_params(history, seed=seed + 7, dtype=dtype)
@@ -403,12 +403,93 @@ def test_memory_flat_over_100_experiences(dtype):
     shapes = {"a.weight": (7, 5), "a.bias": (7,), "b.weight": (3, 7)}
     P = sum(math.prod(s) for s in shapes.values())
     state = ConsolidatedState()
-    sizes = []
+    sizes, n_tensors = [], []
     for _ in range(100):
         F = {n: torch.rand(s, generator=g, dtype=F64).to(dtype) for n, s in shapes.items()}
         th = {n: torch.randn(s, generator=g, dtype=F64).to(dtype) for n, s in shapes.items()}
         state = state.consolidated(F, th)
         sizes.append(state.nbytes())
+        n_tensors.append(len(state.state_dict()["importances"]) + len(state.state_dict()["anchors"]))
     elem = torch.empty((), dtype=dtype).element_size()
     assert sizes == [2 * P * elem] * 100
-    assert sum(t.numel() * t.element_size() for d in (state.importances, state.anchors) for t in d.values()) == 2 * P * elem
+    # independently of nbytes(): what a checkpoint holds is two tensors per parameter, P elements
+    # each side, whatever the number of experiences (a per-experience store would hold 100x)
+    assert n_tensors == [2 * len(shapes)] * 100
+    buf = io.BytesIO()
+    torch.save(state.state_dict(), buf)
+    first = ConsolidatedState().consolidated(F, th)
+    buf1 = io.BytesIO()
+    torch.save(first.state_dict(), buf1)
+    assert len(buf.getvalue()) == len(buf1.getvalue())
+    sd = state.state_dict()
+    assert sum(t.numel() for t in sd["importances"].values()) == sum(t.numel() for t in sd["anchors"].values()) == P
+
+
+# ----------------------------------------------------------------------------- copies, non-finite, online decay
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_state_holds_copies_never_views(dtype, mode):
+    """In online mode mu = theta: for a float64 parameter a plain .to() returned the parameter
+    itself, so the anchor moved with it and the penalty stayed 0."""
+    theta = torch.randn(4, 3, dtype=F64).to(dtype)
+    F = torch.rand(4, 3, dtype=F64).to(dtype)
+    state = ConsolidatedState(mode, 0.5 if mode == "online" else None).consolidated({"w": F}, {"w": theta})
+    for t in (state.importances["w"], state.anchors["w"]):
+        assert t.untyped_storage().data_ptr() not in (theta.untyped_storage().data_ptr(), F.untyped_storage().data_ptr())
+    anchor = theta.clone()
+    theta += 1.0  # the model trains on
+    F.zero_()
+    assert torch.equal(state.anchors["w"], anchor)
+    expect = float((F64_(state.importances["w"]) * (F64_(theta) - F64_(anchor)) ** 2).sum())
+    assert expect > 0
+    assert state.penalty({"w": theta}, 1.0).item() == pytest.approx(expect, rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    # from_state_dict copies too
+    sd = state.state_dict()
+    loaded = ConsolidatedState.from_state_dict(sd)
+    sd["anchors"]["w"].add_(5.0)
+    assert torch.equal(loaded.anchors["w"], anchor)
+
+
+def F64_(t):
+    return t.to(F64)
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_parameters_are_refused_state_unchanged(mode, bad):
+    state = run_state(make_history(2, seed=8), mode, 0.5 if mode == "online" else None)
+    before = _snapshot(state)
+    exp = make_history(3, seed=8)[2]
+    params = {n: th.clone() for n, (_, th) in exp.items()}
+    params["trunk.weight"][1, 2] = bad
+    with pytest.raises(ValueError, match=r"parameter 'trunk\.weight' has 1 NaN/inf entries of 12"):
+        state.consolidated({n: F for n, (F, _) in exp.items()}, params)
+    _assert_sd_equal(before, _snapshot(state))
+    # 'uniform' importances are finite whatever the parameters: the parameter check is what refuses
+    with pytest.raises(ValueError, match="trunk"):
+        state.consolidated({n: torch.ones_like(p) for n, p in params.items()}, params)
+    sd = state.state_dict()
+    sd["anchors"]["trunk.weight"][0, 0] = bad
+    with pytest.raises(ValueError, match=r"anchor in state_dict 'trunk\.weight'"):
+        ConsolidatedState.from_state_dict(sd)
+
+
+def test_online_decays_entries_without_new_importance():
+    """A stored entry that gets no importance this time (frozen, left out) decays: A <- decay * A,
+    and its anchor moves to the current parameter when given (Avalanche: F_new = 0)."""
+    s1 = ConsolidatedState("online", 0.5).consolidated(
+        {"a": torch.full((2,), 4.0, dtype=F64), "b": torch.full((3,), 8.0, dtype=F64)},
+        {"a": torch.zeros(2, dtype=F64), "b": torch.zeros(3, dtype=F64)})
+    s2 = s1.consolidated({"a": torch.ones(2, dtype=F64)},
+                         {"a": torch.ones(2, dtype=F64), "b": torch.full((3,), 2.0, dtype=F64)})
+    torch.testing.assert_close(s2.importances["a"], torch.full((2,), 3.0, dtype=F64), rtol=0, atol=0)
+    torch.testing.assert_close(s2.importances["b"], torch.full((3,), 4.0, dtype=F64), rtol=0, atol=0)
+    torch.testing.assert_close(s2.anchors["b"], torch.full((3,), 2.0, dtype=F64), rtol=0, atol=0)
+    # not given at all (no longer in the model): decayed, anchor kept
+    s3 = s2.consolidated({"a": torch.ones(2, dtype=F64)}, {"a": torch.ones(2, dtype=F64)})
+    torch.testing.assert_close(s3.importances["b"], torch.full((3,), 2.0, dtype=F64), rtol=0, atol=0)
+    torch.testing.assert_close(s3.anchors["b"], torch.full((3,), 2.0, dtype=F64), rtol=0, atol=0)
+    # separate mode keeps such entries exactly
+    t1 = ConsolidatedState().consolidated({"b": torch.full((3,), 8.0, dtype=F64)}, {"b": torch.zeros(3, dtype=F64)})
+    t2 = t1.consolidated({}, {"b": torch.full((3,), 2.0, dtype=F64)})
+    assert torch.equal(t2.importances["b"], t1.importances["b"]) and torch.equal(t2.anchors["b"], t1.anchors["b"])
