@@ -30,6 +30,7 @@ from avalanche.training.utils import _at_task_boundary
 
 from ._checks import check_choice, check_nonneg_finite, check_positive_int
 from .importance import SITracker, compute_importance, resolve_method
+from .importance._common import check_output_transform
 from .importance._persample import DEFAULT_CHUNK
 from .penalty import Workspace
 from .state import ConsolidatedState
@@ -84,6 +85,8 @@ class ParameterChangePlugin(SupervisedPlugin):
     :param xi: SI's damping term in ``omega / (delta**2 + xi)``.
     :param seed: seeds the importance subset and ``fisher``'s sampled labels.
     :param impl: penalty kernel, ``"foreach"`` or ``"forloop"``; None picks per device.
+    :param output_transform: ``model_output -> logits`` for the importance pass of a model that
+        returns a tuple, dict or object (see :func:`compute_importance`); ``criterion`` then gets logits.
 
     Frozen parameters (``requires_grad=False``) are never regularized. Parameters that got no
     gradient get zero importance.
@@ -107,6 +110,7 @@ class ParameterChangePlugin(SupervisedPlugin):
         seed: int = 0,
         impl: Optional[str] = None,
         chunk_size: int = DEFAULT_CHUNK,
+        output_transform: Optional[Callable] = None,
     ):
         super().__init__()
         self.factor = check_nonneg_finite("factor", factor)
@@ -129,6 +133,7 @@ class ParameterChangePlugin(SupervisedPlugin):
             check_choice("impl", impl, ("foreach", "forloop"))
         self.seed, self.impl = int(seed), impl
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.output_transform = check_output_transform(output_transform)
         self._si = SITracker(xi) if self.importance_name == "si" else None
         self.xi = xi
 
@@ -330,6 +335,7 @@ class ParameterChangePlugin(SupervisedPlugin):
                 names=list(params),
                 seed=self.seed + int(strategy.clock.train_exp_counter),
                 chunk_size=self.chunk_size,
+                output_transform=self.output_transform,
             )
         # Anything that fails above or here leaves self._state as it was.
         new_state = self._state.consolidated(importances, params, estimator=self.importance_name)
