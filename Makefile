@@ -20,10 +20,12 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m avalanche_pcreg.experiments $(DEMO_ARGS)
 
+# `make bench BENCH_ARGS='--device cuda'`: BENCH_ARGS go to every script; BENCH_SCRIPTS picks some of
+# penalty importance memory, e.g. the peer table:
+# `make bench BENCH_SCRIPTS=importance BENCH_ARGS='--peers --peers-md benchmarks/RESULTS.md'`
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_penalty.py
-	$(PY) benchmarks/bench_importance.py
-	$(PY) benchmarks/bench_memory.py
+	set -e; for s in $(or $(BENCH_SCRIPTS),penalty importance memory); do \
+		$(PY) benchmarks/bench_$$s.py $(BENCH_ARGS); done
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
