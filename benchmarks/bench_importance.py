@@ -23,6 +23,13 @@ gradients or optimizer state yet) is the reference.
     python benchmarks/bench_importance.py --quick          # smoke test
     python benchmarks/bench_importance.py --device cuda    # MLP + ResNet-18 (N=2048 / 512)
     python benchmarks/bench_importance.py --resnet         # CPU with ResNet-18 as well (slow; N=128)
+    python benchmarks/bench_importance.py --peers --peers-md benchmarks/RESULTS.md   # the peer table
+
+``--peers``: ours against BackPACK, Opacus and nngeometry (those installed; see ``peers.py``) and a
+per-sample loop, for the empirical and the exact expected Fisher on the MLP and ResNet-18, as
+throughput relative to the floor (a plain minibatch forward + backward of the mean loss over the
+same data), on 1 thread unless ``--threads`` is given; every variant's result is checked against
+ours first.
 """
 
 from __future__ import annotations
