@@ -166,10 +166,11 @@ def compute_importance(
     :param names: parameters to estimate; default every parameter with requires_grad.
     :param seed: seeds the subset and the labels drawn by ``fisher``.
     :param output_transform: a callable ``model_output -> logits Tensor`` for models that return
-        a tuple, a dict or an object (e.g. ``lambda out: out[0]``); every estimator, and the
-        ``criterion``, then sees the logits. Without it a Tensor is used as is, a mapping with a
-        ``"logits"`` Tensor or a single Tensor entry and an object with a ``.logits`` Tensor (Hugging
-        Face outputs) give those logits, and any other output is a TypeError.
+        a tuple, a dict or an object (e.g. ``lambda out: out[0]``); every registered estimator,
+        and the ``criterion``, then sees the logits (a user callable gets the model as it is).
+        Without it, a Tensor is used as is; a mapping with a ``"logits"`` Tensor or a single
+        Tensor entry, and an object with a ``.logits`` Tensor (Hugging Face outputs), give those
+        logits; any other output is a TypeError.
 
     Under ``torch.distributed``, the per-sample estimators (``*fisher`` but ``minibatch_fisher``,
     ``mas``) shard a Dataset by rank and all-reduce sums and counts: every rank gets the estimate
