@@ -398,13 +398,27 @@ def run_peer_row(model_name, est, args, device, log):
             continue
         out["variants"][k] = dict(col=col_of[k], sps=[n / t for t in times[k]],
                                   ratio=ratios(times["floor"], times[k]), check=checks.get(k))
-    rows = [["floor (minibatch forward+backward, mean loss)", fmt_spread(out["floor"], 1.0, 0), "1.000", "-"]]
+    def digits(xs):
+        return 0 if min(xs) >= 100 else 2
+
+    rows = [["floor (minibatch forward+backward, mean loss)", fmt_spread(out["floor"], 1.0, digits(out["floor"])),
+             "1.000", "-"]]
     for k, v in out["variants"].items():
-        rows.append([k, fmt_spread(v["sps"], 1.0, 0), fmt_spread(v["ratio"], 1.0, 3),
+        rows.append([k, fmt_spread(v["sps"], 1.0, digits(v["sps"])),
+                     fmt_spread(v["ratio"], 1.0, 3 if min(v["ratio"]) >= 0.01 else 4),
                      f"{v['check'][0]:.1e} ({v['check'][1]}/{v['check'][2]})" if v["check"] else "(reference)"])
     print_table(["variant", "samples/s median [min, max]", "throughput / floor [min, max]",
                  "max rel diff vs ours (tensors)"], rows)
     return out
+
+
+def rate_txt(x: float) -> str:
+    """samples/s with enough digits for slow variants (a ResNet-18 expected Fisher runs < 1/s)."""
+    return f"{x:,.0f}" if x >= 100 else (f"{x:.1f}" if x >= 10 else f"{x:.2g}")
+
+
+def ratio_txt(r: float) -> str:
+    return f"{r:.2f}" if r >= 0.1 else f"{r:.2g}"
 
 
 def peers_markdown(results, args, device, started, load_start) -> str:
@@ -422,7 +436,7 @@ def peers_markdown(results, args, device, started, load_start) -> str:
             label = k.split(": ", 1)[1]
             r = statistics.median(v["ratio"])
             sps = statistics.median(v["sps"])
-            txt = f"{r:.2f}× ({sps:,.0f}/s)"
+            txt = f"{ratio_txt(r)}× ({rate_txt(sps)}/s)"
             if col in ("backpack",) and len(vs) > 1 or col == "opacus" and "passes" in label:
                 txt = f"{label}: {txt}"
             parts.append(txt)
@@ -436,11 +450,11 @@ def peers_markdown(results, args, device, started, load_start) -> str:
                  f"device {device.type}, {torch.get_num_threads()} thread(s).")
     lines.append("")
     lines.append("| model, estimator | N, batch | floor samples/s | " +
-                 " | ".join(PEER_TITLES[c] for c in PEER_COLUMNS) + " | load avg (1 min) at end |")
+                 " | ".join(PEER_TITLES[c] for c in PEER_COLUMNS) + " | load avg (1 min) at end of row |")
     lines.append("|---" * (len(PEER_COLUMNS) + 4) + "|")
     for (model_name, est), row in results.items():
         lines.append(f"| {MODEL_TITLES[model_name]}, {EST_TITLES[est]} | {row['n']}, {row['batch']} | "
-                     f"{statistics.median(row['floor']):,.0f} | "
+                     f"{rate_txt(statistics.median(row['floor']))} | "
                      + " | ".join(cell(row, c) for c in PEER_COLUMNS) + f" | {row['load_end']:.2f} |")
     lines.append("")
     lines.append("Opacus keeps one forward's activations per backward, so its exact expected Fisher takes one "

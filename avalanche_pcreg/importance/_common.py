@@ -28,8 +28,8 @@ def is_multitask(model: nn.Module) -> bool:
 # model_forward / functional_forward so that every estimator sees logits, whatever the model returns.
 _OUTPUT_TRANSFORM: contextvars.ContextVar = contextvars.ContextVar("pcreg_output_transform", default=None)
 
-_TRANSFORM_EXAMPLE = ("e.g. compute_importance(..., output_transform=lambda out: out[0]) for a tuple, "
-                      "output_transform=lambda out: out['logits'] for a dict")
+_TRANSFORM_EXAMPLE = ("e.g. output_transform=lambda out: out[0] for a tuple, or lambda out: out['logits'] "
+                      "for a dict (an argument of compute_importance and of ParameterChangePlugin)")
 
 
 def check_output_transform(output_transform):
