@@ -30,15 +30,36 @@ def floats(pattern, text):
     return found
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_help(script, tmp_path):
-    r = run(script, "--help", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "--device {cpu,cuda}" in r.stdout and "--threads" in r.stdout
-    if script == "bench_importance.py":
-        assert "--peers" in r.stdout and "--peers-md" in r.stdout and "--rounds" in r.stdout
-    if script == "bench_penalty.py":
-        assert "--rounds" in r.stdout and "--min-steps" in r.stdout
+HELP_ALL = """
+import runpy, sys
+for script in sys.argv[1:]:
+    sys.argv = [script, "--help"]
+    print("=== " + script, flush=True)
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        print("=== exit", e.code, flush=True)
+"""
+
+
+def test_help(tmp_path):
+    """Each script's --help, run as __main__ (one subprocess for the three: imports are the cost)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-c", HELP_ALL, *[os.path.join(BENCH, s) for s in SCRIPTS]], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parts = r.stdout.split("=== ")[1:]
+    assert len(parts) == 2 * len(SCRIPTS)
+    for i, script in enumerate(SCRIPTS):
+        head, text, code = parts[2 * i], parts[2 * i].split("\n", 1)[1], parts[2 * i + 1]
+        assert head.startswith(os.path.join(BENCH, script)) and code.strip() == "exit 0", (script, code)
+        assert f"usage: {script}" in text and "--device {cpu,cuda}" in text and "--threads" in text
+        if script == "bench_importance.py":
+            assert "--peers" in text and "--peers-md" in text and "--rounds" in text
+        if script == "bench_penalty.py":
+            assert "--rounds" in text and "--min-steps" in text
+        if script == "bench_memory.py":
+            assert "--T T" in text
 
 
 def load_script(name):
