@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import weakref
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -232,7 +232,3 @@ PEER_VARIANTS: Dict[str, Dict[str, list]] = {
 def available(peer: str) -> bool:
     return peer_version(peer) is not None
 
-
-def fn_map() -> Dict[str, Callable]:
-    return {f"{peer} {label}": fn for est in PEER_VARIANTS.values() for peer, lst in est.items()
-            for label, fn in lst}
