@@ -43,10 +43,12 @@ test-fast: $(VENV)/.installed-test
 demo: $(VENV)/.installed-experiments
 	$(PY) -m avalanche_pcreg.experiments $(DEMO_ARGS)
 
+# `make bench BENCH_ARGS='--device cuda'`: BENCH_ARGS go to every script; BENCH_SCRIPTS picks some of
+# penalty importance memory, e.g. the peer table:
+# `make bench BENCH_SCRIPTS=importance BENCH_ARGS='--peers --peers-md benchmarks/RESULTS.md'`
 bench: $(VENV)/.installed-experiments
-	$(PY) benchmarks/bench_penalty.py $(BENCH_ARGS)
-	$(PY) benchmarks/bench_importance.py $(BENCH_ARGS)
-	$(PY) benchmarks/bench_memory.py $(BENCH_ARGS)
+	set -e; for s in $(or $(BENCH_SCRIPTS),penalty importance memory); do \
+		$(PY) benchmarks/bench_$$s.py $(BENCH_ARGS); done
 
 # Build the wheel, install it with --no-deps into a fresh venv on top of BASE_PYTHON's torch and
 # avalanche-lib, and run the README's usage example there.

@@ -39,7 +39,7 @@ from ._data import IMPORTANCE_DATA, importance_criterion, importance_dataset
 from ._guards import capped, penalty_ratio_message, sgd_instability
 from ._stats import importance_stats
 from .importance import ESTIMATORS, TrajectoryEstimator, compute_importance, resolve_estimator
-from .importance._common import eval_mode, model_forward
+from .importance._common import check_output_transform, eval_mode, model_forward
 from .importance._persample import DEFAULT_CHUNK
 from .selection import ParameterSelection, canonical_name, named_parameters, raw_names, unwrap
 from .state import ConsolidatedState
@@ -100,6 +100,8 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         raise ValueError (True) or warn (False; those entries then add nothing to the penalty).
     :param on_nonfinite: a non-finite penalty raises FloatingPointError (``"raise"``) or warns
         once (``"warn"``).
+    :param output_transform: ``model_output -> logits`` for the importance pass of a model that
+        returns a tuple, dict or object (see :func:`compute_importance`); ``criterion`` then gets logits.
 
     Frozen parameters (``requires_grad=False``) are never regularized. Parameters that got no
     gradient get zero importance. Names are those of the plain model: DDP/DataParallel's
@@ -134,6 +136,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         warn_ratio: Optional[float] = 1e4,
         strict: bool = True,
         on_nonfinite: str = "raise",
+        output_transform: Optional[Callable] = None,
     ):
         super().__init__()
         self.factor = check_nonneg_finite("factor", factor)
@@ -188,6 +191,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         self.strict = strict
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.output_transform = check_output_transform(output_transform)
         self.xi = xi
         self._ratio_checked = True  # the penalty/loss check runs once per experience
 
@@ -498,6 +502,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
                 names=[raw[n] for n in params],
                 seed=self.seed + int(strategy.clock.train_exp_counter),
                 chunk_size=self.chunk_size,
+                output_transform=self.output_transform,
             )
             data_importance = {canonical_name(n): t for n, t in data_importance.items()}
         tracker_before = self._tracker.state_dict() if self._tracker is not None else None

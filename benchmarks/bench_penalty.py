@@ -347,6 +347,10 @@ def main():
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
     p.add_argument("--budget", type=float, default=None, help="seconds per variant per round (caps slow ones)")
+    p.add_argument("--min-steps", type=int, default=None, help="timed steps per variant per round at least "
+                   "(when --budget caps a slow variant)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per variant before timing")
+    p.add_argument("--block", type=int, default=None, help="consecutive calls of one variant when interleaving")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of ours at the largest T")
     p.add_argument("--plot", default=os.path.join(HERE, "step_time_vs_T.png"))
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,

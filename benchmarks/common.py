@@ -32,7 +32,8 @@ warnings.filterwarnings("ignore", category=UserWarning, module="avalanche")
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="smoke test: a few steps, seconds")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", type=device_arg, default="cpu", metavar="{cpu,cuda}",
+                   help="cpu, or cuda: the first GPU (cuda:0); refused here when CUDA is not available")
     p.add_argument("--resnet", action="store_true",
                    help="also run ResNet-18 (always on with --device cuda; slow on the CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -74,11 +75,30 @@ def apply_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda":
+def device_arg(value: str) -> str:
+    """The ``--device`` type: ``cpu``, or ``cuda`` (also ``cuda:0``, ``gpu``), which argparse refuses
+    (before any work) on a machine where torch sees no CUDA device."""
+    v = str(value).strip().lower()
+    if v == "cpu":
+        return "cpu"
+    if v in ("cuda", "cuda:0", "gpu"):
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda given but torch.cuda.is_available() is False")
-        return torch.device("cuda")
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: no CUDA device is available (torch {torch.__version__}, CUDA build "
+                f"{torch.version.cuda or 'none'}, torch.cuda.is_available() is False); run it on a machine "
+                "with an NVIDIA GPU, or use --device cpu")
+        return "cuda"
+    raise argparse.ArgumentTypeError(f"invalid device {value!r}: choose cpu or cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cuda`` is the first GPU, made the current device, so that every CUDA call (synchronize,
+    memory statistics, new tensors) refers to it."""
+    if name == "cuda":
+        if not torch.cuda.is_available():  # device_arg refuses this at parse time already
+            raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
     return torch.device("cpu")
 
 
@@ -158,8 +178,10 @@ def fake_strategy(model, device, exp_counter: int, loss=None):
 
 # ---------------------------------------------------------------------------------------- timing
 def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    """Wait for the GPU's queued work (CUDA kernels run asynchronously); no-op on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], object], device) -> float:
@@ -287,9 +309,9 @@ class PeakMemory:
 
     def __enter__(self):
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
         else:
             import gc
 
@@ -300,8 +322,8 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
             if not self.ok:  # fall back to the lifetime peak
                 import resource

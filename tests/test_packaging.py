@@ -192,7 +192,9 @@ def test_wheel_metadata(wheel):
             'tqdm; extra == "experiments"'} <= requires
     assert not [r for r in requires if Requirement(r).name == "torchvision"
                 or any(s.operator == "==" for s in Requirement(r).specifier)]
-    assert set(info.get_all("Provides-Extra")) == {"experiments", "test"}
+    assert set(info.get_all("Provides-Extra")) == {"experiments", "test", "bench"}
+    assert {r for r in requires if r.endswith("extra == \"bench\"")} >= {
+        'backpack-for-pytorch>=1.7.1; extra == "bench"', 'opacus>=1.6.0; extra == "bench"'}
     assert "pcreg-compare = avalanche_pcreg.experiments.compare:main" in entry_points
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._checks import check_importance_tensor, check_positive_int
-from ._common import dist_rank_world, eval_mode, model_device, resolve_names
+from ._common import check_output_transform, dist_rank_world, eval_mode, model_device, resolve_names, using_output_transform
 from ._persample import DEFAULT_CHUNK
 from .avalanche_mas import avalanche_mas
 from .fisher import empirical_fisher, expected_fisher, fisher
@@ -295,6 +295,7 @@ def compute_importance(
     names: Optional[Sequence[str]] = None,
     seed: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
+    output_transform: Optional[Callable] = None,
 ) -> Dict[str, Tensor]:
     """Per-parameter importances ``{name: Tensor}`` of ``model`` on ``data``.
 
@@ -308,6 +309,12 @@ def compute_importance(
     :param num_samples: a seeded random subset of this many samples; None means all.
     :param names: parameters to estimate; default every parameter with requires_grad.
     :param seed: seeds the subset and the labels drawn by ``fisher``.
+    :param output_transform: a callable ``model_output -> logits Tensor`` for models that return
+        a tuple, a dict or an object (e.g. ``lambda out: out[0]``); every registered estimator,
+        and the ``criterion``, then sees the logits (a user callable gets the model as it is).
+        Without it, a Tensor is used as is; a mapping with a ``"logits"`` Tensor or a single
+        Tensor entry, and an object with a ``.logits`` Tensor (Hugging Face outputs), give those
+        logits; any other output is a TypeError.
 
     Under ``torch.distributed``, the per-sample estimators (``*fisher`` but ``minibatch_fisher``,
     ``mas``) shard a Dataset by rank and all-reduce sums and counts: every rank gets the estimate
@@ -319,6 +326,7 @@ def compute_importance(
     """
     name, fn = resolve_method(method)
     rec = ESTIMATORS[name] if isinstance(method, str) else _record_for_callable(fn)
+    check_output_transform(output_transform)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_positive_int("batch_size", batch_size)
@@ -339,7 +347,7 @@ def compute_importance(
         gen = torch.Generator()
         gen.manual_seed(int(seed))
         extra["uniforms"] = torch.rand(total, generator=gen, dtype=torch.float64)[rank::world]
-    with (eval_mode(model) if rec.eval_mode else _keep_mode(model)):
+    with (eval_mode(model) if rec.eval_mode else _keep_mode(model)), using_output_transform(output_transform):
         result = fn(model, loader, names=names, criterion=criterion, device=device, seed=seed,
                     limit=limit, chunk_size=chunk_size, **extra)
     if not isinstance(result, dict):

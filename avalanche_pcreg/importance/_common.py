@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import warnings
+from collections.abc import Mapping
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -22,22 +24,95 @@ def is_multitask(model: nn.Module) -> bool:
     return isinstance(target, MultiTaskModule)
 
 
+# The ``output_transform`` of the running importance pass (set by ``compute_importance``), read by
+# model_forward / functional_forward so that every estimator sees logits, whatever the model returns.
+_OUTPUT_TRANSFORM: contextvars.ContextVar = contextvars.ContextVar("pcreg_output_transform", default=None)
+
+_TRANSFORM_EXAMPLE = ("e.g. output_transform=lambda out: out[0] for a tuple, or lambda out: out['logits'] "
+                      "for a dict (an argument of compute_importance and of ParameterChangePlugin)")
+
+
+def check_output_transform(output_transform):
+    """``output_transform`` is None or a callable; TypeError otherwise."""
+    if output_transform is not None and not callable(output_transform):
+        raise TypeError(
+            "output_transform must be a callable model_output -> logits Tensor (or None), got "
+            f"{type(output_transform).__name__} {output_transform!r}; {_TRANSFORM_EXAMPLE}"
+        )
+    return output_transform
+
+
+@contextlib.contextmanager
+def using_output_transform(output_transform):
+    """Within the block, :func:`model_forward` applies ``output_transform`` to model outputs."""
+    token = _OUTPUT_TRANSFORM.set(check_output_transform(output_transform))
+    try:
+        yield
+    finally:
+        _OUTPUT_TRANSFORM.reset(token)
+
+
+def _describe(out) -> str:
+    if isinstance(out, Mapping):
+        return f"a {type(out).__name__} with keys {list(out.keys())}"
+    if isinstance(out, (tuple, list)):
+        kinds = [type(o).__name__ for o in out]
+        return f"a {type(out).__name__} of {len(out)} items ({', '.join(kinds)})"
+    return f"a {type(out).__name__}"
+
+
+def to_logits(out, output_transform=None) -> Tensor:
+    """The logits in a model's output.
+
+    With ``output_transform``: its result, which must be a Tensor. Without: a Tensor as is; and,
+    only where unambiguous, a mapping (``dict``, Hugging Face ``ModelOutput``) with a Tensor under
+    ``"logits"`` or with a single entry that is a Tensor, or an object with a Tensor ``.logits``
+    attribute. Anything else (a tuple, a mapping of several tensors without ``"logits"``...) is a
+    TypeError asking for ``output_transform``.
+    """
+    if output_transform is not None:
+        logits = output_transform(out)
+        if not isinstance(logits, Tensor):
+            raise TypeError(
+                f"output_transform must return the logits as a Tensor; given {_describe(out)} it returned "
+                f"{_describe(logits)}"
+            )
+        return logits
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), Tensor):
+            return out["logits"]
+        if len(out) == 1 and isinstance(next(iter(out.values())), Tensor):
+            return next(iter(out.values()))
+    elif isinstance(getattr(out, "logits", None), Tensor):
+        return out.logits
+    raise TypeError(
+        f"the model returned {_describe(out)}, not a Tensor of logits, and which part holds the logits "
+        "is ambiguous; pass output_transform= (a callable model_output -> logits Tensor), "
+        f"{_TRANSFORM_EXAMPLE}"
+    )
+
+
 def model_forward(model: nn.Module, x: Tensor, t: Optional[Tensor]) -> Tensor:
-    """``avalanche_forward``: task labels reach multi-head models, plain models get ``x`` only."""
+    """``avalanche_forward``, then the logits: task labels reach multi-head models, plain models
+    get ``x`` only; the output goes through the pass's ``output_transform`` (:func:`to_logits`)."""
     if is_multitask(model):
         if t is None:
             raise ValueError(
                 f"{type(model).__name__} is a multi-task model and needs task labels, but the data "
                 "yields (x, y) only; give a dataset that yields (x, y, task_label)"
             )
-        return model(x, t)
-    return model(x)
+        out = model(x, t)
+    else:
+        out = model(x)
+    return to_logits(out, _OUTPUT_TRANSFORM.get())
 
 
 def functional_forward(model: nn.Module, params: dict, x: Tensor, t: Optional[Tensor]) -> Tensor:
     """:func:`model_forward` with some parameters substituted (``torch.func.functional_call``)."""
     args = (x, t) if is_multitask(model) else (x,)
-    return torch.func.functional_call(model, params, args)
+    return to_logits(torch.func.functional_call(model, params, args), _OUTPUT_TRANSFORM.get())
 
 
 def unpack(batch, need_labels: bool, estimator: str) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
