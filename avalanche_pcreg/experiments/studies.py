@@ -49,10 +49,11 @@ def _title(config: Mapping[str, Any], scenario: str) -> str:
 
 def _experience_ticks(ax, n: int) -> None:
     """Experiences numbered 1..n (as in every figure of the harness), at most ~10 ticks."""
-    step = max(1, int(math.ceil(n / 10)))
-    ticks = list(range(1, n + 1, step))
-    if ticks[-1] != n:
-        ticks.append(n)
+    if n <= 10:
+        ticks = list(range(1, n + 1))
+    else:
+        step = next(s for s in (5, 10, 20, 25, 50, 100, 200, 500, 1000, 10 ** 9) if n / s <= 10)
+        ticks = [1] + list(range(step, n + 1, step))
     ax.set_xticks(ticks)
     ax.set_xlim(0.5, n + 0.5)
 
