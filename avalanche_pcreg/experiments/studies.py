@@ -167,14 +167,18 @@ def long_stream_plots(result, out: Path, scenario: str = "permuted") -> List[str
             if ys.shape[0] > 1:
                 ax.fill_between(xs, m - ys.std(0, ddof=1), m + ys.std(0, ddof=1), color=st["color"], alpha=0.15)
         _experience_ticks(ax, n)
-        ax.set_xlabel("experience (training on it)" if key != "acc_curve" else "experiences trained")
+        ax.set_xlabel({"acc_curve": "experiences trained", "reg_bytes_per_exp": "after training experience"}.get(
+            key, "experience (training on it)"))
         ax.set_ylabel(ylabel)
         if key == "acc_curve":
             ax.set_ylim(0, 1.0)
         else:
             ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{title}\nmean ± std over {len(next(iter(groups.values())))} seeds, each method at its chosen factor",
+        n_seeds = len(next(iter(groups.values())))
+        tuned = any(len(result.selection[(scenario, me)]["grid"]) > 1 for me in groups)
+        ax.set_title(f"{title}\n" + (f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "1 seed")
+                     + (", each method at its factor chosen on validation" if tuned else ", fixed factors"),
                      fontsize=10)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
         p = out / fname
