@@ -7,7 +7,6 @@ add an entry to :data:`STUDIES`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from .catalog import (
-    CIFAR_DATASETS, DATASETS, DEVICES, METHODS, MODELS, PRESETS, QUICK_SUBSAMPLE, SCENARIOS, STUDIES,
+    DATASETS, DEVICES, METHODS, MODELS, PRESETS, QUICK_SUBSAMPLE, SCENARIOS, STUDIES,
     method_grid, quick_grid,
 )
 
@@ -267,8 +267,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             load_arrays(a.dataset, a.data_root)
         except (FileNotFoundError, ValueError) as e:
             p.error(f"--data-root: {e}")
-        if a.dataset in CIFAR_DATASETS and a.model == "mlp" and a.hidden is None:
-            pass  # allowed: an MLP on flattened CIFAR images
     # the device: before any training
     if a.device != "cpu":
         from .runner import resolve_device

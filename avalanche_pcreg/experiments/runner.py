@@ -22,6 +22,10 @@ Protocol (the same for every method):
 * a seed fixes the benchmark (validation split, permutations), the model initialisation and the
   data order; every method sees the same seeds.
 
+Every finished run is appended to ``<out>/runs.jsonl`` as it ends (:class:`ResultStore`); a rerun
+skips the runs already there (matched by :func:`run_key`), so an interrupted sweep resumes and ends
+with the same tables. ``Settings.device`` runs on a GPU (``"cuda"``) or picks one (``"auto"``).
+
 The library functions are :func:`run_one` (one training run -> one row), :func:`plan_runs`,
 :func:`execute` (optionally over a process pool), :func:`select_factor` /
 :func:`select_factors`, :func:`summarize`, :func:`write_outputs`, :func:`make_plots` and the
