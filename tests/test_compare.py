@@ -612,3 +612,15 @@ def test_cli_quick_on_tiny_cifar_files_with_the_conv_net(tmp_path, capsys, monke
     doc = json.loads((tmp_path / "o" / "results.json").read_text(), parse_constant=_reject_nan)
     assert doc["config"]["settings"]["model"] == "cnn" and doc["config"]["settings"]["dataset"] == "cifar10"
     assert len(doc["results"]) == 2
+
+
+def test_cli_says_what_workers_do_on_a_gpu(tmp_path, capsys, monkeypatch):
+    # pretend a GPU is visible: only the argument handling runs, nothing is trained
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    a = compare.parse_args(["--device", "auto", "--workers", "2", "--out", str(tmp_path)])
+    assert a.device == "cuda"
+    assert "--workers 2 is ignored on cuda: the runs go one after the other in this process" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--device", "cuda:3", "--out", str(tmp_path)])
+    assert "only 1 CUDA device(s) visible" in capsys.readouterr().err
