@@ -10,6 +10,7 @@ sweep, the summary against ``statistics``.
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 import gzip
 import json
 import math
@@ -303,3 +304,323 @@ def test_cli_on_tiny_idx_files(tmp_path, capsys):
     assert doc["config"]["settings"]["dataset"] == "mnist" and doc["config"]["settings"]["hidden"] == 16
     # the test stream was read from the IDX files: 3 images a class, 2 classes an experience
     assert all(len(r["acc_matrix"]) == 5 for r in doc["results"] if r["method"] != "joint")
+
+
+# --------------------------------------------------------------------------- studies
+
+STUDY_TINY = Settings(epochs=1, max_train_per_class=20, max_test_per_class=10, n_experiences=4)
+
+
+def _n_params(spec_model):
+    return sum(p.numel() for p in spec_model.parameters())
+
+
+def test_long_stream_study_step_times_and_memory(tmp_path):
+    from avalanche_pcreg.experiments import studies
+    from avalanche_pcreg.experiments.data import make_model
+
+    res = runner.run_comparison(["permuted"], ["naive", "avl-ewc", "pc-ewc"], [0, 1], STUDY_TINY,
+                                grids={"avl-ewc": [100.0], "pc-ewc": [10.0]}, workers=1, progress=False,
+                                out=tmp_path, study="long-stream")
+    T = STUDY_TINY.n_experiences
+    model = make_model(make_benchmark("permuted", n_experiences=T, max_train_per_class=20), hidden=100)
+    P = _n_params(model)
+    for r in res.rows:
+        assert len(r["acc_curve"]) == len(r["step_time_per_exp_s"]) == len(r["reg_bytes_per_exp"]) == T
+        if r["method"] == "avl-ewc":
+            # Avalanche's separate mode stores (F_t, theta*_t), float32, for every experience so far
+            assert r["reg_bytes_per_exp"] == [2 * 4 * P * t for t in range(1, T + 1)]
+        elif r["method"] == "pc-ewc":
+            # ours: one consolidated (importance, anchor) pair whatever T
+            assert r["reg_bytes_per_exp"] == [2 * 4 * P] * T
+        else:
+            assert r["reg_bytes_per_exp"] == [0] * T
+    table = {t["method"]: t for t in studies.long_stream_table(res)}
+    for me, t in table.items():
+        rs = [r for r in res.chosen if r["method"] == me]
+        assert t["n_seeds"] == 2 and t["n_experiences"] == T
+        assert t["acc_mean"] == pytest.approx(statistics.mean(r["avg_accuracy"] for r in rs), abs=1e-12)
+        assert t["step_ms_T"] == pytest.approx(1e3 * statistics.mean(r["step_time_per_exp_s"][-1] for r in rs))
+        assert t["step_ms_1"] == pytest.approx(1e3 * statistics.mean(r["step_time_per_exp_s"][0] for r in rs))
+        assert t["reg_mb_T"] == pytest.approx(rs[0]["reg_bytes_per_exp"][-1] / 2 ** 20)
+    text = (tmp_path / "long-stream.md").read_text()
+    assert "Avalanche EWC" in text and "ours EWC (empirical)" in text and "8x8 digits" in text
+    for name in ("long_stream_accuracy.png", "long_stream_step_time.png", "long_stream_memory.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_fisher_variants_study_on_digits(tmp_path):
+    from avalanche_pcreg.experiments import studies
+
+    methods = ["naive", "fv-exact", "fv-exact-500", "fv-batched-avl"]
+    grids = {"fv-exact": [1.0, 100.0], "fv-exact-500": [1.0, 100.0], "fv-batched-avl": [100.0]}
+    s = replace(STUDY_TINY, n_experiences=5)
+    res = runner.run_comparison(["split-task"], methods, [0, 1], s, grids=grids, workers=1, progress=False,
+                                out=tmp_path, study="fisher-variants")
+    # 16 training images an experience (< 500): the 500-sample subset is the whole experience, so
+    # "exact on 500 samples" must reproduce "exact" run for run
+    by = {(r["method"], r["seed"], r["factor"]): r for r in res.rows}
+    for seed in (0, 1):
+        for f in (1.0, 100.0):
+            a, b = by[("fv-exact", seed, f)], by[("fv-exact-500", seed, f)]
+            assert a["avg_accuracy"] == b["avg_accuracy"] and a["valid_accuracy"] == b["valid_accuracy"]
+    table = studies.fisher_variants_table(res)
+    assert [t["method"] for t in table] == methods
+    assert table[0]["label"] == "none"
+    for t in table:
+        summ = next(x for x in res.summary if x["method"] == t["method"])
+        assert t["acc_mean"] == summ["acc_mean"] and t["factor"] == summ["chosen_factor"]
+    assert (tmp_path / "fisher_variants.png").read_bytes()[:4] == b"\x89PNG"
+    assert "exact Fisher (500 samples)" in (tmp_path / "fisher-variants.md").read_text()
+
+
+def test_fisher_variant_methods_are_data():
+    from avalanche_pcreg.experiments.catalog import FV_DECAY, STUDIES
+
+    fv = STUDIES["fisher-variants"].methods
+    imp = {m: METHODS[m].options.get("importance") for m in fv if METHODS[m].kind == "pcreg"}
+    assert imp == {"fv-exact": "expected_fisher", "fv-exact-500": "expected_fisher", "fv-sampled": "fisher",
+                   "fv-empirical": "empirical_fisher", "fv-batched": "minibatch_fisher"}
+    assert METHODS["fv-exact-500"].options["num_samples"] == 500
+    for m in fv:
+        if METHODS[m].kind == "pcreg":
+            assert METHODS[m].options["mode"] == "online" and METHODS[m].options["decay"] == FV_DECAY
+    assert METHODS["fv-batched-avl"].options == {"mode": "online", "decay_factor": FV_DECAY}
+    # make_plugins builds each with its options
+    p = runner.make_plugins("fv-exact-500", 3.0)[0]
+    assert p.num_samples == 500 and p.mode == "online" and p.importance_name == "expected_fisher"
+
+
+# --------------------------------------------------------------------------- results file, resume
+
+
+def test_result_store_appends_and_drops_a_cut_line(tmp_path):
+    store = runner.ResultStore(tmp_path / "runs.jsonl")
+    store.append("a", {"avg_accuracy": 0.5, "bwt": float("nan"), "acc_matrix": [[0.5, float("nan")]]})
+    store.append("b", {"avg_accuracy": 0.25})
+    with open(store.path, "a") as f:
+        f.write('{"key": "c", "row": {"avg_ac')  # a kill in the middle of a write
+    got = store.load()
+    assert list(got) == ["a", "b"]
+    assert got["a"]["avg_accuracy"] == 0.5 and math.isnan(got["a"]["bwt"]) and math.isnan(got["a"]["acc_matrix"][0][1])
+    assert store.path.read_text().count("\n") == 2 and store.path.read_text().endswith("\n")
+    store.path.write_text('{"key": "a"\n')
+    with pytest.raises(ValueError, match="unreadable line 1"):
+        store.load()
+
+
+def test_rerun_skips_finished_runs_and_gives_the_same_tables(tmp_path, capsys):
+    grids = {"pc-ewc": [1.0, 100.0]}
+    args = (["split-task"], ["naive", "pc-ewc"], [0, 1], TINY)
+    ref = runner.run_comparison(*args, grids=grids, workers=1, progress=False, out=tmp_path / "ref", plots=False)
+    out = tmp_path / "resumed"
+    # a first, partial sweep: seed 0 only, then the full one over the same file
+    runner.run_comparison(args[0], args[1], [0], TINY, grids=grids, workers=1, progress=False, out=out, plots=False)
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 3
+    msgs = []
+    res = runner.run_comparison(*args, grids=grids, workers=1, progress=False, out=out, plots=False, log=msgs.append)
+    assert msgs and "3 of 6 runs already done, skipping them" in msgs[0]
+    assert res.config["n_runs_resumed"] == 3
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 6
+    for a, b in zip(ref.summary, res.summary):
+        for k in ("method", "acc_mean", "acc_std", "forgetting_mean", "chosen_factor", "valid_accuracy"):
+            assert a[k] == b[k], k
+    assert (tmp_path / "ref" / "results.csv").read_text().count("\n") == (out / "results.csv").read_text().count("\n")
+    # resume=False trains everything again
+    runner.run_comparison(args[0], args[1], [0], TINY, grids=grids, workers=1, progress=False, out=out,
+                          plots=False, resume=False)
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 3
+
+
+def _cli(args, **kw):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "avalanche_pcreg.experiments", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+CLI_SWEEP = ["--quick", "--scenarios", "split-task", "--methods", "naive,pc-ewc", "--seeds", "2",
+             "--max-train-per-class", "20", "--workers", "1", "--no-plots", "--no-progress"]
+
+
+def _interrupt_after(out, n_lines, sig):
+    import signal
+    import time
+
+    runs = out / "runs.jsonl"
+    p = _cli([*CLI_SWEEP, "--out", str(out)])
+    t0 = time.time()
+    while time.time() - t0 < 240:
+        if runs.is_file() and runs.read_text().count("\n") >= n_lines:
+            break
+        if p.poll() is not None:
+            pytest.fail("the sweep ended before it could be interrupted: " + p.stderr.read()[-2000:])
+        time.sleep(0.05)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err, runs.read_text().count("\n")
+
+
+def test_cli_interrupted_mid_sweep_resumes_to_the_same_tables(tmp_path):
+    """Ctrl-C (SIGINT) after the first run, then a kill (SIGKILL) after the next, then the same
+    command to the end: every finished run is kept and the tables equal an uninterrupted sweep's."""
+    import signal
+
+    out = tmp_path / "out"
+    code, err, kept = _interrupt_after(out, 1, "SIGINT")
+    assert code == 130 and "interrupted: the finished runs are kept" in err
+    assert 1 <= kept < 6
+    code, err, kept2 = _interrupt_after(out, kept + 1, "SIGKILL")
+    assert code == -signal.SIGKILL
+    assert kept < kept2 < 6
+    q = _cli([*CLI_SWEEP, "--out", str(out)])
+    printed, err = q.communicate(timeout=300)
+    assert q.returncode == 0, err[-2000:]
+    assert f"{kept2} of 6 runs already done, skipping them" in printed
+    assert (out / "runs.jsonl").read_text().count("\n") == 6
+    # the same tables as an uninterrupted sweep (the figures that do not depend on timing)
+    ref = runner.run_comparison(["split-task"], ["naive", "pc-ewc"], [0, 1], TINY,
+                                grids={"pc-ewc": runner.quick_grid("pc-ewc")}, workers=1, progress=False)
+    _, rows = _read_csv(out / "results.csv")
+    got = {(r["method"], int(r["seed"])): r for r in rows}
+    assert len(got) == len(ref.chosen) == 4
+    for r in ref.chosen:
+        g = got[(r["method"], r["seed"])]
+        assert float(g["avg_accuracy"]) == pytest.approx(r["avg_accuracy"], abs=1e-6)
+        assert float(g["valid_accuracy"]) == pytest.approx(r["valid_accuracy"], abs=1e-6)
+        assert g["chosen_factor"] == ("" if r["chosen_factor"] is None else f"{r['chosen_factor']:.6g}")
+
+
+# --------------------------------------------------------------------------- CLI: checks before training
+
+
+def test_help_and_a_mistyped_option_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom avalanche_pcreg.experiments import compare\n"
+            "for argv in (['--help'], ['--epocs', '2']):\n"
+            "    try:\n        compare.main(argv)\n    except SystemExit:\n        pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'avalanche', 'numpy', 'matplotlib') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "heavy: []" in r.stdout, r.stdout + r.stderr
+    assert "--n-experiences" in r.stdout and "--device" in r.stdout and "--study" in r.stdout
+    assert "unrecognized arguments: --epocs" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_cli_checks_out_before_any_training(tmp_path, capsys, monkeypatch, kind):
+    f = tmp_path / "taken"
+    f.write_text("not a directory")
+    out = f if kind == "file" else f / "sub"
+    trained = []
+    monkeypatch.setattr(runner, "run_one", lambda *a, **k: trained.append(1))
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--quick", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out:" in err and str(out) in err
+    assert ("is not a directory" in err) if kind == "file" else ("cannot write" in err)
+    assert not trained
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        runner.check_out_dir(f)
+
+
+def test_device_cuda_without_cuda_fails_before_training_and_auto_picks_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runner.resolve_device("auto") == "cpu"
+    assert runner.resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        runner.resolve_device("cuda")
+    with pytest.raises(ValueError, match="'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        runner.resolve_device("gpu")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        Settings(device="cuda:0").check()
+    trained = []
+    monkeypatch.setattr(runner, "run_one", lambda *a, **k: trained.append(1))
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--quick", "--device", "cuda", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "--device: device 'cuda' was asked for but torch sees no CUDA device" in capsys.readouterr().err
+    assert not trained
+
+
+def test_cli_auto_device_runs_on_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = compare.main(["--quick", "--device", "auto", "--scenarios", "split-task", "--methods", "naive",
+                         "--max-train-per-class", "20", "--workers", "1", "--no-plots", "--no-progress",
+                         "--out", str(tmp_path)])
+    assert code == 0
+    assert "device=cpu" in capsys.readouterr().out
+    row = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[0])["row"]
+    assert row["device"] == "cpu"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n-experiences", "3", "--scenarios", "split-task"], "--n-experiences 3: the split-task scenario needs a divisor"),
+    (["--study", "bogus"], "invalid choice: 'bogus'"),
+    (["--device", "tpu"], "expected one of auto, cpu, cuda"),
+    (["--download"], "--download: the digits are bundled"),
+    (["--decades", "1"], "--decades takes two numbers"),
+])
+def test_cli_rejects_more_bad_arguments(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        compare.main([*argv, "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_study_defaults_and_long_permuted_streams(tmp_path):
+    a = compare.parse_args(["--study", "long-stream", "--out", str(tmp_path)])
+    assert a.scenarios == ["permuted"] and a.n_experiences == 20
+    assert a.methods == ["naive", "avl-ewc", "avl-ewc-online", "pc-ewc", "pc-ewc-online"]
+    a = compare.parse_args(["--study", "long-stream", "--n-experiences", "50", "--out", str(tmp_path)])
+    assert a.n_experiences == 50
+    a = compare.parse_args(["--study", "fisher-variants", "--out", str(tmp_path)])
+    assert a.scenarios == ["split-task"] and "fv-exact-500" in a.methods and "naive" in a.methods
+    a = compare.parse_args(["--decades", "1,-2", "--methods", "naive,pc-ewc", "--out", str(tmp_path)])
+    assert a.grids == {"pc-ewc": runner.method_grid("pc-ewc", 1, (0, 3))}
+    spec = make_benchmark("permuted", n_experiences=7, max_train_per_class=3)
+    assert len(spec.benchmark.train_stream) == 7
+
+
+def test_cli_quick_on_tiny_cifar_files_with_the_conv_net(tmp_path, capsys, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_data import tiny_cifar
+
+    tiny_cifar(tmp_path / "data", "cifar10", per_class_train=4, per_class_test=2)
+    a = compare.parse_args(["--quick", "--dataset", "cifar10", "--data-root", str(tmp_path / "data"),
+                            "--out", str(tmp_path / "o")])
+    assert a.max_train_per_class == a.max_test_per_class == 100  # --quick subsamples every dataset
+    # --download goes through torchvision's downloader, then the files are read as usual
+    from avalanche_pcreg.experiments import data
+
+    asked = []
+    monkeypatch.setattr(data, "download_dataset", lambda ds, root: asked.append((ds, str(root))))
+    code = compare.main(["--quick", "--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--download",
+                         "--scenarios", "split-task", "--methods", "naive,pc-ewc", "--hidden", "8",
+                         "--workers", "1", "--no-plots", "--no-progress", "--out", str(tmp_path / "o")])
+    assert code == 0
+    assert asked == [("cifar10", str(tmp_path / "data"))]
+    printed = capsys.readouterr().out
+    assert "CNN 4 conv + 8" in printed and "subsampled to 100 train / 100 test images a class" in printed
+    doc = json.loads((tmp_path / "o" / "results.json").read_text(), parse_constant=_reject_nan)
+    assert doc["config"]["settings"]["model"] == "cnn" and doc["config"]["settings"]["dataset"] == "cifar10"
+    assert len(doc["results"]) == 2
+
+
+def test_cli_says_what_workers_do_on_a_gpu(tmp_path, capsys, monkeypatch):
+    # pretend a GPU is visible: only the argument handling runs, nothing is trained
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    a = compare.parse_args(["--device", "auto", "--workers", "2", "--out", str(tmp_path)])
+    assert a.device == "cuda"
+    assert "--workers 2 is ignored on cuda: the runs go one after the other in this process" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--device", "cuda:3", "--out", str(tmp_path)])
+    assert "only 1 CUDA device(s) visible" in capsys.readouterr().err

@@ -429,3 +429,142 @@ def test_naive_strategy_end_to_end(specs):
         assert isinstance(res, dict)
         if spec.multi_head:
             assert sorted(model.classifier.classifiers.keys()) == ["0", "1"]
+
+
+# --------------------------------------------------------------------------- CIFAR (python-pickle batches)
+
+
+def tiny_cifar(root, name="cifar10", per_class_train=3, per_class_test=1, seed=0):
+    """Write the standard pickle files (cifar-10-batches-py / cifar-100-python) with tiny content.
+    Returns {split: (uint8 [N, 3072], labels)}; CIFAR-10's training set is spread over 5 batches."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    n_classes = 10 if name == "cifar10" else 100
+    out = {}
+    for split, k in (("train", per_class_train), ("test", per_class_test)):
+        labels = np.tile(np.arange(n_classes), k)
+        data = rng.integers(0, 256, size=(labels.size, 3072), dtype=np.uint8)
+        out[split] = (data, labels)
+    if name == "cifar10":
+        d = root / "cifar-10-batches-py"
+        d.mkdir(parents=True, exist_ok=True)
+        parts = np.array_split(np.arange(out["train"][1].size), 5)
+        for i, idx in enumerate(parts, 1):
+            with open(d / f"data_batch_{i}", "wb") as f:
+                pickle.dump({b"data": out["train"][0][idx], b"labels": out["train"][1][idx].tolist()}, f)
+        with open(d / "test_batch", "wb") as f:
+            pickle.dump({b"data": out["test"][0], b"labels": out["test"][1].tolist()}, f)
+    else:
+        d = root / "cifar-100-python"
+        d.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "test"):
+            with open(d / split, "wb") as f:
+                pickle.dump({b"data": out[split][0], b"fine_labels": out[split][1].tolist(),
+                             b"coarse_labels": (out[split][1] // 5).tolist()}, f)
+    return out
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_load_cifar_dataset(tmp_path, name):
+    from avalanche_pcreg.experiments.data import load_cifar_dataset
+
+    raw = tiny_cifar(tmp_path, name)
+    (Xtr, ytr), (Xte, yte) = load_cifar_dataset(tmp_path, name)
+    n = 10 if name == "cifar10" else 100
+    assert Xtr.shape == (3 * n, 3, 32, 32) and Xte.shape == (n, 3, 32, 32) and Xtr.dtype == np.float32
+    # the batches in order, channel-major rows of 1024 pixels (R, G, B), scaled to [0, 1]
+    np.testing.assert_allclose(Xtr.reshape(len(Xtr), -1), raw["train"][0] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(ytr, raw["train"][1])
+    np.testing.assert_array_equal(yte, raw["test"][1])
+    assert Xtr[5, 1, 0, 0] == np.float32(raw["train"][0][5, 1024] / 255.0)
+
+
+def test_load_cifar_dataset_errors(tmp_path):
+    from avalanche_pcreg.experiments.data import load_cifar_dataset
+
+    with pytest.raises(ValueError, match="cifar10, cifar100"):
+        load_cifar_dataset(tmp_path, "cifar5")
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        load_cifar_dataset(tmp_path, "cifar10")
+    tiny_cifar(tmp_path, "cifar10")
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(ValueError, match="data_batch_3: not a readable CIFAR python-pickle batch"):
+        load_cifar_dataset(tmp_path, "cifar10")
+    import pickle
+
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, f)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
+        load_cifar_dataset(tmp_path, "cifar10")
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
+    with pytest.raises(ValueError, match=r"shape \[N, 3072\]"):
+        load_cifar_dataset(tmp_path, "cifar10")
+
+
+def test_cifar100_split_task_with_the_conv_net(tmp_path):
+    from avalanche.models import avalanche_forward
+
+    from avalanche_pcreg.experiments.data import CNN, MultiHeadCNN
+
+    tiny_cifar(tmp_path, "cifar100")
+    spec = make_benchmark("split-task", "cifar100", data_root=tmp_path, n_experiences=10, validation=0.34)
+    assert spec.n_classes_per_exp == 10 and spec.n_classes_total == 100 and spec.input_shape == (3, 32, 32)
+    bm = spec.benchmark
+    assert len(bm.train_stream) == 10
+    x, y, t = all_items(bm.train_stream[3].dataset)
+    assert sorted(set(y.tolist())) == list(range(10)) and set(t.tolist()) == {3} and len(y) == 20
+    model = make_model(spec, hidden=32, kind="cnn")
+    assert isinstance(model, MultiHeadCNN)
+    from avalanche.models.utils import avalanche_model_adaptation
+
+    avalanche_model_adaptation(model, bm.train_stream[3])
+    assert avalanche_forward(model, x, t).shape == (20, 10)
+    with pytest.raises(ValueError, match="divide the 100 classes of cifar100"):
+        make_benchmark("split-class", "cifar100", data_root=tmp_path, n_experiences=3)
+    spec10 = make_benchmark("split-class", "cifar10", data_root=tiny_cifar(tmp_path, "cifar10") and tmp_path)
+    m = make_model(spec10, hidden=16, kind="cnn")
+    assert isinstance(m, CNN) and m(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
+    # 4 conv layers, then one hidden layer
+    convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64]
+    with pytest.raises(ValueError, match="kind must be 'mlp' or 'cnn'"):
+        make_model(spec10, kind="resnet")
+
+
+def test_max_test_per_class(tmp_path):
+    spec = make_benchmark("split-class", "digits", max_test_per_class=7, max_train_per_class=9, validation=0.2)
+    for i, exp in enumerate(spec.benchmark.test_stream):
+        assert Counter(all_items(exp.dataset)[1].tolist()) == {2 * i: 7, 2 * i + 1: 7}
+    # the training side does not depend on the test subsample
+    a = make_benchmark("split-class", "digits", max_train_per_class=9, validation=0.2)
+    np.testing.assert_array_equal(all_items(a.benchmark.train_stream[0].dataset)[0],
+                                  all_items(spec.benchmark.train_stream[0].dataset)[0])
+    with pytest.raises(ValueError, match="max_test_per_class must be a positive int"):
+        make_benchmark("split-class", "digits", max_test_per_class=0)
+
+
+def test_download_uses_torchvision_only_when_asked(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    from avalanche_pcreg.experiments import data
+
+    calls = []
+
+    class Fake:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+
+    monkeypatch.setattr(tvd, "CIFAR10", Fake)
+    monkeypatch.setattr(tvd, "FashionMNIST", Fake)
+    data.download_dataset("cifar10", tmp_path / "d")
+    assert calls == [(str(tmp_path / "d"), True, True), (str(tmp_path / "d"), False, True)]
+    calls.clear()
+    # loading never downloads: a missing file is an error naming it
+    with pytest.raises(FileNotFoundError):
+        data.load_arrays("fashion-mnist", tmp_path)
+    assert calls == []
+    data.download_dataset("digits", tmp_path)
+    assert calls == []

@@ -64,6 +64,8 @@ def test_notebook_runs_on_the_small_config(name, kernel_dirs, monkeypatch):
         line = next(l for l in texts.splitlines() if l.startswith("max |Avalanche - minibatch_fisher|"))
         assert float(line.split("=")[1]) <= 1e-6
         # equal penalties, Avalanche's separate EWC and ours, at every T
+        # section 4: the long-stream table on the embedded digits (4 experiences in the small config)
+        assert "regularizer MB after exp 4" in texts and "| Avalanche EWC |" in texts
         rows = [l for l in texts.splitlines() if l.startswith("T=")]
         assert len(rows) == 2
         for l in rows:

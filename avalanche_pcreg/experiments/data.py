@@ -17,8 +17,11 @@ Three scenarios are supported, over three datasets:
 
 Datasets: ``"digits"`` (scikit-learn's bundled 8x8 digits, no download; a fixed
 70/30 stratified train/test split, seed independent of ``seed``), ``"mnist"``
-and ``"fashion-mnist"`` (read from local IDX files under ``data_root``; nothing
-is ever downloaded).
+and ``"fashion-mnist"`` (read from local IDX files under ``data_root``),
+``"cifar10"`` and ``"cifar100"`` (read from the python-pickle batches,
+``cifar-10-batches-py/`` / ``cifar-100-python/`` under ``data_root``; fine labels
+for CIFAR-100, whose split scenarios divide its 100 classes). Nothing is
+downloaded unless :func:`download_dataset` is called (``--download``).
 
 Every experience dataset yields ``(x, y, t)``: ``x`` a float32 tensor of shape
 ``input_shape`` in [0, 1], ``y`` an int class id (collated to an int64 tensor by
@@ -46,6 +49,12 @@ __all__ = [
     "SCENARIOS",
     "DATASETS",
     "IDX_DATASETS",
+    "CIFAR_DATASETS",
+    "load_cifar_dataset",
+    "load_arrays",
+    "download_dataset",
+    "CNN",
+    "MultiHeadCNN",
     "BenchmarkSpec",
     "load_digits_arrays",
     "read_idx",
@@ -56,11 +65,10 @@ __all__ = [
     "MultiHeadMLP",
 ]
 
-SCENARIOS = ("split-task", "split-class", "permuted")
-DATASETS = ("digits", "mnist", "fashion-mnist")
-IDX_DATASETS = ("mnist", "fashion-mnist")
+from .catalog import CIFAR_DATASETS, DATASETS, IDX_DATASETS, SCENARIOS
+from .catalog import N_CLASSES as CLASSES_OF
 
-N_CLASSES = 10
+N_CLASSES = 10  # of digits, MNIST, Fashion-MNIST and CIFAR-10
 DIGITS_TEST_FRACTION = 0.3
 _DIGITS_SPLIT_SEED = 0  # fixed: the digits test set is the same for every run
 
@@ -224,6 +232,106 @@ def load_idx_dataset(
     return out[0], out[1]
 
 
+_CIFAR = {
+    # name: (folder, train files, test files, label key)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+
+
+def _read_cifar_batch(path: Path, label_key: bytes, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    import pickle
+
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "CIFAR batch file not found", str(path))
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+    except Exception as e:  # truncated or not a pickle
+        raise ValueError(f"{path}: not a readable CIFAR python-pickle batch ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
+        raise ValueError(f"{path}: expected a dict with keys b'data' and {label_key!r}")
+    data = np.asarray(d[b"data"])
+    labels = np.asarray(d[label_key], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: expected uint8 data of shape [N, 3072], got {data.dtype} {list(data.shape)}")
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"count mismatch in {path}: {data.shape[0]} images but {labels.size} labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"{path}: labels must lie in [0, {n_classes - 1}]")
+    return data, labels
+
+
+def load_cifar_dataset(
+    root: str | os.PathLike, name: str = "cifar10"
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Load CIFAR-10 / CIFAR-100 from the standard python-pickle files.
+
+    Reads ``root/cifar-10-batches-py/{data_batch_1..5,test_batch}`` or
+    ``root/cifar-100-python/{train,test}`` (fine labels), as unpacked from the
+    official archives or by torchvision's downloader. Returns
+    ``((Xtr, ytr), (Xte, yte))`` with ``X`` float32 ``[N, 3, 32, 32]`` in [0, 1].
+    """
+    if name not in _CIFAR:
+        raise ValueError(f"unknown CIFAR dataset {name!r}; valid names: {', '.join(_CIFAR)}")
+    if root is None:
+        raise ValueError(f"{name}: a data root directory is required")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(errno.ENOENT, f"{name} data directory not found", str(root))
+    folder, train_files, test_files, key = _CIFAR[name]
+    base = root / folder if (root / folder).is_dir() else root
+    out = []
+    for files in (train_files, test_files):
+        parts = [_read_cifar_batch(base / f, key, CLASSES_OF[name]) for f in files]
+        data = np.concatenate([p[0] for p in parts])
+        X = (data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
+        out.append((np.ascontiguousarray(X), np.concatenate([p[1] for p in parts])))
+    return out[0], out[1]
+
+
+def load_arrays(dataset: str, data_root=None):
+    """``((Xtr, ytr), (Xte, yte))`` of any dataset (digits: the fixed 70/30 split)."""
+    if dataset == "digits":
+        from sklearn.model_selection import train_test_split
+
+        X, y = load_digits_arrays()
+        Xtr, Xte, ytr, yte = train_test_split(
+            X, y, test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=_DIGITS_SPLIT_SEED
+        )
+        return (Xtr, ytr), (Xte, yte)
+    if data_root is None:
+        raise ValueError(
+            f"dataset {dataset!r} needs data_root (a directory with its files); "
+            "nothing is downloaded unless asked (download_dataset / --download)"
+        )
+    if dataset in CIFAR_DATASETS:
+        return load_cifar_dataset(data_root, dataset)
+    return load_idx_dataset(data_root, dataset)
+
+
+_TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10",
+                        "cifar100": "CIFAR100"}
+
+
+def download_dataset(dataset: str, root: str | os.PathLike) -> None:
+    """Download ``dataset`` into ``root`` with torchvision's downloader (needs a network).
+
+    The files land where :func:`load_idx_dataset` / :func:`load_cifar_dataset` look
+    (``root/FashionMNIST/raw``, ``root/cifar-10-batches-py``, ...). Digits need no download.
+    """
+    if dataset == "digits":
+        return
+    if dataset not in _TORCHVISION_CLASSES:
+        raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
+    import torchvision.datasets as tvd
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    cls = getattr(tvd, _TORCHVISION_CLASSES[dataset])
+    for train in (True, False):
+        cls(str(root), train=train, download=True)
+
+
 # --------------------------------------------------------------------------- benchmark
 
 
@@ -316,6 +424,18 @@ def _classes_as_sorted_lists(bm) -> None:
                     setattr(exp, attr, sorted(int(c) for c in val))
 
 
+_ARRAY_CACHE: dict = {}
+
+
+def _cached_arrays(dataset: str, data_root):
+    """The dataset's arrays, read once per process (a sweep builds many benchmarks of one dataset)."""
+    key = (dataset, data_root)
+    if key not in _ARRAY_CACHE:
+        _ARRAY_CACHE.clear()
+        _ARRAY_CACHE[key] = load_arrays(dataset, data_root)
+    return _ARRAY_CACHE[key]
+
+
 def make_benchmark(
     scenario: str,
     dataset: str = "digits",
@@ -325,12 +445,14 @@ def make_benchmark(
     validation: float = 0.0,
     data_root: str | os.PathLike | None = None,
     max_train_per_class: int | None = None,
+    max_test_per_class: int | None = None,
 ) -> BenchmarkSpec:
     """Build an Avalanche 0.6 ``CLScenario`` for ``scenario`` on ``dataset``.
 
     See the module docstring for the scenario definitions. ``seed`` drives the
     permutations (experience 0 of ``"permuted"`` is the identity), the
-    ``max_train_per_class`` subsample of the training set (applied first) and the
+    ``max_train_per_class`` subsample of the training set (applied first; the
+    ``max_test_per_class`` subsample of the test set likewise) and the
     stratified ``validation`` hold-out (a fraction in [0, 1) of each class of the
     training set, applied to every experience consistently). The class split is
     fixed (natural class order), as is the digits 70/30 train/test split.
@@ -354,36 +476,30 @@ def make_benchmark(
     if isinstance(n_experiences, bool) or not isinstance(n_experiences, (int, np.integer)) or n_experiences < 1:
         raise ValueError(f"n_experiences must be a positive int, got {n_experiences!r}")
     n_experiences = int(n_experiences)
-    if scenario != "permuted" and (n_experiences > N_CLASSES or N_CLASSES % n_experiences):
+    n_classes = CLASSES_OF[ds_key]
+    if scenario != "permuted" and (n_experiences > n_classes or n_classes % n_experiences):
+        divisors = ", ".join(str(d) for d in range(1, n_classes + 1) if n_classes % d == 0)
         raise ValueError(
-            f"{scenario}: n_experiences must divide {N_CLASSES} "
-            f"(1, 2, 5 or 10), got {n_experiences}"
+            f"{scenario}: n_experiences must divide the {n_classes} classes of {ds_key} "
+            f"({divisors}), got {n_experiences}"
         )
     if not (0.0 <= float(validation) < 1.0):
         raise ValueError(f"validation must be a fraction in [0, 1), got {validation!r}")
-    if max_train_per_class is not None and int(max_train_per_class) < 1:
-        raise ValueError(f"max_train_per_class must be >= 1 or None, got {max_train_per_class!r}")
+    for name, v in (("max_train_per_class", max_train_per_class), ("max_test_per_class", max_test_per_class)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {v!r}")
 
     # ---- arrays
-    if ds_key == "digits":
-        from sklearn.model_selection import train_test_split
-
-        X, y = load_digits_arrays()
-        Xtr, Xte, ytr, yte = train_test_split(
-            X, y, test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=_DIGITS_SPLIT_SEED
-        )
-    else:
-        if data_root is None:
-            raise ValueError(
-                f"dataset {ds_key!r} needs data_root (a directory with the IDX files); "
-                "nothing is downloaded"
-            )
-        (Xtr, ytr), (Xte, yte) = load_idx_dataset(data_root, ds_key)
+    (Xtr, ytr), (Xte, yte) = _cached_arrays(ds_key, None if data_root is None else str(data_root))
 
     rng = np.random.default_rng(seed)
     if max_train_per_class is not None:
         keep = _subsample_per_class(ytr, int(max_train_per_class), rng)
         Xtr, ytr = Xtr[keep], ytr[keep]
+    if max_test_per_class is not None:
+        # its own generator: the training subsample, split and permutations do not depend on it
+        keep = _subsample_per_class(yte, int(max_test_per_class), np.random.default_rng([seed, 1]))
+        Xte, yte = Xte[keep], yte[keep]
     splits = {"train": (Xtr, ytr), "test": (Xte, yte)}
     if validation > 0:
         tr, va = _stratified_holdout(ytr, float(validation), rng)
@@ -400,9 +516,9 @@ def make_benchmark(
             tf = None if i == 0 else _Permute(perm)
             for k, (Xs, ys) in splits.items():
                 streams[k].append(_tensor_dataset(Xs, ys, 0, transform=tf))
-        n_per_exp = N_CLASSES
+        n_per_exp = n_classes
     else:
-        n_per_exp = N_CLASSES // n_experiences
+        n_per_exp = n_classes // n_experiences
         for i in range(n_experiences):
             classes = np.arange(i * n_per_exp, (i + 1) * n_per_exp)
             for k, (Xs, ys) in splits.items():
@@ -421,7 +537,7 @@ def make_benchmark(
         benchmark=bm,
         input_shape=input_shape,
         n_classes_per_exp=n_per_exp,
-        n_classes_total=N_CLASSES,
+        n_classes_total=n_classes,
         multi_head=scenario == "split-task",
         scenario=scenario,
         dataset=ds_key,
@@ -474,7 +590,53 @@ class MultiHeadMLP(MultiTaskModule):
         return self.classifier(self.features(x), task_labels)
 
 
-def make_model(spec: BenchmarkSpec, hidden: int = 100, layers: int = 2) -> nn.Module:
+def _conv_trunk(in_channels: int, image_hw, hidden: int) -> tuple[nn.Sequential, int]:
+    """4 conv layers (32, 32, 64, 64 channels, 3x3, ReLU; 2x2 max-pool after the 2nd and 4th),
+    then Flatten and one Linear(hidden)+ReLU: the small CIFAR net of the EWC / SI literature."""
+    h, w = (int(v) for v in image_hw)
+    mods: list[nn.Module] = []
+    c = in_channels
+    for k, out in enumerate((32, 32, 64, 64)):
+        mods += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU()]
+        c = out
+        if k % 2 == 1:
+            mods.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+    if h < 1 or w < 1:
+        raise ValueError(f"the conv net needs images of at least 4x4 pixels, got {tuple(image_hw)}")
+    mods += [nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU()]
+    return nn.Sequential(*mods), hidden
+
+
+class CNN(nn.Module):
+    """:func:`_conv_trunk` features then a linear ``classifier`` (one shared head)."""
+
+    def __init__(self, input_shape: Sequence[int], n_classes: int, hidden: int = 256):
+        super().__init__()
+        self.features, d = _conv_trunk(int(input_shape[0]), input_shape[1:], hidden)
+        self.classifier = nn.Linear(d, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class MultiHeadCNN(MultiTaskModule):
+    """The conv trunk of :class:`CNN` plus an Avalanche ``MultiHeadClassifier`` (task-incremental)."""
+
+    def __init__(self, input_shape: Sequence[int], n_classes_per_exp: int, hidden: int = 256):
+        super().__init__()
+        self.features, d = _conv_trunk(int(input_shape[0]), input_shape[1:], hidden)
+        self.classifier = MultiHeadClassifier(d, initial_out_features=n_classes_per_exp)
+        self.max_class_label = n_classes_per_exp
+
+    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+        return self.classifier.forward_single_task(self.features(x), int(task_label))
+
+    def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor:
+        return self.classifier(self.features(x), task_labels)
+
+
+def make_model(spec: BenchmarkSpec, hidden: int = 100, layers: int = 2, kind: str = "mlp") -> nn.Module:
     """MLP for ``spec``: Flatten, ``layers`` x (Linear(hidden)+ReLU), then the head.
 
     ``spec.multi_head`` (split-task): :class:`MultiHeadMLP` with a
@@ -484,7 +646,20 @@ def make_model(spec: BenchmarkSpec, hidden: int = 100, layers: int = 2) -> nn.Mo
 
     The defaults (2 x 100) suit the 8x8 digits; the usual literature setup for
     (permuted / split) MNIST and Fashion-MNIST is 2 x 400: pass ``hidden=400``.
+
+    ``kind="cnn"``: :class:`CNN` / :class:`MultiHeadCNN` (4 conv layers, then one hidden
+    layer of ``hidden`` units; ``layers`` is not used), for CIFAR-sized images.
     """
+    if kind not in ("mlp", "cnn"):
+        raise ValueError(f"kind must be 'mlp' or 'cnn', got {kind!r}")
+    if int(hidden) < 1:
+        raise ValueError(f"hidden must be >= 1, got {hidden!r}")
+    if kind == "cnn":
+        if len(spec.input_shape) != 3:
+            raise ValueError(f"the conv net needs [C, H, W] inputs, got {spec.input_shape}")
+        if spec.multi_head:
+            return MultiHeadCNN(spec.input_shape, spec.n_classes_per_exp, int(hidden))
+        return CNN(spec.input_shape, spec.n_classes_total, int(hidden))
     if int(layers) < 1:
         raise ValueError(f"layers must be >= 1, got {layers!r}")
     if int(hidden) < 1:

@@ -22,6 +22,10 @@ Protocol (the same for every method):
 * a seed fixes the benchmark (validation split, permutations), the model initialisation and the
   data order; every method sees the same seeds.
 
+Every finished run is appended to ``<out>/runs.jsonl`` as it ends (:class:`ResultStore`); a rerun
+skips the runs already there (matched by :func:`run_key`), so an interrupted sweep resumes and ends
+with the same tables. ``Settings.device`` runs on a GPU (``"cuda"``) or picks one (``"auto"``).
+
 The library functions are :func:`run_one` (one training run -> one row), :func:`plan_runs`,
 :func:`execute` (optionally over a process pool), :func:`select_factor` /
 :func:`select_factors`, :func:`summarize`, :func:`write_outputs`, :func:`make_plots` and the
@@ -43,7 +47,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data import DATASETS, SCENARIOS, make_benchmark, make_model
+from .catalog import (  # noqa: F401  (re-exported: the method table lives in catalog)
+    DATASETS, DEFAULT_METHODS, DEVICES, METHODS, MODELS, ONLINE_DECAY, PRESETS, QUICK_METHODS, SCENARIOS,
+    Method, method_grid, quick_grid,
+)
 
 __all__ = [
     "METHODS",
@@ -68,89 +75,12 @@ __all__ = [
     "write_outputs",
     "make_plots",
     "run_comparison",
+    "resolve_device",
+    "check_out_dir",
+    "ResultStore",
+    "run_key",
     "RESULT_COLUMNS",
 ]
-
-
-# --------------------------------------------------------------------------- methods
-
-
-@dataclass(frozen=True)
-class Method:
-    """One compared method.
-
-    ``kind``: ``"naive"`` (fine-tuning), ``"joint"`` (Avalanche ``JointTraining``),
-    ``"avalanche-ewc"`` (Avalanche ``EWCPlugin``) or ``"pcreg"`` (our plugin).
-    ``decades``: the log10 range ``(lo, hi)`` of its factor grid, None for no factor.
-    ``options``: keyword arguments of the plugin.
-    """
-
-    name: str
-    label: str
-    kind: str
-    decades: Optional[Tuple[int, int]]
-    options: Mapping[str, Any] = field(default_factory=dict)
-    description: str = ""
-
-    @property
-    def tuned(self) -> bool:
-        return self.decades is not None
-
-
-# online decay used by both online EWCs (Avalanche's and ours), so they compare like for like
-ONLINE_DECAY = 0.9
-
-_METHOD_LIST = [
-    Method("naive", "Naive", "naive", None, {}, "fine-tuning, no regularization (lower bound)"),
-    Method("avl-ewc", "Avalanche EWC", "avalanche-ewc", (1, 7), {"mode": "separate"},
-           "Avalanche EWCPlugin, separate: one (F_t, theta*_t) per experience, minibatch Fisher"),
-    Method("avl-ewc-online", "Avalanche online EWC", "avalanche-ewc", (1, 7),
-           {"mode": "online", "decay_factor": ONLINE_DECAY},
-           f"Avalanche EWCPlugin, online, decay_factor={ONLINE_DECAY}, minibatch Fisher"),
-    Method("pc-l2", "ours L2", "pcreg", (-4, 2), {"importance": "uniform"},
-           "ours, importance='uniform' (L2 towards the consolidated anchor)"),
-    Method("pc-ewc", "ours EWC (emp. Fisher)", "pcreg", (-1, 5), {"importance": "empirical_fisher"},
-           "ours, importance='empirical_fisher' (per-sample, true labels), separate (consolidated)"),
-    Method("pc-ewc-fisher", "ours EWC (Fisher)", "pcreg", (-1, 5), {"importance": "fisher"},
-           "ours, importance='fisher' (per-sample, labels sampled from the model)"),
-    Method("pc-ewc-expected", "ours EWC (expected Fisher)", "pcreg", (-1, 5),
-           {"importance": "expected_fisher"},
-           "ours, importance='expected_fisher' (exact expectation over classes)"),
-    Method("pc-ewc-online", "ours online EWC", "pcreg", (-1, 5),
-           {"importance": "empirical_fisher", "mode": "online", "decay": ONLINE_DECAY},
-           f"ours, importance='empirical_fisher', mode='online', decay={ONLINE_DECAY}"),
-    Method("pc-mas", "ours MAS", "pcreg", (-4, 2), {"importance": "mas"}, "ours, importance='mas'"),
-    Method("pc-si", "ours SI", "pcreg", (-1, 5), {"importance": "si", "mode": "online", "decay": 1.0},
-           "ours, importance='si', mode='online', decay=1.0 (Zenke et al. 2017), xi=0.1"),
-    Method("joint", "Joint (upper bound)", "joint", None, {},
-           "Avalanche JointTraining on all experiences at once (upper bound)"),
-]
-METHODS: Dict[str, Method] = {m.name: m for m in _METHOD_LIST}
-DEFAULT_METHODS: Tuple[str, ...] = tuple(METHODS)
-QUICK_METHODS: Tuple[str, ...] = ("naive", "avl-ewc", "pc-ewc")
-
-
-def method_grid(method: str | Method, points_per_decade: int = 1, decades: Optional[Tuple[float, float]] = None) -> List[Optional[float]]:
-    """The factor grid of ``method``: ``points_per_decade`` log-spaced points a decade over
-    its ``decades`` (or the given ``(lo, hi)`` log10 range), ends included. ``[None]`` for
-    methods without a factor (naive, joint)."""
-    m = METHODS[method] if isinstance(method, str) else method
-    if not m.tuned:
-        return [None]
-    if isinstance(points_per_decade, bool) or not isinstance(points_per_decade, int) or points_per_decade < 1:
-        raise ValueError(f"points_per_decade must be a positive int, got {points_per_decade!r}")
-    lo, hi = decades if decades is not None else m.decades
-    n = int(round((hi - lo) * points_per_decade)) + 1
-    return [float(f"{v:.6g}") for v in np.logspace(lo, hi, n)]
-
-
-def quick_grid(method: str | Method) -> List[Optional[float]]:
-    """Two factors for smoke runs: one decade either side of the middle of the grid."""
-    m = METHODS[method] if isinstance(method, str) else method
-    if not m.tuned:
-        return [None]
-    mid = 0.5 * (m.decades[0] + m.decades[1])
-    return [float(f"{10 ** (mid - 1):.6g}"), float(f"{10 ** (mid + 1):.6g}")]
 
 
 # --------------------------------------------------------------------------- settings
@@ -160,9 +90,12 @@ def quick_grid(method: str | Method) -> List[Optional[float]]:
 class Settings:
     """Everything a run needs besides (scenario, method, seed, factor).
 
-    ``hidden=None`` / ``batch_size=None`` pick per dataset: 2 x 100 and batch 32 for the 8x8
-    digits; the literature setup 2 x 400 and batch 128 for MNIST / Fashion-MNIST.
-    The optimizer is Adam (lr 1e-3) for every method.
+    ``hidden=None`` / ``batch_size=None`` / ``model=None`` pick per dataset: an MLP 2 x 100 and
+    batch 32 for the 8x8 digits; the literature setup, an MLP 2 x 400 and batch 128, for MNIST /
+    Fashion-MNIST; the conv net (:func:`~avalanche_pcreg.experiments.data.make_model` ``kind="cnn"``,
+    4 conv layers and 256 hidden units) and batch 128 for CIFAR. The optimizer is Adam (lr 1e-3)
+    for every method. ``device``: ``"cpu"``, ``"cuda"`` (``"cuda:1"``, ...) or ``"auto"`` (cuda
+    when available); see :func:`resolve_device`.
     """
 
     dataset: str = "digits"
@@ -176,12 +109,17 @@ class Settings:
     n_experiences: int = 5
     max_train_per_class: Optional[int] = None
     eval_batch_size: int = 512
+    max_test_per_class: Optional[int] = None
+    model: Optional[str] = None
+    device: str = "cpu"
 
     def resolved(self) -> "Settings":
         digits = self.dataset == "digits"
+        model = self.model if self.model is not None else ("cnn" if self.dataset.startswith("cifar") else "mlp")
+        hidden = self.hidden if self.hidden is not None else (
+            256 if model == "cnn" else 100 if digits else 400)
         return replace(
-            self,
-            hidden=self.hidden if self.hidden is not None else (100 if digits else 400),
+            self, model=model, hidden=hidden,
             batch_size=self.batch_size if self.batch_size is not None else (32 if digits else 128),
         )
 
@@ -190,14 +128,14 @@ class Settings:
             raise ValueError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(DATASETS)}")
         if self.dataset != "digits":
             if self.data_root is None:
-                raise ValueError(f"dataset {self.dataset!r} needs data_root (a directory with the IDX files)")
+                raise ValueError(f"dataset {self.dataset!r} needs data_root (a directory with its files)")
             if not Path(self.data_root).is_dir():
                 raise FileNotFoundError(f"data_root {self.data_root!r} is not a directory")
         for name in ("epochs", "layers", "n_experiences", "eval_batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("batch_size", "hidden", "max_train_per_class"):
+        for name in ("batch_size", "hidden", "max_train_per_class", "max_test_per_class"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
@@ -205,7 +143,34 @@ class Settings:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (0.0 < float(self.validation) < 1.0):
             raise ValueError(f"validation must be a fraction in (0, 1): the factors are chosen on it; got {self.validation!r}")
+        if self.model is not None and self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)} or None, got {self.model!r}")
+        resolve_device(self.device)
         return self
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when torch sees a CUDA device, else ``"cpu"``; ``"cpu"`` as is;
+    ``"cuda"`` / ``"cuda:N"`` checked to exist. A ValueError, before any training, otherwise."""
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str ('auto', 'cpu', 'cuda' or 'cuda:N'), got {type(device).__name__}")
+    d = device.strip().lower()
+    if d == "cpu":
+        return "cpu"
+    if d != "auto" and d != "cuda" and not (d.startswith("cuda:") and d[5:].isdigit()):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    import torch
+
+    available = torch.cuda.is_available()
+    if d == "auto":
+        return "cuda" if available else "cpu"
+    if not available:
+        raise ValueError(f"device {device!r} was asked for but torch sees no CUDA device "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                         "use device 'cpu' or 'auto'")
+    if ":" in d and int(d[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return d
 
 
 @dataclass(frozen=True)
@@ -217,14 +182,27 @@ class RunSpec:
     settings: Settings
 
 
+def run_key(spec: RunSpec) -> str:
+    """The identity of a run in a results file: scenario, method, seed, factor and every setting
+    that changes its numbers (not the data directory, the device or the evaluation batch size)."""
+    s = asdict(spec.settings.resolved())
+    for k in ("data_root", "device", "eval_batch_size"):
+        s.pop(k, None)
+    return json.dumps({"scenario": spec.scenario, "method": spec.method, "seed": int(spec.seed),
+                       "factor": spec.factor, "settings": s}, sort_keys=True)
+
+
 # --------------------------------------------------------------------------- one run
 
 
 @lru_cache(maxsize=12)
-def _benchmark(scenario, dataset, data_root, seed, validation, n_experiences, max_train_per_class):
+def _benchmark(scenario, dataset, data_root, seed, validation, n_experiences, max_train_per_class,
+               max_test_per_class=None):
+    from .data import make_benchmark
+
     return make_benchmark(
         scenario, dataset, n_experiences=n_experiences, seed=seed, validation=validation,
-        data_root=data_root, max_train_per_class=max_train_per_class,
+        data_root=data_root, max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class,
     )
 
 
@@ -306,30 +284,70 @@ def _series(metrics: dict, prefix: str) -> Dict[int, float]:
     return out
 
 
-def run_one(spec: RunSpec) -> Dict[str, Any]:
+def regularizer_nbytes(plugin) -> int:
+    """Bytes of tensors the regularizer keeps between experiences: our plugin's consolidated
+    state, or Avalanche ``EWCPlugin``'s ``saved_params`` and ``importances`` (every stored experience)."""
+    if hasattr(plugin, "state") and hasattr(plugin.state, "nbytes"):
+        return int(plugin.state.nbytes())
+    total = 0
+    for store in (getattr(plugin, "saved_params", {}), getattr(plugin, "importances", {})):
+        for per_exp in store.values():
+            for v in per_exp.values():
+                t = getattr(v, "data", v)
+                total += int(t.numel() * t.element_size())
+    return total
+
+
+def _progress_plugin_cls():
+    from avalanche.core import SupervisedPlugin
+
+    class Progress(SupervisedPlugin):
+        """Calls ``report(text)`` after each training epoch: experience and epoch counters."""
+
+        def __init__(self, report, n_exp: int, epochs: int):
+            super().__init__()
+            self.report, self.n_exp, self.epochs = report, n_exp, epochs
+            self.exp = 0
+
+        def before_training_exp(self, strategy, *a, **kw):
+            self.exp += 1
+
+        def after_training_epoch(self, strategy, *a, **kw):
+            ep = int(strategy.clock.train_exp_epochs) + 1
+            self.report(f"exp {self.exp}/{self.n_exp} epoch {min(ep, self.epochs)}/{self.epochs}")
+
+    return Progress
+
+
+def run_one(spec: RunSpec, report=None) -> Dict[str, Any]:
     """Train one (scenario, method, seed, factor) with Avalanche and return its row.
 
     Row keys: see :data:`RESULT_COLUMNS`, plus ``acc_matrix`` (rows: after training experience
     i; columns: test experience j <= i; from Avalanche's ``Top1_Acc_Exp``), ``acc_curve``
     (Avalanche's ``Top1_Acc_Stream`` over the seen test experiences after each experience),
-    ``step_time_per_exp_s`` and ``importance_time_per_exp_s``.
+    ``step_time_per_exp_s``, ``importance_time_per_exp_s`` and ``reg_bytes_per_exp`` (the
+    regularizer's stored tensors after each experience, :func:`regularizer_nbytes`).
+    ``report``: an optional callable given a short progress text after each training epoch.
     """
     import torch
     from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
     from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training.supervised import JointTraining, Naive
 
+    from .data import make_model
+
     s = spec.settings.resolved()
+    device = resolve_device(s.device)
     m = METHODS[spec.method]
     if m.tuned and spec.factor is None:
         raise ValueError(f"method {spec.method!r} needs a factor")
     t_start = time.perf_counter()
     bspec = _benchmark(spec.scenario, s.dataset, s.data_root, int(spec.seed), float(s.validation),
-                       s.n_experiences, s.max_train_per_class)
+                       s.n_experiences, s.max_train_per_class, s.max_test_per_class)
     bm = bspec.benchmark
     torch.manual_seed(int(spec.seed))
     np.random.seed(int(spec.seed) % (2 ** 32))
-    model = make_model(bspec, hidden=s.hidden, layers=s.layers)
+    model = make_model(bspec, hidden=s.hidden, layers=s.layers, kind=s.model)
     with warnings.catch_warnings():  # "No loggers specified": metrics are read from the evaluator
         warnings.simplefilter("ignore", UserWarning)
         evaluator = EvaluationPlugin(
@@ -343,12 +361,16 @@ def run_one(spec: RunSpec) -> Dict[str, Any]:
     if m.kind == "avalanche-ewc":
         _timed_after_training_exp(plugins[0], imp_times)
     timer = _step_timer_cls()()
+    extra = [timer]
+    if report is not None:
+        extra.append(_progress_plugin_cls()(report, 1 if m.kind == "joint" else len(bm.train_stream), s.epochs))
     common = dict(
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=s.lr),
         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=s.batch_size, train_epochs=s.epochs,
-        eval_mb_size=s.eval_batch_size, device="cpu", plugins=[*plugins, timer], evaluator=evaluator,
+        eval_mb_size=s.eval_batch_size, device=device, plugins=[*plugins, *extra], evaluator=evaluator,
     )
     rows_x: List[int] = []
+    reg_bytes: List[int] = []
     n_exp = len(bm.train_stream)
     if m.kind == "joint":
         strategy = JointTraining(**common)
@@ -359,6 +381,7 @@ def run_one(spec: RunSpec) -> Dict[str, Any]:
         strategy = Naive(**common)
         for i, exp in enumerate(bm.train_stream):
             strategy.train(exp)
+            reg_bytes.append(regularizer_nbytes(plugins[0]) if plugins else 0)
             strategy.eval(bm.test_stream[: i + 1])
             rows_x.append(int(strategy.clock.train_iterations))
     # validation last: Avalanche's forgetting metrics key experiences by id only, so evaluating
@@ -410,6 +433,9 @@ def run_one(spec: RunSpec) -> Dict[str, Any]:
         "acc_curve": curve,
         "step_time_per_exp_s": step_per_exp,
         "importance_time_per_exp_s": [float(t) for t in imp_times],
+        "reg_bytes_per_exp": reg_bytes,
+        "n_experiences": n_exp,
+        "device": device,
     }
 
 
@@ -461,24 +487,40 @@ def check_names(scenarios: Sequence[str], methods: Sequence[str]) -> None:
             raise ValueError(f"unknown method {m!r}; valid methods: {', '.join(METHODS)}")
 
 
-def _worker_init():
+def _worker_init(progress_queue=None):
     import torch
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    global _PROGRESS_QUEUE
+    _PROGRESS_QUEUE = progress_queue
+
+
+_PROGRESS_QUEUE = None
 
 
 def _run_indexed(item):
     i, spec = item
-    return i, run_one(spec)
+    q = _PROGRESS_QUEUE
+    report = None if q is None else (lambda text: q.put((i, text)))
+    return i, run_one(spec, report=report)
+
+
+def _describe(spec: RunSpec) -> str:
+    f = "" if spec.factor is None else f" factor={spec.factor:.3g}"
+    return f"{spec.scenario} {spec.method} seed={spec.seed}{f}"
 
 
 def execute(plan: Sequence[RunSpec], workers: Optional[int] = None, progress: bool = True,
-            desc: str = "runs") -> List[Dict[str, Any]]:
+            desc: str = "runs", on_row=None) -> List[Dict[str, Any]]:
     """Run every spec of ``plan`` and return the rows in plan order.
 
     ``workers``: processes (None: one per CPU core, at most len(plan)); 1 runs in this process.
-    Each worker process uses one torch thread. ``progress`` shows a tqdm bar.
+    Each worker process uses one torch thread. On a CUDA device the runs go one after the other
+    in this process (``workers`` is ignored: one GPU is shared, not split). ``progress`` shows a
+    tqdm bar over runs and, under it, the experience and epoch of the runs in progress.
+    ``on_row(spec, row)`` is called as each run finishes (the results file appends it there), so
+    an interrupted sweep keeps every finished run.
     """
     from tqdm.auto import tqdm
 
@@ -487,27 +529,142 @@ def execute(plan: Sequence[RunSpec], workers: Optional[int] = None, progress: bo
         workers = os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int or None, got {workers!r}")
-    workers = max(1, min(workers, len(plan)))
+    if plan and resolve_device(plan[0].settings.device) != "cpu":
+        workers = 1
+    workers = max(1, min(workers, len(plan) or 1))
     rows: List[Optional[dict]] = [None] * len(plan)
     bar = tqdm(total=len(plan), desc=desc, disable=not progress, unit="run", dynamic_ncols=True)
+    inner = tqdm(total=0, bar_format="{desc}", disable=not progress, position=1, leave=False)
+    current: Dict[int, str] = {}
+
+    def show(i, text):
+        current[i] = f"{_describe(plan[i])}: {text}"
+        inner.set_description_str("  " + " | ".join(current[k] for k in sorted(current))[:200])
+
+    def done(i, row):
+        rows[i] = row
+        current.pop(i, None)
+        if on_row is not None:
+            on_row(plan[i], row)
+        bar.update(1)
+
     try:
         if workers == 1:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for i, spec in enumerate(plan):
-                    rows[i] = run_one(spec)
-                    bar.update(1)
+            import torch
+
+            threads = torch.get_num_threads()
+            # one thread, as in the worker processes: step times comparable across --workers
+            torch.set_num_threads(1)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for i, spec in enumerate(plan):
+                        show(i, "starting")
+                        done(i, run_one(spec, report=(lambda t, i=i: show(i, t)) if progress else None))
+            finally:
+                torch.set_num_threads(threads)
         else:
             import multiprocessing as mp
+            import queue as _queue
 
             ctx = mp.get_context("spawn")  # no fork after torch initialised its thread pools
-            with ctx.Pool(workers, initializer=_worker_init) as pool:
-                for i, row in pool.imap_unordered(_run_indexed, list(enumerate(plan)), chunksize=1):
-                    rows[i] = row
-                    bar.update(1)
+            q = ctx.Manager().Queue() if progress else None
+            with ctx.Pool(workers, initializer=_worker_init, initargs=(q,)) as pool:
+                it = pool.imap_unordered(_run_indexed, list(enumerate(plan)), chunksize=1)
+                remaining = len(plan)
+                while remaining:
+                    try:
+                        i, row = it.next(timeout=0.5)
+                    except mp.TimeoutError:
+                        pass
+                    else:
+                        done(i, row)
+                        remaining -= 1
+                    while q is not None:
+                        try:
+                            j, text = q.get_nowait()
+                        except _queue.Empty:
+                            break
+                        if rows[j] is None:
+                            show(j, text)
     finally:
+        inner.close()
         bar.close()
     return rows  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- results file
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """Make sure ``out`` is (or can be made) a writable directory, before any training.
+
+    Raises ValueError naming the path: a file in the way, or no permission to create or write."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {str(out)!r} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"out: cannot write to {str(out)!r}: {e.strerror or e}") from None
+    return out
+
+
+class ResultStore:
+    """``runs.jsonl``: one JSON line per finished run (its :func:`run_key` and row), appended and
+    flushed to disk as each run finishes. A line cut short by a kill is dropped on load."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def load(self) -> Dict[str, Dict[str, Any]]:
+        out: Dict[str, Dict[str, Any]] = {}
+        if not self.path.is_file():
+            return out
+        good = []
+        with open(self.path, "r") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # a write cut short (the process was killed): rerun that run
+                try:
+                    rec = json.loads(line)
+                    out[rec["key"]] = _unclean(rec["row"])
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{self.path}: unreadable line {len(good) + 1}; "
+                                     "remove it (or the file) to rerun those runs") from None
+                good.append(line)
+        if sum(len(l) for l in good) != self.path.stat().st_size:
+            with open(self.path, "w") as f:  # drop the partial last line
+                f.writelines(good)
+        return out
+
+    def append(self, key: str, row: Mapping[str, Any]) -> None:
+        line = json.dumps({"key": key, "row": _clean(dict(row))}) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def clear(self) -> None:
+        if self.path.exists():
+            self.path.unlink()
+
+
+def _unclean(v):
+    """Inverse of :func:`_clean` for rows: None -> NaN in the float columns."""
+    if isinstance(v, dict):
+        out = {k: _unclean(x) for k, x in v.items()}
+        for k in ("avg_accuracy", "avg_forgetting", "bwt", "valid_accuracy", "wall_time_s",
+                  "mean_step_time_s", "importance_time_s"):
+            if k in out and out[k] is None:
+                out[k] = float("nan")
+        return out
+    if isinstance(v, list):
+        return [float("nan") if x is None else _unclean(x) for x in v]
+    return v
 
 
 # --------------------------------------------------------------------------- factor selection
@@ -745,19 +902,19 @@ def _method_colors(methods: Sequence[str]) -> Dict[str, Any]:
     return {m: cmap(i % 20) for i, m in enumerate(METHODS) if m in methods}
 
 
-def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 90) -> List[str]:
-    """PNG plots under ``out``:
+def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> List[str]:
+    """PNG plots under ``out`` (titles name the dataset and scenario; legends use the methods'
+    labels; experiences are numbered from 1 in every figure):
 
     * ``acc_matrix_<scenario>.png``: accuracy-matrix heatmaps (mean over seeds) per method;
     * ``acc_over_experiences.png``: stream accuracy over the seen experiences after each one;
     * ``lambda_sweep.png``: mean validation accuracy vs factor, chosen factor marked;
     * ``final_accuracy.png``: final test accuracy, mean +- std over seeds.
     """
-    import matplotlib
+    from .catalog import DATASET_TITLES, SCENARIO_TITLES
+    from .studies import _experience_ticks, style
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = style()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -765,6 +922,16 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 90) -> Lis
     scenarios = [s for s in SCENARIOS if any(r["scenario"] == s for r in chosen)]
     methods = [m for m in METHODS if any(r["method"] == m for r in chosen)]
     colors = _method_colors(methods)
+    cfg = result.config.get("settings", {})
+    ds = DATASET_TITLES.get(cfg.get("dataset"), cfg.get("dataset", ""))
+    n_seeds = len(result.config.get("seeds", [])) or len({r["seed"] for r in chosen})
+    label = {m: METHODS[m].label for m in methods}
+
+    def save(fig, name):
+        p = out / name
+        fig.savefig(p, dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        files.append(str(p))
 
     def mean_matrix(sc, me):
         ms = [np.asarray(r["acc_matrix"], dtype=float) for r in chosen if r["scenario"] == sc and r["method"] == me]
@@ -779,83 +946,86 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 90) -> Lis
             continue
         ncol = min(4, len(ms))
         nrow = int(math.ceil(len(ms) / ncol))
-        fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.5 * nrow + 0.4), squeeze=False)
+        n_exp = max(len(r["acc_matrix"][0]) for r in chosen if r["scenario"] == sc)
+        cell = max(3.6, 0.5 * n_exp + 1.2)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(cell * ncol, cell * nrow + 0.6), squeeze=False,
+                                 layout="constrained")
         for ax, me in zip(axes.flat, ms):
             mat = mean_matrix(sc, me)
-            ax.imshow(np.ma.masked_invalid(mat), vmin=0, vmax=1, cmap="viridis")
-            for (i, j), v in np.ndenumerate(mat):
-                if not np.isnan(v):
-                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if v < 0.6 else "black")
-            ax.set_title(me, fontsize=9)
-            ax.set_xlabel("test exp", fontsize=8)
-            ax.set_ylabel("after training exp", fontsize=8)
-            ax.tick_params(labelsize=7)
+            n = mat.shape[1]
+            ax.imshow(np.ma.masked_invalid(mat), vmin=0, vmax=1, cmap="viridis",
+                      extent=(0.5, n + 0.5, mat.shape[0] + 0.5, 0.5))
+            if n <= 12:
+                for (i, j), v in np.ndenumerate(mat):
+                    if not np.isnan(v):
+                        ax.text(j + 1, i + 1, f"{100 * v:.0f}", ha="center", va="center", fontsize=10,
+                                color="white" if v < 0.6 else "black")
+            ax.set_title(label[me], fontsize=10)
+            ax.set_xlabel("test experience")
+            ax.set_ylabel("after training experience")
+            _experience_ticks(ax, n)
+            ax.set_yticks(ax.get_xticks())
+            ax.set_ylim(mat.shape[0] + 0.5, 0.5)
         for ax in list(axes.flat)[len(ms):]:
             ax.axis("off")
-        fig.suptitle(f"{sc}: accuracy matrix (%), mean over seeds, at the chosen factor", fontsize=10)
-        fig.tight_layout()
-        p = out / f"acc_matrix_{sc}.png"
-        fig.savefig(p, dpi=dpi)
-        plt.close(fig)
-        files.append(str(p))
+        fig.suptitle(f"{ds}, {SCENARIO_TITLES.get(sc, sc)}: accuracy matrix (%), mean over {n_seeds} seeds, "
+                     "at the chosen factors", fontsize=11)
+        save(fig, f"acc_matrix_{sc}.png")
 
     # accuracy over experiences
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.0 * len(scenarios), 4.2), squeeze=False)
     for ax, sc in zip(axes[0], scenarios):
+        n = 1
         for me in methods:
             curves = [r["acc_curve"] for r in chosen if r["scenario"] == sc and r["method"] == me]
             if not curves:
                 continue
             c = np.mean(np.asarray(curves, dtype=float), axis=0)
             if me == "joint":
-                ax.axhline(c[-1], color="k", ls="--", lw=1, label=me)
+                ax.axhline(c[-1], color="k", ls="--", lw=1, label=label[me])
             else:
-                ax.plot(np.arange(1, len(c) + 1), c, marker="o", ms=3, color=colors[me], label=me,
+                n = max(n, len(c))
+                ax.plot(np.arange(1, len(c) + 1), c, marker="o", ms=3, color=colors[me], label=label[me],
                         ls="-" if METHODS[me].kind != "avalanche-ewc" else ":")
-        ax.set_title(sc, fontsize=10)
+        _experience_ticks(ax, n)
+        ax.set_title(f"{ds}, {SCENARIO_TITLES.get(sc, sc)}", fontsize=10)
         ax.set_xlabel("experiences trained")
         ax.set_ylabel("test accuracy on seen experiences")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(f"mean over {n_seeds} seeds, each method at its chosen factor", fontsize=11)
     fig.tight_layout()
-    p = out / "acc_over_experiences.png"
-    fig.savefig(p, dpi=dpi)
-    plt.close(fig)
-    files.append(str(p))
+    save(fig, "acc_over_experiences.png")
 
     # lambda sweep
     tuned = [m for m in methods if METHODS[m].tuned]
     if tuned:
-        fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(scenarios), figsize=(5.0 * len(scenarios), 4.2), squeeze=False)
         for ax, sc in zip(axes[0], scenarios):
             for me in tuned:
                 sel = result.selection.get((sc, me))
                 if not sel or not sel["grid"]:
                     continue
-                ax.plot(sel["grid"], sel["valid_by_factor"], marker="o", ms=3, color=colors[me], label=me,
+                ax.plot(sel["grid"], sel["valid_by_factor"], marker="o", ms=3, color=colors[me], label=label[me],
                         ls="-" if METHODS[me].kind != "avalanche-ewc" else ":")
                 ax.plot([sel["factor"]], [sel["valid_accuracy"]], marker="*", ms=11, color=colors[me],
                         markeredgecolor="k")
             if ("naive" in methods) and (sc, "naive") in result.selection:
                 ax.axhline(result.selection[(sc, "naive")]["valid_accuracy"], color="gray", ls="--", lw=1,
-                           label="naive")
+                           label=label["naive"])
             ax.set_xscale("log")
-            ax.set_title(sc, fontsize=10)
+            ax.set_title(f"{ds}, {SCENARIO_TITLES.get(sc, sc)}", fontsize=10)
             ax.set_xlabel("factor (= ewc_lambda = λ/2)")
             ax.set_ylabel("mean validation accuracy")
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-        fig.suptitle("factor sweep (★ = chosen)", fontsize=10)
+        axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.suptitle(f"factor sweep, mean over {n_seeds} seeds (★ = chosen)", fontsize=11)
         fig.tight_layout()
-        p = out / "lambda_sweep.png"
-        fig.savefig(p, dpi=dpi)
-        plt.close(fig)
-        files.append(str(p))
+        save(fig, "lambda_sweep.png")
 
     # final accuracy bars
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.35 * len(methods) * len(scenarios)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.5 + 0.4 * len(methods) * len(scenarios)), 4.4))
     width = 0.8 / len(methods)
     for k, me in enumerate(methods):
         ys, es = [], []
@@ -864,36 +1034,21 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 90) -> Lis
             ys.append(s["acc_mean"] if s else np.nan)
             es.append(s["acc_std"] if s else 0.0)
         xs = np.arange(len(scenarios)) + (k - (len(methods) - 1) / 2) * width
-        ax.bar(xs, ys, width, yerr=es, capsize=2, color=colors[me], label=me,
+        ax.bar(xs, ys, width, yerr=es, capsize=2, color=colors[me], label=label[me],
                hatch="//" if METHODS[me].kind == "avalanche-ewc" else None, edgecolor="k", lw=0.3)
     ax.set_xticks(np.arange(len(scenarios)))
-    ax.set_xticklabels(scenarios)
+    ax.set_xticklabels([SCENARIO_TITLES.get(sc, sc) for sc in scenarios])
     ax.set_ylabel("final test accuracy (mean ± std)")
     ax.set_ylim(0, 1.0)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_title(f"{ds}: final test accuracy, {n_seeds} seeds, each method at its chosen factor", fontsize=11)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    p = out / "final_accuracy.png"
-    fig.savefig(p, dpi=dpi)
-    plt.close(fig)
-    files.append(str(p))
+    save(fig, "final_accuracy.png")
     return files
 
 
 # --------------------------------------------------------------------------- all in one
-
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # the `make demo` default: fits in < 10 min on 2 cores
-    "default": {"seeds": [0, 1, 2], "epochs": 5, "points_per_decade": 1, "methods": DEFAULT_METHODS,
-                "scenarios": SCENARIOS, "quick_grid": False},
-    # smoke test (< 1 min)
-    "quick": {"seeds": [0], "epochs": 1, "points_per_decade": 1, "methods": QUICK_METHODS,
-              "scenarios": SCENARIOS, "quick_grid": True},
-    # more seeds, a finer grid, longer training
-    "full": {"seeds": [0, 1, 2, 3, 4], "epochs": 10, "points_per_decade": 2, "methods": DEFAULT_METHODS,
-             "scenarios": SCENARIOS, "quick_grid": False},
-}
-
 
 def run_comparison(
     scenarios: Sequence[str] = SCENARIOS,
@@ -907,11 +1062,26 @@ def run_comparison(
     progress: bool = True,
     out: Optional[str | os.PathLike] = None,
     plots: bool = True,
+    resume: bool = True,
+    study: str = "compare",
+    log=None,
 ) -> Comparison:
     """Sweep, select, summarize and (with ``out``) write results and plots.
 
-    See the module docstring for the protocol.
+    See the module docstring for the protocol. With ``out``, every finished run is appended to
+    ``out/runs.jsonl`` as it completes; with ``resume`` (the default) runs already in that file
+    (same :func:`run_key`) are not trained again, so rerunning an interrupted command finishes
+    the sweep and gives the same tables as an uninterrupted one. ``resume=False`` starts the
+    file afresh. ``study``: ``"compare"`` (the comparison's tables and figures), ``"long-stream"``
+    or ``"fisher-variants"`` (their own tables and figures as well, see
+    :mod:`avalanche_pcreg.experiments.studies`). ``log``: a callable for one-line messages
+    (default ``print``).
     """
+    from .catalog import STUDIES
+
+    log = print if log is None else log
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; valid studies: {', '.join(STUDIES)}")
     settings = (settings or Settings()).check()
     check_names(scenarios, methods)
     seeds = [int(s) for s in seeds]
@@ -919,18 +1089,39 @@ def run_comparison(
         raise ValueError(f"seeds must be distinct, got {seeds}")
     t0 = time.perf_counter()
     plan = plan_runs(scenarios, methods, seeds, settings, grids=grids, points_per_decade=points_per_decade)
-    rows = execute(plan, workers=workers, progress=progress)
+    keys = [run_key(p) for p in plan]
+    done: Dict[str, Dict[str, Any]] = {}
+    store = None
+    if out is not None:
+        out = check_out_dir(out)
+        store = ResultStore(out / "runs.jsonl")
+        if not resume:
+            store.clear()
+        done = store.load()
+        have = sum(k in done for k in keys)
+        if have:
+            log(f"{store.path}: {have} of {len(plan)} runs already done, skipping them "
+                f"(pass resume=False / --fresh to train them again)")
+    todo = [i for i, k in enumerate(keys) if k not in done]
+    new_rows = execute([plan[i] for i in todo], workers=workers, progress=progress,
+                       on_row=(lambda spec, row: store.append(run_key(spec), row)) if store else None)
+    rows = [done[k] if k in done else None for k in keys]
+    for i, row in zip(todo, new_rows):
+        rows[i] = row
     selection = select_factors(rows)
     chosen = chosen_rows(rows, selection)
     summary = summarize(chosen, selection)
     res = settings.resolved()
     config = {
-        "scenarios": list(scenarios), "methods": list(methods), "seeds": seeds,
+        "study": study, "scenarios": list(scenarios), "methods": list(methods), "seeds": seeds,
         "settings": asdict(res), "points_per_decade": points_per_decade,
         "grids": {m: list(grids[m]) if grids and m in grids else method_grid(m, points_per_decade) for m in methods},
         "optimizer": f"Adam(lr={res.lr})", "online_decay": ONLINE_DECAY, "n_runs": len(plan),
+        "n_runs_resumed": len(plan) - len(todo),
         "workers": workers, "selection": "argmax of mean validation accuracy after the last experience",
         "methods_description": {m: METHODS[m].description for m in methods},
+        "methods_label": {m: METHODS[m].label for m in methods},
+        "methods_options": {m: dict(METHODS[m].options) for m in methods},
     }
     result = Comparison(rows=rows, selection=selection, chosen=chosen, summary=summary, config=config)
     result.wall_time_s = time.perf_counter() - t0
@@ -938,4 +1129,8 @@ def run_comparison(
         result.files = write_outputs(result, out)
         if plots:
             result.files += make_plots(result, out)
+        if STUDIES[study].report != "comparison":
+            from . import studies
+
+            result.files += studies.write_study(result, out, STUDIES[study].report, plots=plots)
     return result

@@ -1,0 +1,173 @@
+"""Names of the experiment harness: scenarios, datasets, methods, presets and studies.
+
+Plain data, importable without torch or Avalanche (the CLI parses its arguments from these before
+the heavy imports). To add a method, append a :class:`Method` to ``_METHOD_LIST``; to add a study,
+add an entry to :data:`STUDIES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+__all__ = [
+    "SCENARIOS", "DATASETS", "IDX_DATASETS", "CIFAR_DATASETS", "N_CLASSES", "MODELS", "DEVICES",
+    "Method", "METHODS", "DEFAULT_METHODS", "QUICK_METHODS", "ONLINE_DECAY", "FV_DECAY",
+    "method_grid", "quick_grid", "PRESETS", "Study", "STUDIES",
+]
+
+SCENARIOS = ("split-task", "split-class", "permuted")
+IDX_DATASETS = ("mnist", "fashion-mnist")
+CIFAR_DATASETS = ("cifar10", "cifar100")
+DATASETS = ("digits",) + IDX_DATASETS + CIFAR_DATASETS
+N_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+MODELS = ("mlp", "cnn")
+DEVICES = ("auto", "cpu", "cuda")
+DATASET_TITLES = {"digits": "8x8 digits", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST",
+                  "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+SCENARIO_TITLES = {"split-task": "Split, task-incremental", "split-class": "Split, class-incremental",
+                   "permuted": "Permuted (domain-incremental)"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compared method.
+
+    ``kind``: ``"naive"`` (fine-tuning), ``"joint"`` (Avalanche ``JointTraining``),
+    ``"avalanche-ewc"`` (Avalanche ``EWCPlugin``) or ``"pcreg"`` (our plugin).
+    ``decades``: the log10 range ``(lo, hi)`` of its factor grid, None for no factor.
+    ``options``: keyword arguments of the plugin. ``label``: the name shown in tables and figures.
+    """
+
+    name: str
+    label: str
+    kind: str
+    decades: Optional[Tuple[int, int]]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def tuned(self) -> bool:
+        return self.decades is not None
+
+
+# online decay used by both online EWCs of the comparison (Avalanche's and ours), like for like
+ONLINE_DECAY = 0.9
+# decay of the Fisher-variants study (van de Ven 2025 use online EWC; gamma = 1 sums the Fishers)
+FV_DECAY = 1.0
+
+_METHOD_LIST = [
+    Method("naive", "naive", "naive", None, {}, "fine-tuning, no regularization (lower bound)"),
+    Method("avl-ewc", "Avalanche EWC", "avalanche-ewc", (1, 7), {"mode": "separate"},
+           "Avalanche EWCPlugin, separate: one (F_t, theta*_t) per experience, minibatch Fisher"),
+    Method("avl-ewc-online", "Avalanche online", "avalanche-ewc", (1, 7),
+           {"mode": "online", "decay_factor": ONLINE_DECAY},
+           f"Avalanche EWCPlugin, online, decay_factor={ONLINE_DECAY}, minibatch Fisher"),
+    Method("pc-l2", "ours L2", "pcreg", (-4, 2), {"importance": "uniform"},
+           "ours, importance='uniform' (L2 towards the consolidated anchor)"),
+    Method("pc-ewc", "ours EWC (empirical)", "pcreg", (-1, 5), {"importance": "empirical_fisher"},
+           "ours, importance='empirical_fisher' (per-sample, true labels), separate (consolidated)"),
+    Method("pc-ewc-fisher", "ours EWC (sampled)", "pcreg", (-1, 5), {"importance": "fisher"},
+           "ours, importance='fisher' (per-sample, labels sampled from the model)"),
+    Method("pc-ewc-expected", "ours EWC (expected)", "pcreg", (-1, 5),
+           {"importance": "expected_fisher"},
+           "ours, importance='expected_fisher' (exact expectation over classes)"),
+    Method("pc-ewc-online", "ours online", "pcreg", (-1, 5),
+           {"importance": "empirical_fisher", "mode": "online", "decay": ONLINE_DECAY},
+           f"ours, importance='empirical_fisher', mode='online', decay={ONLINE_DECAY}"),
+    Method("pc-mas", "ours MAS", "pcreg", (-4, 2), {"importance": "mas"}, "ours, importance='mas'"),
+    Method("pc-si", "ours SI", "pcreg", (-1, 5), {"importance": "si", "mode": "online", "decay": 1.0},
+           "ours, importance='si', mode='online', decay=1.0 (Zenke et al. 2017), xi=0.1"),
+    Method("joint", "joint", "joint", None, {},
+           "Avalanche JointTraining on all experiences at once (upper bound)"),
+    # the five Fisher computations of van de Ven (2025), online EWC, decay FV_DECAY
+    Method("fv-exact", "exact Fisher", "pcreg", (0, 6),
+           {"importance": "expected_fisher", "mode": "online", "decay": FV_DECAY},
+           "online EWC, exact expected Fisher over all training samples of the experience"),
+    Method("fv-exact-500", "exact Fisher (500 samples)", "pcreg", (0, 6),
+           {"importance": "expected_fisher", "num_samples": 500, "mode": "online", "decay": FV_DECAY},
+           "online EWC, exact expected Fisher on a seeded subset of 500 samples"),
+    Method("fv-sampled", "sampled Fisher", "pcreg", (0, 6),
+           {"importance": "fisher", "mode": "online", "decay": FV_DECAY},
+           "online EWC, Fisher with one label per sample drawn from the model's prediction"),
+    Method("fv-empirical", "empirical Fisher", "pcreg", (0, 6),
+           {"importance": "empirical_fisher", "mode": "online", "decay": FV_DECAY},
+           "online EWC, empirical Fisher (per-sample gradients at the true labels)"),
+    Method("fv-batched", "batched Fisher (ours)", "pcreg", (1, 7),
+           {"importance": "minibatch_fisher", "mode": "online", "decay": FV_DECAY},
+           "online EWC, batched Fisher (squared minibatch-mean gradients, Avalanche's estimate) in our plugin"),
+    Method("fv-batched-avl", "batched Fisher (Avalanche)", "avalanche-ewc", (1, 7),
+           {"mode": "online", "decay_factor": FV_DECAY},
+           f"Avalanche EWCPlugin, online, decay_factor={FV_DECAY} (batched Fisher)"),
+]
+METHODS: Dict[str, Method] = {m.name: m for m in _METHOD_LIST}
+# the comparison of `make demo` (the Fisher-variant methods are for --study fisher-variants)
+DEFAULT_METHODS: Tuple[str, ...] = tuple(m for m in METHODS if not m.startswith("fv-"))
+QUICK_METHODS: Tuple[str, ...] = ("naive", "avl-ewc", "pc-ewc")
+
+
+def method_grid(method, points_per_decade: int = 1, decades: Optional[Tuple[float, float]] = None) -> List[Optional[float]]:
+    """The factor grid of ``method``: ``points_per_decade`` log-spaced points a decade over
+    its ``decades`` (or the given ``(lo, hi)`` log10 range), ends included. ``[None]`` for
+    methods without a factor (naive, joint)."""
+    m = METHODS[method] if isinstance(method, str) else method
+    if not m.tuned:
+        return [None]
+    if isinstance(points_per_decade, bool) or not isinstance(points_per_decade, int) or points_per_decade < 1:
+        raise ValueError(f"points_per_decade must be a positive int, got {points_per_decade!r}")
+    lo, hi = decades if decades is not None else m.decades
+    n = int(round((hi - lo) * points_per_decade)) + 1
+    step = (hi - lo) / (n - 1) if n > 1 else 0.0
+    return [float(f"{10 ** (lo + k * step):.6g}") for k in range(n)]
+
+
+def quick_grid(method) -> List[Optional[float]]:
+    """Two factors for smoke runs: one decade either side of the middle of the grid."""
+    m = METHODS[method] if isinstance(method, str) else method
+    if not m.tuned:
+        return [None]
+    mid = 0.5 * (m.decades[0] + m.decades[1])
+    return [float(f"{10 ** (mid - 1):.6g}"), float(f"{10 ** (mid + 1):.6g}")]
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # the `make demo` default: fits in < 10 min on 2 cores
+    "default": {"seeds": [0, 1, 2], "epochs": 5, "points_per_decade": 1, "methods": DEFAULT_METHODS,
+                "scenarios": SCENARIOS, "quick_grid": False},
+    # smoke test (< 1 min on digits; other datasets are subsampled, see QUICK_SUBSAMPLE)
+    "quick": {"seeds": [0], "epochs": 1, "points_per_decade": 1, "methods": QUICK_METHODS,
+              "scenarios": SCENARIOS, "quick_grid": True},
+    # more seeds, a finer grid, longer training
+    "full": {"seeds": [0, 1, 2, 3, 4], "epochs": 10, "points_per_decade": 2, "methods": DEFAULT_METHODS,
+             "scenarios": SCENARIOS, "quick_grid": False},
+}
+# --quick on a dataset other than digits: this many training and test images a class
+QUICK_SUBSAMPLE = 100
+
+
+@dataclass(frozen=True)
+class Study:
+    """A named experiment: which scenarios and methods, and its defaults (the CLI can override them)."""
+
+    name: str
+    scenarios: Tuple[str, ...]
+    methods: Tuple[str, ...]
+    n_experiences: Optional[int]
+    description: str
+    # the figure/table set written after the sweep: "comparison", "long-stream" or "fisher-variants"
+    report: str
+
+
+STUDIES: Dict[str, Study] = {
+    "compare": Study("compare", SCENARIOS, DEFAULT_METHODS, None,
+                     "every method on every scenario (the `make demo` default)", "comparison"),
+    "long-stream": Study(
+        "long-stream", ("permuted",), ("naive", "avl-ewc", "avl-ewc-online", "pc-ewc", "pc-ewc-online"), 20,
+        "a long permuted stream: accuracy after each experience, wall time of a training step and "
+        "regularizer memory against the number of experiences", "long-stream"),
+    "fisher-variants": Study(
+        "fisher-variants", ("split-task",),
+        ("naive", "fv-exact", "fv-exact-500", "fv-sampled", "fv-empirical", "fv-batched", "fv-batched-avl"), 5,
+        "online EWC with the Fisher computed five ways (van de Ven 2025), task-incremental Split",
+        "fisher-variants"),
+}
