@@ -624,3 +624,21 @@ def test_cli_says_what_workers_do_on_a_gpu(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         compare.parse_args(["--device", "cuda:3", "--out", str(tmp_path)])
     assert "only 1 CUDA device(s) visible" in capsys.readouterr().err
+
+
+def test_rwalk_methods_in_the_harness_avalanche_and_parity_mode_give_the_same_run():
+    """Avalanche's RWalkPlugin and ours in its parity mode (``importance="rwalk"``) are the same run
+    in the harness (same accuracies and validation score); the per-sample version is a different,
+    consolidated method. Every experience runs more than ``delta_t`` = 10 iterations: with fewer,
+    Avalanche's normalisation divides 0 by 0 and it trains on NaN, where ours uses 0."""
+    settings = Settings(epochs=1, max_train_per_class=50)  # 13 iterations an experience
+    rows = {m: runner.run_one(RunSpec("permuted", m, 0, 10.0, settings))
+            for m in ("avl-rwalk", "pc-rwalk", "pc-rwalk-fisher")}
+    avl, ours = rows["avl-rwalk"], rows["pc-rwalk"]
+    assert ours["valid_accuracy"] == avl["valid_accuracy"]
+    assert ours["avg_accuracy"] == avl["avg_accuracy"]
+    assert np.allclose(np.asarray(ours["acc_matrix"], dtype=float), np.asarray(avl["acc_matrix"], dtype=float),
+                       equal_nan=True)  # NaN: experiences not yet trained
+    assert METHODS["avl-rwalk"].plugin == "RWalkPlugin" and METHODS["pc-rwalk-fisher"].kind == "pcreg"
+    assert np.isfinite(rows["pc-rwalk-fisher"]["avg_accuracy"])
+    assert rows["pc-rwalk-fisher"]["valid_accuracy"] != avl["valid_accuracy"]

@@ -34,7 +34,8 @@ class Method:
     """One compared method.
 
     ``kind``: ``"naive"`` (fine-tuning), ``"joint"`` (Avalanche ``JointTraining``),
-    ``"avalanche-ewc"`` (Avalanche ``EWCPlugin``) or ``"pcreg"`` (our plugin).
+    ``"avalanche"`` (an Avalanche plugin: ``plugin`` names its class in
+    ``avalanche.training.plugins``, the factor is its ``ewc_lambda``) or ``"pcreg"`` (our plugin).
     ``decades``: the log10 range ``(lo, hi)`` of its factor grid, None for no factor.
     ``options``: keyword arguments of the plugin. ``label``: the name shown in tables and figures.
     """
@@ -45,6 +46,7 @@ class Method:
     decades: Optional[Tuple[int, int]]
     options: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    plugin: str = "EWCPlugin"
 
     @property
     def tuned(self) -> bool:
@@ -58,9 +60,9 @@ FV_DECAY = 1.0
 
 _METHOD_LIST = [
     Method("naive", "naive", "naive", None, {}, "fine-tuning, no regularization (lower bound)"),
-    Method("avl-ewc", "Avalanche EWC", "avalanche-ewc", (1, 7), {"mode": "separate"},
+    Method("avl-ewc", "Avalanche EWC", "avalanche", (1, 7), {"mode": "separate"},
            "Avalanche EWCPlugin, separate: one (F_t, theta*_t) per experience, minibatch Fisher"),
-    Method("avl-ewc-online", "Avalanche online", "avalanche-ewc", (1, 7),
+    Method("avl-ewc-online", "Avalanche online", "avalanche", (1, 7),
            {"mode": "online", "decay_factor": ONLINE_DECAY},
            f"Avalanche EWCPlugin, online, decay_factor={ONLINE_DECAY}, minibatch Fisher"),
     Method("pc-l2", "ours L2", "pcreg", (-4, 2), {"importance": "uniform"},
@@ -78,6 +80,15 @@ _METHOD_LIST = [
     Method("pc-mas", "ours MAS", "pcreg", (-4, 2), {"importance": "mas"}, "ours, importance='mas'"),
     Method("pc-si", "ours SI", "pcreg", (-1, 5), {"importance": "si", "mode": "online", "decay": 1.0},
            "ours, importance='si', mode='online', decay=1.0 (Zenke et al. 2017), xi=0.1"),
+    Method("avl-rwalk", "Avalanche RWalk", "avalanche", (-1, 3), {"ewc_alpha": 0.9, "delta_t": 10},
+           "Avalanche RWalkPlugin (Chaudhry et al. 2018), ewc_alpha=0.9, delta_t=10", plugin="RWalkPlugin"),
+    Method("pc-rwalk", "ours RWalk (parity)", "pcreg", (-1, 3),
+           {"importance": "rwalk", "mode": "online", "decay": 0.0,
+            "estimator_options": {"ewc_alpha": 0.9, "delta_t": 10}},
+           "ours, importance='rwalk': RWalkPlugin's definition, the same run as Avalanche RWalk"),
+    Method("pc-rwalk-fisher", "ours RWalk (per-sample)", "pcreg", (-1, 3),
+           {"importance": "rwalk_fisher", "estimator_options": {"delta_t": 10}},
+           "ours, importance='rwalk_fisher': RWalk's path score + per-sample Fisher, separate (consolidated)"),
     Method("joint", "joint", "joint", None, {},
            "Avalanche JointTraining on all experiences at once (upper bound)"),
     # the five Fisher computations of van de Ven (2025), online EWC, decay FV_DECAY
@@ -96,7 +107,7 @@ _METHOD_LIST = [
     Method("fv-batched", "batched Fisher (ours)", "pcreg", (1, 7),
            {"importance": "minibatch_fisher", "mode": "online", "decay": FV_DECAY},
            "online EWC, batched Fisher (squared minibatch-mean gradients, Avalanche's estimate) in our plugin"),
-    Method("fv-batched-avl", "batched Fisher (Avalanche)", "avalanche-ewc", (1, 7),
+    Method("fv-batched-avl", "batched Fisher (Avalanche)", "avalanche", (1, 7),
            {"mode": "online", "decay_factor": FV_DECAY},
            f"Avalanche EWCPlugin, online, decay_factor={FV_DECAY} (batched Fisher)"),
 ]
@@ -165,6 +176,11 @@ STUDIES: Dict[str, Study] = {
         "long-stream", ("permuted",), ("naive", "avl-ewc", "avl-ewc-online", "pc-ewc", "pc-ewc-online"), 20,
         "a long permuted stream: accuracy after each experience, wall time of a training step and "
         "regularizer memory against the number of experiences", "long-stream"),
+    "rwalk": Study(
+        "rwalk", ("split-class", "permuted"), ("naive", "avl-rwalk", "pc-rwalk", "pc-rwalk-fisher", "joint"),
+        None, "Avalanche's RWalkPlugin against ours in parity mode (the same run) and ours with the "
+        "per-sample Fisher, consolidated (single-head scenarios: Avalanche's RWalkPlugin fails on the "
+        "heads a multi-head model adds)", "comparison"),
     "fisher-variants": Study(
         "fisher-variants", ("split-task",),
         ("naive", "fv-exact", "fv-exact-500", "fv-sampled", "fv-empirical", "fv-batched", "fv-batched-avl"), 5,

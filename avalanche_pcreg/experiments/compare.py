@@ -324,8 +324,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           "(StreamForgetting) and BWT (StreamBWT), mean ± std over seeds at each method's factor chosen "
           "on validation accuracy:")
     print(format_summary(res.summary))
-    if a.study != "compare":
-        from .catalog import STUDIES as _S
+    from .catalog import STUDIES as _S
+
+    if _S[a.study].report != "comparison":
         from .studies import format_study
 
         print(f"\n{a.study}:")

@@ -251,10 +251,10 @@ def make_plugins(method: str, factor: Optional[float], seed: int = 0):
         return []
     if factor is None:
         raise ValueError(f"method {method!r} needs a factor")
-    if m.kind == "avalanche-ewc":
-        from avalanche.training.plugins import EWCPlugin
+    if m.kind == "avalanche":
+        from avalanche.training import plugins
 
-        return [EWCPlugin(ewc_lambda=float(factor), **m.options)]
+        return [getattr(plugins, m.plugin)(ewc_lambda=float(factor), **m.options)]
     from ..plugin import ParameterChangePlugin
 
     return [ParameterChangePlugin(float(factor), seed=seed, **m.options)]
@@ -358,7 +358,7 @@ def run_one(spec: RunSpec, report=None) -> Dict[str, Any]:
         )
     plugins = make_plugins(spec.method, spec.factor, seed=int(spec.seed))
     imp_times: List[float] = []
-    if m.kind == "avalanche-ewc":
+    if m.kind == "avalanche":
         _timed_after_training_exp(plugins[0], imp_times)
     timer = _step_timer_cls()()
     extra = [timer]
@@ -427,7 +427,7 @@ def run_one(spec: RunSpec, report=None) -> Dict[str, Any]:
         "valid_accuracy": acc_valid,
         "wall_time_s": wall,
         "mean_step_time_s": float(np.mean(steps)) if steps else float("nan"),
-        "importance_time_s": float(np.sum(imp_times)) if m.kind in ("pcreg", "avalanche-ewc") else float("nan"),
+        "importance_time_s": float(np.sum(imp_times)) if m.kind in ("pcreg", "avalanche") else float("nan"),
         "train_iterations": int(x_last),
         "acc_matrix": matrix,
         "acc_curve": curve,
@@ -986,7 +986,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
             else:
                 n = max(n, len(c))
                 ax.plot(np.arange(1, len(c) + 1), c, marker="o", ms=3, color=colors[me], label=label[me],
-                        ls="-" if METHODS[me].kind != "avalanche-ewc" else ":")
+                        ls="-" if METHODS[me].kind != "avalanche" else ":")
         _experience_ticks(ax, n)
         ax.set_title(f"{ds}, {SCENARIO_TITLES.get(sc, sc)}", fontsize=10)
         ax.set_xlabel("experiences trained")
@@ -1008,7 +1008,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
                 if not sel or not sel["grid"]:
                     continue
                 ax.plot(sel["grid"], sel["valid_by_factor"], marker="o", ms=3, color=colors[me], label=label[me],
-                        ls="-" if METHODS[me].kind != "avalanche-ewc" else ":")
+                        ls="-" if METHODS[me].kind != "avalanche" else ":")
                 ax.plot([sel["factor"]], [sel["valid_accuracy"]], marker="*", ms=11, color=colors[me],
                         markeredgecolor="k")
             if ("naive" in methods) and (sc, "naive") in result.selection:
@@ -1035,7 +1035,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
             es.append(s["acc_std"] if s else 0.0)
         xs = np.arange(len(scenarios)) + (k - (len(methods) - 1) / 2) * width
         ax.bar(xs, ys, width, yerr=es, capsize=2, color=colors[me], label=label[me],
-               hatch="//" if METHODS[me].kind == "avalanche-ewc" else None, edgecolor="k", lw=0.3)
+               hatch="//" if METHODS[me].kind == "avalanche" else None, edgecolor="k", lw=0.3)
     ax.set_xticks(np.arange(len(scenarios)))
     ax.set_xticklabels([SCENARIO_TITLES.get(sc, sc) for sc in scenarios])
     ax.set_ylabel("final test accuracy (mean ± std)")

@@ -138,7 +138,7 @@ def _method_style(me: str, k: int):
 
     color = plt.get_cmap("tab10")(k % 10)
     kind = METHODS[me].kind
-    ls = ":" if kind == "avalanche-ewc" else "--" if kind == "naive" else "-"
+    ls = ":" if kind == "avalanche" else "--" if kind == "naive" else "-"
     return {"color": color, "ls": ls, "label": METHODS[me].label}
 
 
@@ -241,7 +241,7 @@ def fisher_variants_plot(result, out: Path, scenario: str = "split-task") -> Lis
             ax2.axhline(100 * sel["valid_accuracy"], color=colors[k], ls="--", label=r["label"])
             continue
         ax2.plot(sel["grid"], [100 * v for v in sel["valid_by_factor"]], marker="o", ms=3, color=colors[k],
-                 label=r["label"], ls=":" if METHODS[r["method"]].kind == "avalanche-ewc" else "-")
+                 label=r["label"], ls=":" if METHODS[r["method"]].kind == "avalanche" else "-")
         ax2.plot([sel["factor"]], [100 * sel["valid_accuracy"]], marker="*", ms=12, color=colors[k],
                  markeredgecolor="k")
     ax2.set_xscale("log")
