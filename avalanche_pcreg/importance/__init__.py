@@ -29,6 +29,7 @@ from ._persample import DEFAULT_CHUNK
 from .fisher import empirical_fisher, expected_fisher, fisher
 from .mas import mas
 from .minibatch import minibatch_fisher
+from .rules import register_rule
 from .si import SITracker
 
 __all__ = [
