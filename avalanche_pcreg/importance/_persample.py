@@ -475,7 +475,8 @@ class PerSampleGradNorms:
         for nm in moved:
             if nm in why and not why[nm].startswith("no input/output"):
                 self._failed[nm] = why[nm]
-        self._warn(why)
+        # a missing sample axis (e.g. a head that sees a subset of the batch) is structural, not an error
+        self._warn({nm: w for nm, w in why.items() if not w.startswith("no input/output")})
         return moved
 
     def _warn(self, why: dict):
