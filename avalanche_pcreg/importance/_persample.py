@@ -73,6 +73,18 @@ def _check_tol(dtype: torch.dtype) -> tuple[float, float]:
     return 5e-2, 1e-2
 
 
+_OPAQUE: tuple = (nn.MultiheadAttention,)
+
+
+def _get_param(module: nn.Module, attr: str):
+    mod_path, _, leaf = attr.rpartition(".")
+    try:
+        mod = module.get_submodule(mod_path) if mod_path else module
+    except AttributeError:
+        return None
+    return mod._parameters.get(leaf)
+
+
 class _Call:
     """One forward call of a hooked module: detached inputs and gradient edges of the outputs."""
 
@@ -147,11 +159,17 @@ class PerSampleGradNorms:
         self._owner: dict[str, nn.Module] = {}
         self._attr: dict[str, str] = {}
         self._static_fallback: set[str] = set()
+        # Modules that use their children's parameters without calling the children
+        # (MultiheadAttention and its out_proj): the container owns them all.
+        opaque = [q for q, mod in model.named_modules() if q and isinstance(mod, _OPAQUE)]
         for n in self.names:
             prefix, _, attr = n.rpartition(".")
+            outer = next((q for q in opaque if prefix == q or prefix.startswith(q + ".")), None)
+            if outer is not None:
+                prefix, attr = outer, n[len(outer) + 1:]
             owner = model.get_submodule(prefix) if prefix else model
             p = self._params[n]
-            if (owner is model and rule_for(model) is None) or owner._parameters.get(attr) is not p or len(holders.get(id(p), ())) > 1:
+            if (owner is model and rule_for(model) is None) or _get_param(owner, attr) is not p or len(holders.get(id(p), ())) > 1:
                 self._static_fallback.add(n)
             else:
                 self._owner[n] = owner
