@@ -182,6 +182,7 @@ class PerSampleGradNorms:
         self.reset()
 
         self._calls: dict[nn.Module, list[_Call]] = {}
+        self._pending: dict[nn.Module, list] = {}
         self._handles: list = []
         self._stale = False
         self._busy = False
@@ -203,6 +204,7 @@ class PerSampleGradNorms:
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
             for mod in self._modules:
+                self._handles.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
                 self._handles.append(mod.register_forward_hook(self._forward_hook, with_kwargs=True))
         except BaseException:
             self._remove_hooks()
@@ -221,6 +223,7 @@ class PerSampleGradNorms:
 
     def _clear_calls(self) -> None:
         self._calls.clear()
+        self._pending.clear()
         self._stale = False
 
     def reset(self) -> None:
@@ -237,17 +240,27 @@ class PerSampleGradNorms:
         if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
             self._n_hint = int(args[0].shape[0])
 
+    def _pre_hook(self, module: nn.Module, args, kwargs) -> None:
+        # Inputs are copied (structure, not data) before the call: a forward that mutates a list
+        # it was given (Avalanche's PNN adapters) does not change what the fallback replays.
+        if self._busy or not torch.is_grad_enabled():
+            return
+        self._pending.setdefault(module, []).append((_detach(tuple(args)), _detach(dict(kwargs))))
+
     def _forward_hook(self, module: nn.Module, args, kwargs, output) -> None:
         if self._busy or not torch.is_grad_enabled():
             return
+        pending = self._pending.get(module)
+        if not pending:
+            return
+        args, kwargs = pending.pop()
         if self._stale:
             self._clear_calls()
         leaves, spec = tree_flatten(output)
         pos = [i for i, o in enumerate(leaves) if isinstance(o, Tensor) and o.requires_grad]
         if not pos:
             return
-        call = _Call(_detach(tuple(args)), _detach(dict(kwargs)), [leaves[i] for i in pos], pos, spec,
-                     len(leaves))
+        call = _Call(args, kwargs, [leaves[i] for i in pos], pos, spec, len(leaves))
         self._calls.setdefault(module, []).append(call)
 
     # ------------------------------------------------------------------ planning
