@@ -342,3 +342,20 @@ def test_expected_fisher_batched_and_per_class_paths_exact(arch, batched, monkey
     for k in ref:
         assert ref[k].abs().sum() > 0, k
         torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
+
+
+def test_expected_fisher_columns_in_pieces_exact():
+    """A tiny byte budget: one cotangent column per batched backward, same result."""
+    torch.manual_seed(9)
+    model = _randomize_bn(Residual()).double().eval()
+    x = torch.randn(6, 2, 5, 5, dtype=F64)
+    names = [k for k, _ in model.named_parameters()]
+    with PerSampleGradNorms(model, names, max_bytes=1) as acc:
+        out = model(x)
+        assert acc._col_step(3, 8) == 1
+        acc.backward_batched(out, softmax_sqrt_hessian(out), fallback=lambda p: torch.func.functional_call(model, p, (x,)))
+    ref = expected_reference(model, x)
+    for k in names:
+        torch.testing.assert_close(acc.sums[k] / 6, ref[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
+    with pytest.raises(ValueError, match="max_bytes"):
+        PerSampleGradNorms(model, names, max_bytes=0)

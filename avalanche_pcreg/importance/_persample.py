@@ -41,6 +41,7 @@ Sums are accumulated in float32 for half-precision parameters (float64 for float
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Iterable, Optional
 
@@ -128,7 +129,7 @@ class PerSampleGradNorms:
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str], power: int = 2, chunk_size: int = DEFAULT_CHUNK,
-                 check: str = "signature"):
+                 check: str = "signature", max_bytes: int = 256 * 2 ** 20):
         if isinstance(power, bool) or power not in (1, 2):
             raise ValueError(f"power must be 1 or 2, got {power!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -139,6 +140,9 @@ class PerSampleGradNorms:
         self.power = int(power)
         self.chunk_size = int(chunk_size)
         self.check_mode = check
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+        self.max_bytes = max_bytes
 
         all_params = dict(model.named_parameters())
         self.names: list[str] = list(dict.fromkeys(names))
@@ -385,47 +389,64 @@ class PerSampleGradNorms:
             return out
 
     # ------------------------------------------------------------------ one backward
+    def _col_step(self, k: int, elem: int) -> int:
+        """Cotangent columns per batched backward: their gradients at the captured layer outputs
+        (twice on checked batches) stay within ``max_bytes``."""
+        per_col = sum(math.prod(sh) for cs in self._calls.values() for c in cs for sh in c.out_shapes) * elem
+        return max(1, min(k, self.max_bytes // max(3 * per_col, 1)))
+
     def _run(self, root: Tensor, cot: Tensor, batched: bool, retain_graph: bool, fallback) -> None:
         n = int(root.shape[0])
         k = int(cot.shape[0]) if batched else 0
         self._n_hint = n
         sig = self._signature(n, k)
         check = self.check_mode == "always" or sig not in self._plans
-        plans = {m: self._plan_module(m, n) for m in self._modules}
-        model_names = [x for x in self.names if x in self._static_fallback or x in self._failed]
-        for plan in plans.values():
-            model_names += plan["model"]
-        if not check:
-            cached = self._plans[sig]
-            for m, plan in plans.items():
-                if m in cached:
-                    plan["axes"] = cached[m]
+        if batched:
+            step = self._col_step(k, root.element_size())
+            pieces = [cot[s:s + step] for s in range(0, k, step)]
+        else:
+            pieces = [cot]
+        model_names: set[str] = set(self._static_fallback) | set(self._failed)
+        layer_names: set[str] = set()
         out: dict[str, Tensor] = {}
         try:
             self._busy = True
-            if check:
-                self.checked_batches += 1
-                more = self._checked_pass(root, cot, batched, plans, out)
-                model_names += more
-                self._plans[sig] = {m: p["axes"] for m, p in plans.items() if p["axes"] is not None}
-                # the last autograd call of the checked pass retained the graph; nothing else to do
-            else:
-                more = self._fast_pass(root, cot, batched, retain_graph, plans, out)
-                model_names += more
-            model_names = [x for x in self.names if x in set(model_names)]
-            self._last_model = set(model_names)
-            self._last_nonrule = set(model_names) | {nm for p in plans.values() for nm in p["layer"]}
-            if model_names:
+            for i, piece in enumerate(pieces):
+                plans = {m: self._plan_module(m, n) for m in self._modules}
+                for plan in plans.values():
+                    model_names.update(plan["model"])
+                    layer_names.update(plan["layer"])
+                part: dict[str, Tensor] = {}
+                if check and i == 0:
+                    self.checked_batches += 1
+                    moved = self._checked_pass(root, piece, batched, plans, part)
+                    self._plans[sig] = {m: p["axes"] for m, p in plans.items() if p["axes"] is not None}
+                else:
+                    cached = self._plans[sig]
+                    for m, plan in plans.items():
+                        if m in cached:
+                            plan["axes"] = cached[m]
+                    last = i == len(pieces) - 1
+                    moved = self._fast_pass(root, piece, batched, retain_graph or not last, plans, part)
+                model_names.update(moved)
+                for nm, v in part.items():
+                    out[nm] = v if nm not in out else out[nm] + v
+            for nm in model_names:
+                out.pop(nm, None)  # partial sums from columns done before it moved
+            model_list = [x for x in self.names if x in model_names]
+            self._last_model = set(model_list)
+            self._last_nonrule = set(model_list) | layer_names
+            if model_list:
                 if fallback is None:
-                    raise ValueError(f"these parameters need a fallback (pass fallback=...): {model_names}")
-                out.update(self._fallback_sums(fallback, model_names, n, cot if batched else None))
+                    raise ValueError(f"these parameters need a fallback (pass fallback=...): {model_list}")
+                out.update(self._fallback_sums(fallback, model_list, n, cot if batched else None))
         finally:
             self._busy = False
             if not retain_graph:
                 self._calls.clear()
             self._stale = True
-        for name, s in out.items():
-            self.sums[name].add_(s.to(self.sums[name].dtype))
+        for name, v in out.items():
+            self.sums[name].add_(v.to(self.sums[name].dtype))
 
     def _used(self, plans):
         """Modules whose δ is needed this batch (rule or per-layer names)."""

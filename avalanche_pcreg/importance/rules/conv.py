@@ -37,45 +37,60 @@ class ConvRule(Rule):
     def supports(self, module, x):
         return x.is_floating_point() and x.dim() == self.ndim + 2 and module.padding_mode == "zeros"
 
-    def _weight_chunks(self, m, a, d, chunk):
+    def _weight_chunks(self, m, a, d, chunk, k=None):
+        """Per-sample weight gradients chunk by chunk: [c, *w.shape], or [k, c, *w.shape] when
+        ``d`` has K cotangents per sample in front (the patches are unfolded once for all K)."""
         n = a.shape[0]
-        k, stride, dil, pad, pre_pad = _unfold_args(m)
+        kk, stride, dil, pad, pre_pad = _unfold_args(m)
         groups, cout = m.groups, m.out_channels
-        dg = d.reshape(n, groups, cout // groups, -1)  # [N, G, o, L]
-        for s, e in _chunks(n, chunk):
+        lead = () if k is None else (k,)
+        dg = d.reshape(*lead, n, groups, cout // groups, -1)  # [(K,) N, G, o, L]
+        step = chunk if k is None else max(1, chunk // k)
+        for s, e in _chunks(n, step):
             x = a[s:e]
             if pre_pad is not None:
                 x = F.pad(x, pre_pad)
             if isinstance(m, nn.Conv1d):
                 x = x.unsqueeze(2)
-            u = F.unfold(x, k, dilation=dil, padding=pad, stride=stride)  # [c, Cin*K, L]
+            u = F.unfold(x, kk, dilation=dil, padding=pad, stride=stride)  # [c, Cin*K, L]
             u = u.reshape(e - s, groups, -1, u.shape[-1])
-            yield torch.einsum("ngol,ngkl->ngok", dg[s:e], u).reshape(e - s, *m.weight.shape)
+            if k is None:
+                yield torch.einsum("ngol,ngkl->ngok", dg[s:e], u).reshape(e - s, *m.weight.shape)
+            else:
+                yield torch.einsum("jngol,ngkl->jngok", dg[:, s:e], u).reshape(k, e - s, *m.weight.shape)
 
     def per_sample(self, module, a, d):
         w = torch.cat(list(self._weight_chunks(module, a, d, a.shape[0])))
         return {"weight": w, "bias": d.reshape(d.shape[0], d.shape[1], -1).sum(-1)}
 
-    def sums(self, module, a, d, want, power, chunk, total):
+    def _sums(self, module, a, d, want, power, chunk, total, k):
         want = set(want)
         pows, tots = {}, {}
+        red = (0,) if k is None else (0, 1)
         if "weight" in want:
             pw = tw = None
-            for g in self._weight_chunks(module, a, d, chunk):
-                ps = _pow(g, power).sum(0)
+            for g in self._weight_chunks(module, a, d, chunk, k):
+                ps = _pow(g, power).sum(red)
                 pw = ps if pw is None else pw + ps
                 if total:
-                    ts = g.sum(0)
+                    ts = g.sum(red)
                     tw = ts if tw is None else tw + ts
             pows["weight"] = pw
             if total:
                 tots["weight"] = tw
         if "bias" in want:
-            gb = d.reshape(d.shape[0], d.shape[1], -1).sum(-1)
-            pows["bias"] = _pow(gb, power).sum(0)
+            lead = d.shape[:len(red) + 1]  # [(K,) N, C]
+            gb = d.reshape(*lead, -1).sum(-1)
+            pows["bias"] = _pow(gb, power).sum(red)
             if total:
-                tots["bias"] = gb.sum(0)
+                tots["bias"] = gb.sum(red)
         return pows, (tots if total else None)
+
+    def sums(self, module, a, d, want, power, chunk, total):
+        return self._sums(module, a, d, want, power, chunk, total, None)
+
+    def sums_multi(self, module, a, d, want, power, chunk, total):
+        return self._sums(module, a, d, want, power, chunk, total, d.shape[0])
 
 
 @register_rule(nn.Conv2d)
