@@ -12,6 +12,10 @@ from torch import nn
 from ._registry import Rule, _chunks, _pow, register_rule
 
 
+# Output positions above which a stride-1 Conv2d forms per-sample gradients by grouped convolution.
+GROUPED_MIN_POSITIONS = 256
+
+
 def _unfold_args(m):
     k, stride, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
     pad, pre_pad = m.padding, None
@@ -46,18 +50,31 @@ class ConvRule(Rule):
         lead = () if k is None else (k,)
         dg = d.reshape(*lead, n, groups, cout // groups, -1)  # [(K,) N, G, o, L]
         step = chunk if k is None else max(1, chunk // k)
+        # Large feature maps, stride 1: per-sample weight gradients as one grouped convolution
+        # over the samples (input channels as the batch, the samples' δ as the filters) -- the
+        # convolution kernels beat unfold + bmm there; unfold + bmm elsewhere.
+        grouped = (k is None and isinstance(m, nn.Conv2d) and groups == 1 and stride == (1, 1)
+                   and dil == (1, 1) and d.shape[-1] * d.shape[-2] > GROUPED_MIN_POSITIONS)
         for s, e in _chunks(n, step):
             x = a[s:e]
             if pre_pad is not None:
                 x = F.pad(x, pre_pad)
+            c = e - s
+            if grouped:
+                w = d[s:e].reshape(c * cout, 1, *d.shape[-2:])
+                g = F.conv2d(x.transpose(0, 1), w, padding=pad, groups=c)  # [Cin, c*Cout, kh, kw]
+                yield g.reshape(m.in_channels, c, cout, *kk).permute(1, 2, 0, 3, 4)
+                continue
             if isinstance(m, nn.Conv1d):
                 x = x.unsqueeze(2)
             u = F.unfold(x, kk, dilation=dil, padding=pad, stride=stride)  # [c, Cin*K, L]
-            u = u.reshape(e - s, groups, -1, u.shape[-1])
             if k is None:
-                yield torch.einsum("ngol,ngkl->ngok", dg[s:e], u).reshape(e - s, *m.weight.shape)
+                u = u.reshape(c * groups, -1, u.shape[-1]).transpose(1, 2)  # [c*G, L, i]
+                g = torch.bmm(dg[s:e].reshape(c * groups, cout // groups, -1), u)  # [c*G, o, i]
+                yield g.reshape(c, *m.weight.shape)
             else:
-                yield torch.einsum("jngol,ngkl->jngok", dg[:, s:e], u).reshape(k, e - s, *m.weight.shape)
+                u = u.reshape(c, groups, -1, u.shape[-1])
+                yield torch.einsum("jngol,ngkl->jngok", dg[:, s:e], u).reshape(k, c, *m.weight.shape)
 
     def per_sample(self, module, a, d):
         w = torch.cat(list(self._weight_chunks(module, a, d, a.shape[0])))
@@ -70,11 +87,12 @@ class ConvRule(Rule):
         if "weight" in want:
             pw = tw = None
             for g in self._weight_chunks(module, a, d, chunk, k):
-                ps = _pow(g, power).sum(red)
-                pw = ps if pw is None else pw + ps
                 if total:
                     ts = g.sum(red)
                     tw = ts if tw is None else tw + ts
+                g = g.contiguous()
+                ps = (g.abs_() if power == 1 else g.mul_(g)).sum(red)  # g is ours: in place
+                pw = ps if pw is None else pw + ps
             pows["weight"] = pw
             if total:
                 tots["weight"] = tw
