@@ -546,20 +546,21 @@ class PerSampleGradNorms:
             return False, "its rule returned no gradient for it"
         if tuple(total.shape) != tuple(p.shape) or tuple(pows.shape) != tuple(p.shape):
             return False, f"its rule returned shape {tuple(total.shape)}, the parameter has {tuple(p.shape)}"
-        t = torch.zeros_like(total, dtype=torch.float64) if truth is None else truth.to(torch.float64)
-        s = total.to(torch.float64)
+        # norms in the sums' dtype (no float64 copies of large parameters); scalars in float64
+        s = total
         if not bool(torch.isfinite(s).all()):
             return False, "its rule gave non-finite values"
+        t_norm = 0.0 if truth is None else float(truth.norm())
+        diff = float(s.norm()) if truth is None else float((s - truth.to(s.dtype)).norm())
         rel, abs_mult = _check_tol(p.dtype)
-        diff = (s - t).norm().item()
         # Σ_n ||g_n|| bound from the power sums (rounding of the true sum scales with it)
-        psum = pows.to(torch.float64).sum().item()
+        psum = float(pows.sum(dtype=torch.float64))
         bound = (count * psum) ** 0.5 if self.power == 2 else psum
-        tol = rel * (t.norm().item() + s.norm().item()) + abs_mult * bound + 1e-30
+        tol = rel * (t_norm + float(s.norm())) + abs_mult * bound + 1e-30
         if diff <= tol:
             return True, ""
         return False, (f"Σ_n g_n from its rule differs from the true minibatch gradient "
-                       f"(relative error {diff / max(t.norm().item(), 1e-30):.3g}): e.g. the parameter "
+                       f"(relative error {diff / max(t_norm, 1e-30):.3g}): e.g. the parameter "
                        "is also used outside its module's call, a hook changes the module's output, "
                        "or the rule is wrong")
 
