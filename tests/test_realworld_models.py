@@ -359,3 +359,30 @@ def test_expected_fisher_columns_in_pieces_exact():
         torch.testing.assert_close(acc.sums[k] / 6, ref[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
     with pytest.raises(ValueError, match="max_bytes"):
         PerSampleGradNorms(model, names, max_bytes=0)
+
+
+class ChannelsAsBatch(nn.Module):
+    """A conv whose axis 0 has size N but holds channels (samples are on axis 1)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.conv = nn.Conv1d(n, n, 3, padding=1)
+        self.head = nn.Linear(n * 6, 3)
+
+    def forward(self, x):  # x [N, C=N, 6]
+        h = torch.tanh(self.conv(x.transpose(0, 1))).transpose(0, 1)  # conv sees [C, N, 6]
+        return self.head(h.reshape(x.shape[0], -1))
+
+
+def test_axis_of_size_n_without_the_samples_is_not_trusted():
+    torch.manual_seed(10)
+    n = 4
+    model = ChannelsAsBatch(n).double().eval()
+    x, y = torch.randn(n, n, 6, dtype=F64), torch.randint(0, 3, (n,))
+    names = [k for k, _ in model.named_parameters()]
+    lf = ce_losses(model, x, y)
+    ref = brute(model, names, lf, 2)
+    with PerSampleGradNorms(model, names) as acc:
+        acc.backward(lf(), fallback=lambda p: lf(p))
+        assert acc.model_fallback_names == ["conv.weight", "conv.bias"]
+    assert_exact(acc.sums, ref, names)

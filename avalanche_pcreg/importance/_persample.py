@@ -474,19 +474,27 @@ class PerSampleGradNorms:
         names += [nm for p in plans.values() for nm in p["zero"]]
         edges = [e for m in mods for e in self._calls[m][0].edges]
         params = [self._params[nm] for nm in names]
-        # 1. deltas (for every column) and the true total gradient of the requested parameters
+        n = root.shape[0]
+        # 1. which axis carries the sample index: with the losses weighted by random r_n > 0,
+        #    |δ| scales by r_n along it. Only per-axis sums of |δ_r| are kept (O(N) per axis),
+        #    so this backward adds no activation-sized memory to the one below.
+        r = torch.rand(n, generator=self._gen, dtype=torch.float64).add_(0.5).to(root.dtype).to(root.device)
+        rcot = cot * (r.view(1, n, *([1] * (cot.dim() - 2))) if batched else r)
+        rsums = []
+        if edges:
+            for g in self._grads(root, rcot, edges, batched, True):
+                rsums.append(None if g is None else self._axis_sums(g, n, batched))
+                del g
+        # 2. deltas (for every column) and the true total gradient of the requested parameters
         if batched:
             deltas = self._grads(root, cot, edges, True, True)
             truth = self._grads(root, cot.sum(0), params, False, True)
         else:
             both = self._grads(root, cot, params + edges, False, True)
             truth, deltas = both[:len(params)], both[len(params):]
+            del both
         truth = dict(zip(names, truth))
-        # 2. which axis carries the sample index: δ scales by r_n along it
-        n = root.shape[0]
-        r = torch.rand(n, generator=self._gen, dtype=torch.float64).add_(0.5).to(root.dtype).to(root.device)
-        rcot = cot * (r.view(1, n, *([1] * (cot.dim() - 2))) if batched else r)
-        rdeltas = self._grads(root, rcot, edges, batched, True) if edges else []
+        rdeltas = rsums
 
         moved: list[str] = []
         why: dict[str, str] = {}
@@ -566,14 +574,22 @@ class PerSampleGradNorms:
 
     # ------------------------------------------------------------------ sample axes
     @staticmethod
-    def _carries(dl, rdl, r, axis, batched) -> bool:
-        """δ_r = r ⊙ δ along ``axis`` (of the per-column tensor)?"""
-        ax = axis + 1 if batched else axis
-        shape = [1] * dl.dim()
-        shape[ax] = r.numel()
-        diff = (rdl - dl * r.view(shape).to(dl.dtype)).to(torch.float64).norm()
+    def _axis_sums(g: Tensor, n: int, batched: bool) -> dict:
+        """{axis: Σ |g| over every other dimension} for each per-sample-tensor axis of size n."""
+        off = 1 if batched else 0
+        a = g.abs()
+        return {ax - off: a.sum([d for d in range(g.dim()) if d != ax], dtype=torch.float64)
+                for ax in range(off, g.dim()) if g.shape[ax] == n}
+
+    def _carries(self, dl, rsum, r, axis, batched) -> bool:
+        """|δ_r| summed over all but ``axis`` equals r ⊙ (|δ| summed the same way)?"""
+        if rsum is None or axis not in rsum:
+            return False
+        off = 1 if batched else 0
+        s = dl.abs().sum([d for d in range(dl.dim()) if d != axis + off], dtype=torch.float64)
+        want = s * r.to(torch.float64)
         tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dl.dtype, 3e-2)
-        return bool(diff <= tol * rdl.to(torch.float64).norm() + 1e-300)
+        return bool((rsum[axis] - want).norm() <= tol * want.norm() + 1e-300)
 
     def _find_axes(self, m, plan, call, d, rd, r, batched, n):
         """{'in': [axis per input leaf or None], 'out': [axis per output]} or None."""
