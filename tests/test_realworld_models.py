@@ -386,3 +386,22 @@ def test_axis_of_size_n_without_the_samples_is_not_trusted():
         acc.backward(lf(), fallback=lambda p: lf(p))
         assert acc.model_fallback_names == ["conv.weight", "conv.bias"]
     assert_exact(acc.sums, ref, names)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_expected_fisher_small_maps_many_classes_exact(conv1d):
+    """Fewer output positions than classes: the conv rule's G = Σ_k δ_k δ_kᵀ path."""
+    torch.manual_seed(11)
+    if conv1d:
+        model = nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Conv1d(3, 4, 2),
+                              nn.Flatten(), nn.Linear(4 * 2, 7)).double()
+        x = torch.randn(9, 2, 6, dtype=F64)
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=1), nn.Tanh(),
+                              nn.Conv2d(3, 4, 2), nn.Flatten(), nn.Linear(4 * 2 * 2, 7)).double()
+        x = torch.randn(9, 2, 6, 6, dtype=F64)
+    got = compute_importance(model, TensorDataset(x), "expected_fisher", batch_size=4, chunk_size=2)
+    ref = expected_reference(model, x)
+    for k in ref:
+        assert ref[k].abs().sum() > 0, k
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")

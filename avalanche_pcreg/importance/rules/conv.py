@@ -108,7 +108,40 @@ class ConvRule(Rule):
         return self._sums(module, a, d, want, power, chunk, total, None)
 
     def sums_multi(self, module, a, d, want, power, chunk, total):
-        return self._sums(module, a, d, want, power, chunk, total, d.shape[0])
+        k = d.shape[0]
+        positions = d[0, 0, 0].numel()
+        if not (power == 2 and module.groups == 1 and "weight" in set(want) and positions < k):
+            return self._sums(module, a, d, want, power, chunk, total, k)
+        # Few output positions L, many cotangents K: with G_n = Σ_k δ_{k,n} δ_{k,n}ᵀ ([L, L] per
+        # output channel), Σ_k (δ_{k,n} u_nᵀ)² = Σ_{l,l'} G_n[o,l,l'] u_n[i,l] u_n[i,l']: one GEMM
+        # over (n, l, l') instead of K per-sample gradients (BackPACK's trick for small maps).
+        m = module
+        n = a.shape[0]
+        kk, stride, dil, pad, pre_pad = _unfold_args(m)
+        cout = m.out_channels
+        dd = d.reshape(k, n, cout, positions)
+        acc = None
+        width = m.weight[0].numel() * positions * positions  # floats of u ⊗ u per sample
+        for s, e in _chunks(n, max(1, min(chunk, (32 * 2 ** 20) // max(width, 1)))):
+            x = a[s:e]
+            if pre_pad is not None:
+                x = F.pad(x, pre_pad)
+            if isinstance(m, nn.Conv1d):
+                x = x.unsqueeze(2)
+            u = F.unfold(x, kk, dilation=dil, padding=pad, stride=stride)  # [c, I, L]
+            g = torch.einsum("kcol,kcom->colm", dd[:, s:e], dd[:, s:e])  # [c, O, L, L]
+            uu = u.unsqueeze(-1) * u.unsqueeze(-2)  # [c, I, L, L]
+            part = torch.einsum("colm,cilm->oi", g, uu)
+            acc = part if acc is None else acc + part
+        rest = [w for w in want if w != "weight"]
+        pows, tots = self._sums(m, a, d, rest, power, chunk, total, k) if rest else ({}, {} if total else None)
+        pows["weight"] = acc.reshape(m.weight.shape)
+        if total:  # Σ_{k,n} g_{k,n} = Σ_n (Σ_k δ_{k,n}) u_nᵀ
+            t, _ = None, None
+            for gw in self._weight_chunks(m, a, d.sum(0), chunk):
+                t = gw.sum(0) if t is None else t + gw.sum(0)
+            tots["weight"] = t
+        return pows, (tots if total else None)
 
 
 @register_rule(nn.Conv2d)
