@@ -32,9 +32,9 @@ gradients with respect to layer outputs only (no weight-gradient kernels).
 **Sample axis.** The sample axis of a layer's input need not be 0 (``[T, N, D]`` sequences into
 ``nn.Linear``, ``nn.TransformerEncoderLayer(batch_first=False)``). Candidates are the input
 dimensions the rule allows whose size is the number of samples N; on checked batches a second
-backward with the losses weighted by random r_n tells which one carries the sample index (δ
-scales by r_n along it, and not along any other). No candidate, or more than one left -> the
-whole-model fallback.
+backward with the losses weighted by random r_n > 0 tells which one carries the sample index
+(|δ| summed over the other dimensions scales by r_n along it, and not along any other; only
+those sums are kept). No candidate, or more than one left -> the whole-model fallback.
 
 Sums are accumulated in float32 for half-precision parameters (float64 for float64 ones).
 """
