@@ -42,6 +42,7 @@ Sums are accumulated in float32 for half-precision parameters (float64 for float
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Callable, Iterable, Optional
 
@@ -132,8 +133,13 @@ class PerSampleGradNorms:
                  check: str = "signature", max_bytes: int = 256 * 2 ** 20):
         if isinstance(power, bool) or power not in (1, 2):
             raise ValueError(f"power must be 1 or 2, got {power!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        try:
+            ok = not isinstance(chunk_size, bool) and operator.index(chunk_size) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        chunk_size = operator.index(chunk_size)
         if check not in ("signature", "always"):
             raise ValueError(f"check must be 'signature' or 'always', got {check!r}")
         self.model = model
