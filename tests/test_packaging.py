@@ -79,7 +79,7 @@ def test_dependencies_are_ranges_and_the_pins_satisfy_them():
 
 def test_extras_and_makefile_use_the_constraints():
     extras = PROJECT["optional-dependencies"]
-    assert set(_reqs(extras["experiments"])) == {"matplotlib", "scikit-learn", "tqdm"}
+    assert set(_reqs(extras["experiments"])) == {"matplotlib", "scikit-learn", "tqdm", "torchvision"}
     assert "avalanche-pcreg" in _reqs(extras["test"])  # the test extra includes the experiments extra
     assert _reqs(extras["test"])["avalanche-pcreg"].extras == {"experiments"}
     make = (ROOT / "Makefile").read_text()
@@ -190,8 +190,9 @@ def test_wheel_metadata(wheel):
     assert {"torch>=2.4", "avalanche-lib<0.7,>=0.6", "numpy"} <= requires
     assert {'matplotlib; extra == "experiments"', 'scikit-learn; extra == "experiments"',
             'tqdm; extra == "experiments"'} <= requires
-    assert not [r for r in requires if Requirement(r).name == "torchvision"
-                or any(s.operator == "==" for s in Requirement(r).specifier)]
+    # torchvision only for the harness's --download; no exact pins in the metadata
+    assert [r for r in requires if Requirement(r).name == "torchvision"] == ['torchvision; extra == "experiments"']
+    assert not [r for r in requires if any(s.operator == "==" for s in Requirement(r).specifier)]
     assert set(info.get_all("Provides-Extra")) == {"experiments", "test", "bench"}
     assert {r for r in requires if r.endswith("extra == \"bench\"")} >= {
         'backpack-for-pytorch>=1.7.1; extra == "bench"', 'opacus>=1.6.0; extra == "bench"'}

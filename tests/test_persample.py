@@ -406,3 +406,16 @@ def test_unused_head_zero_and_validation():
         PerSampleGradNorms(model, ["body.weight"], power=3)
     with pytest.raises(ValueError, match="nope"):
         PerSampleGradNorms(model, ["nope"])
+
+
+@POWERS
+def test_conv2d_large_maps_grouped_path(power):
+    """Feature maps above GROUPED_MIN_POSITIONS use the grouped-convolution path."""
+    from avalanche_pcreg.importance.rules.conv import GROUPED_MIN_POSITIONS
+
+    torch.manual_seed(18)
+    x = torch.randn(5, 3, 17, 18, dtype=torch.float64)
+    assert 17 * 18 > GROUPED_MIN_POSITIONS
+    check(nn.Conv2d(3, 4, 3, padding=1), x, 4, power)
+    check(nn.Conv2d(3, 4, (3, 2), padding="same"), x, 4, power)
+    check(nn.Conv2d(3, 2, 5), x, 2, power, chunk_size=2)

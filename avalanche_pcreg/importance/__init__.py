@@ -40,6 +40,7 @@ from .avalanche_mas import avalanche_mas
 from .fisher import empirical_fisher, expected_fisher, fisher
 from .mas import mas
 from .minibatch import minibatch_fisher
+from .rules import register_rule
 from .rwalk import RWalkFisherTracker, RWalkTracker
 from .si import AvalancheSITracker, SITracker
 from .trajectory import TrajectoryEstimator
@@ -57,6 +58,7 @@ __all__ = [
     "AvalancheSITracker",
     "RWalkTracker",
     "RWalkFisherTracker",
+    "register_rule",
     "uniform",
 ]
 

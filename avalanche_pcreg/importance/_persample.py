@@ -1,132 +1,154 @@
 """Sums of per-sample gradient powers, Σ_n |g_n|^p, from one backward pass.
 
-For a minibatch of independent samples (model in eval mode) the gradient of the
-*sum* of per-sample losses with respect to a layer's output, δ, holds in row
-``n`` exactly sample ``n``'s gradient at that output.  Together with the layer's
-input ``a`` (captured by a forward hook), the per-sample parameter gradient of
-the common layers is a small closed-form expression of (a_n, δ_n) (the idea of
-Opacus' / BackPACK's per-layer "grad samplers").  This module uses those
-identities to accumulate Σ_n |g_n|^p elementwise (p = 2: empirical/expected
-Fisher diagonal, p = 1: MAS) without materialising the [N, *param.shape] tensor
-of per-sample gradients where an identity avoids it (``nn.Linear`` on 2-D
-input, ``nn.Embedding``), and otherwise materialising it only one chunk of
-``chunk_size`` samples at a time.
+For a minibatch of independent samples (model in eval mode) the gradient of the *sum* of
+per-sample losses with respect to a layer's output, δ, holds along the sample axis exactly
+sample n's gradient at that output. Together with the layer's input ``a`` (captured by a
+forward hook), the per-sample gradient of a layer's parameters is a small closed-form
+expression of (a_n, δ_n): a *rule* (:mod:`.rules`, one per layer kind, extensible with
+:func:`~.rules.register_rule`). p = 2 gives the empirical/expected Fisher diagonal, p = 1 MAS.
 
-Layers with a rule (exact types or subclasses that do not override ``forward``):
+Every requested parameter is handled by one of three paths:
 
-* ``nn.Linear`` (input [N, in] or [N, ..., in]),
-* ``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding incl. 'same'/'valid',
-  dilation, groups; ``padding_mode='zeros'`` only),
-* ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (BatchNorm only
-  when it normalises with its running statistics),
-* ``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``; ``padding_idx``
-  honoured).
+1. **rule**: its module has a registered rule that covers it, is called once per forward in a
+   supported configuration, and the parameter is not shared with another module;
+2. **per-layer fallback**: its module has no rule (or the rule does not cover it / the call is
+   unsupported): per-sample gradients of the module's own parameters with ``torch.func``
+   (``vmap(grad(...))`` of the module call on each sample's captured input, dotted with δ);
+3. **whole-model fallback**: parameters shared between modules, owned by a module called more
+   than once, owned by the root module, used outside their module's call, owned by a call that
+   mixes samples (BatchNorm with batch statistics), or whose rule failed the self-check: the
+   caller's ``fallback`` (parameters -> per-sample losses), differentiated with
+   ``torch.func.vjp`` + ``vmap`` over chunks of one-hot cotangents.
 
-Every other requested parameter -- owned by another kind of module, shared
-between modules, owned by a module called more than once in the forward, used
-directly (e.g. ``F.linear(x, self.fc.weight)`` or ``nn.MultiheadAttention``'s
-``out_proj``), or owned by a layer called in an unsupported configuration --
-goes to the caller's ``fallback``: a function mapping ``{name: tensor}`` to the
-per-sample losses, differentiated with ``torch.func.vjp`` + ``vmap`` over
-chunks of one-hot cotangents (a chunked ``jacrev``).
+**Self-check.** The backward of the summed losses also gives the true minibatch gradient Σ_n g_n.
+On the first batch and whenever the batch's shape signature changes, the engine takes it
+(``torch.autograd.grad``, never ``param.grad``) and compares it with Σ_n g_n formed from the
+same (a_n, δ_n) by the rule (or per-layer fallback). A parameter that disagrees beyond float
+tolerance -- a tied weight also used outside its module, a forward hook that changes the
+layer's output, a wrong custom rule -- goes to the whole-model fallback for the rest of the
+pass, with a one-time warning. Other batches of a known signature skip the check, so they take
+gradients with respect to layer outputs only (no weight-gradient kernels).
 
-Limitation: a parameter that is used both through its module's call *and*
-directly elsewhere in the same forward cannot be detected; its rule result then
-only covers the module call.  Row 0 of a layer input must be the sample axis.
+**Sample axis.** The sample axis of a layer's input need not be 0 (``[T, N, D]`` sequences into
+``nn.Linear``, ``nn.TransformerEncoderLayer(batch_first=False)``). Candidates are the input
+dimensions the rule allows whose size is the number of samples N; on checked batches a second
+backward with the losses weighted by random r_n > 0 tells which one carries the sample index
+(|δ| summed over the other dimensions scales by r_n along it, and not along any other; only
+those sums are kept). No candidate, or more than one left -> the whole-model fallback.
+
+Sums are accumulated in float32 for half-precision parameters (float64 for float64 ones).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import math
+import operator
+import warnings
+from typing import Callable, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["PerSampleGradNorms"]
+from .rules import rule_for
+from .rules._registry import _pow
 
-# (base class, rule kind); a subclass keeps the rule only if it does not override forward.
-_RULE_BASES: tuple[tuple[type, str], ...] = (
-    (nn.Linear, "linear"),
-    (nn.Conv1d, "conv"),
-    (nn.Conv2d, "conv"),
-    (nn.LayerNorm, "layer_norm"),
-    (nn.GroupNorm, "group_norm"),
-    (nn.BatchNorm1d, "batch_norm"),
-    (nn.BatchNorm2d, "batch_norm"),
-    (nn.BatchNorm3d, "batch_norm"),
-    (nn.Embedding, "embedding"),
-)
-_RULE_ATTRS = {
-    "linear": ("weight", "bias"),
-    "conv": ("weight", "bias"),
-    "layer_norm": ("weight", "bias"),
-    "group_norm": ("weight", "bias"),
-    "batch_norm": ("weight", "bias"),
-    "embedding": ("weight",),
-}
+__all__ = ["PerSampleGradNorms", "DEFAULT_CHUNK", "acc_dtype"]
+
+# Samples per chunk for the rules that materialise per-sample gradients (conv, sequences) and for
+# the fallbacks. 16 measured best for ResNet-18 on the CPU (benchmarks/RESULTS.md).
+DEFAULT_CHUNK = 16
 
 
-def _rule_kind(module: nn.Module) -> str | None:
-    for base, kind in _RULE_BASES:
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return kind
-    return None
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of a parameter dtype: float64 stays, anything else -> float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _pow(x: Tensor, p: int) -> Tensor:
-    return x.abs() if p == 1 else x * x
+def _check_tol(dtype: torch.dtype) -> tuple[float, float]:
+    """(relative tolerance on the totals, multiple of Σ_n ||g_n||) for the self-check."""
+    if dtype == torch.float64:
+        return 1e-7, 1e-12
+    if dtype == torch.float32:
+        return 1e-3, 1e-5
+    return 5e-2, 1e-2
+
+
+_OPAQUE: tuple = (nn.MultiheadAttention,)
+
+
+def _get_param(module: nn.Module, attr: str):
+    mod_path, _, leaf = attr.rpartition(".")
+    try:
+        mod = module.get_submodule(mod_path) if mod_path else module
+    except AttributeError:
+        return None
+    return mod._parameters.get(leaf)
 
 
 class _Call:
-    """One forward call of a hooked module."""
+    """One forward call of a hooked module: detached inputs and gradient edges of the outputs."""
 
-    __slots__ = ("inp", "delta", "ok", "handle")
+    __slots__ = ("args", "kwargs", "edges", "out_shapes", "out_pos", "out_spec", "n_out")
 
-    def __init__(self, inp: Tensor | None, ok: bool):
-        self.inp = inp
-        self.ok = ok
-        self.delta: Tensor | None = None
-        self.handle = None
+    def __init__(self, args, kwargs, outs, out_pos, out_spec, n_out):
+        self.args = args
+        self.kwargs = kwargs
+        self.edges = [get_gradient_edge(o) for o in outs]
+        self.out_shapes = [tuple(o.shape) for o in outs]
+        self.out_pos = out_pos
+        self.out_spec = out_spec
+        self.n_out = n_out
 
-    def release(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-        self.inp = None
-        self.delta = None
+    @property
+    def first(self) -> Optional[Tensor]:
+        return self.args[0] if self.args and isinstance(self.args[0], Tensor) else None
 
 
-# Samples per chunk for the rules that materialise per-sample gradients (conv, sequences) and for
-# the vmap fallback. 16 measured best for ResNet-18 on the CPU: 0.50x Avalanche's minibatch pass at
-# 2.5x a step's memory, against 0.38x / 4.0x at 64 and 0.40x / 2.2x at 4 (benchmarks/RESULTS.md).
-DEFAULT_CHUNK = 16
+def _detach(obj):
+    leaves, spec = tree_flatten(obj)
+    return tree_unflatten([x.detach() if isinstance(x, Tensor) else x for x in leaves], spec)
+
 
 class PerSampleGradNorms:
-    """Context manager. Installs forward hooks (capture layer inputs) and tensor hooks on layer
-    outputs (capture grad at output) on the modules that own the requested parameters.
+    """Context manager. Installs forward hooks on the modules that own the requested parameters
+    (capturing their inputs and the gradient edges of their outputs).
 
     Usage::
 
         with PerSampleGradNorms(model, names, power=2) as acc:
             for x, y in loader:
                 losses = F.cross_entropy(model(x), y, reduction="none")
-                acc.backward(losses, fallback=...)   # fallback needed iff acc.fallback_names
+                acc.backward(losses, fallback=...)   # fallback needed iff acc.model_fallback_names
         fisher_sum = acc.sums
 
-    ``backward`` never touches ``param.grad``.  Captures of a forward are discarded at the
-    next forward after a ``backward`` call (so several ``backward(retain_graph=True)`` calls
-    can share one forward), and on exit.
+    ``backward_batched(outputs, cotangents, fallback=...)`` does K cotangents per sample in one
+    vmapped backward (the exact expected Fisher). Neither touches ``param.grad``. Captures of a
+    forward are discarded at the next forward after a backward (so several
+    ``backward(retain_graph=True)`` calls can share one forward), and on exit.
     """
 
-    def __init__(self, model: nn.Module, names: Iterable[str], power: int = 2, chunk_size: int = DEFAULT_CHUNK):
-        if power not in (1, 2) or isinstance(power, bool):
+    def __init__(self, model: nn.Module, names: Iterable[str], power: int = 2, chunk_size: int = DEFAULT_CHUNK,
+                 check: str = "signature", max_bytes: int = 256 * 2 ** 20):
+        if isinstance(power, bool) or power not in (1, 2):
             raise ValueError(f"power must be 1 or 2, got {power!r}")
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+        try:
+            ok = not isinstance(chunk_size, bool) and operator.index(chunk_size) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        chunk_size = operator.index(chunk_size)
+        if check not in ("signature", "always"):
+            raise ValueError(f"check must be 'signature' or 'always', got {check!r}")
         self.model = model
         self.power = int(power)
         self.chunk_size = int(chunk_size)
+        self.check_mode = check
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+        self.max_bytes = max_bytes
 
         all_params = dict(model.named_parameters())
         self.names: list[str] = list(dict.fromkeys(names))
@@ -138,7 +160,6 @@ class PerSampleGradNorms:
             raise ValueError(f"parameters with requires_grad=False requested: {frozen}")
         self._params: dict[str, nn.Parameter] = {n: all_params[n] for n in self.names}
 
-        # Which distinct modules hold each parameter object (weight tying -> fallback).
         holders: dict[int, set[int]] = {}
         for mod in model.modules():
             for p in mod._parameters.values():
@@ -148,32 +169,42 @@ class PerSampleGradNorms:
         self._owner: dict[str, nn.Module] = {}
         self._attr: dict[str, str] = {}
         self._static_fallback: set[str] = set()
+        # Modules that use their children's parameters without calling the children
+        # (MultiheadAttention and its out_proj): the container owns them all.
+        opaque = [q for q, mod in model.named_modules() if q and isinstance(mod, _OPAQUE)]
         for n in self.names:
             prefix, _, attr = n.rpartition(".")
+            outer = next((q for q in opaque if prefix == q or prefix.startswith(q + ".")), None)
+            if outer is not None:
+                prefix, attr = outer, n[len(outer) + 1:]
             owner = model.get_submodule(prefix) if prefix else model
             p = self._params[n]
-            kind = _rule_kind(owner)
-            if (
-                kind is None
-                or owner._parameters.get(attr) is not p
-                or attr not in _RULE_ATTRS[kind]
-                or len(holders.get(id(p), ())) > 1
-            ):
+            if (owner is model and rule_for(model) is None) or _get_param(owner, attr) is not p or len(holders.get(id(p), ())) > 1:
                 self._static_fallback.add(n)
             else:
                 self._owner[n] = owner
                 self._attr[n] = attr
+        self._modules: dict[nn.Module, list[str]] = {}
+        for n, m in self._owner.items():
+            self._modules.setdefault(m, []).append(n)
 
         self.sums: dict[str, Tensor] = {}
         self.reset()
 
         self._calls: dict[nn.Module, list[_Call]] = {}
+        self._pending: dict[nn.Module, list] = {}
         self._handles: list = []
-        self._stale = False  # a backward() ran since the captures were taken
-        self._busy = False  # inside our own autograd / fallback computation: ignore forwards
+        self._stale = False
+        self._busy = False
         self._entered = False
-        self._n_hint: int | None = None
-        self._direct_use: set[str] = set()  # rule params found used without their module call
+        self._n_hint: Optional[int] = None
+        self._failed: dict[str, str] = {}  # name -> why it went to the whole-model fallback
+        self._warned: set[str] = set()
+        self._plans: dict = {}  # shape signature -> {module: plan}
+        self._gen = torch.Generator().manual_seed(1234)
+        self.checked_batches = 0
+        self._last_nonrule: set[str] = set()
+        self._last_model: set[str] = set()
 
     # ------------------------------------------------------------------ context management
     def __enter__(self) -> "PerSampleGradNorms":
@@ -182,8 +213,9 @@ class PerSampleGradNorms:
         self._entered = True
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
-            for mod in dict.fromkeys(self._owner.values()):
-                self._handles.append(mod.register_forward_hook(self._forward_hook))
+            for mod in self._modules:
+                self._handles.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+                self._handles.append(mod.register_forward_hook(self._forward_hook, with_kwargs=True))
         except BaseException:
             self._remove_hooks()
             raise
@@ -200,15 +232,13 @@ class PerSampleGradNorms:
         self._entered = False
 
     def _clear_calls(self) -> None:
-        for calls in self._calls.values():
-            for c in calls:
-                c.release()
         self._calls.clear()
+        self._pending.clear()
         self._stale = False
 
     def reset(self) -> None:
-        """Zero the accumulated sums."""
-        self.sums = {n: torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
+        """Zero the accumulated sums (float32 for half-precision parameters, else their dtype)."""
+        self.sums = {n: torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device)
                      for n, p in self._params.items()}
 
     # ------------------------------------------------------------------ hooks
@@ -220,283 +250,550 @@ class PerSampleGradNorms:
         if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
             self._n_hint = int(args[0].shape[0])
 
-    def _forward_hook(self, module: nn.Module, args, output) -> None:
-        if self._busy:
+    def _pre_hook(self, module: nn.Module, args, kwargs) -> None:
+        # Inputs are copied (structure, not data) before the call: a forward that mutates a list
+        # it was given (Avalanche's PNN adapters) does not change what the fallback replays.
+        if self._busy or not torch.is_grad_enabled():
             return
-        if not isinstance(output, Tensor) or not output.requires_grad:
+        self._pending.setdefault(module, []).append((_detach(tuple(args)), _detach(dict(kwargs))))
+
+    def _forward_hook(self, module: nn.Module, args, kwargs, output) -> None:
+        if self._busy or not torch.is_grad_enabled():
             return
+        pending = self._pending.get(module)
+        if not pending:
+            return
+        args, kwargs = pending.pop()
         if self._stale:
             self._clear_calls()
-        x = args[0] if args and isinstance(args[0], Tensor) else None
-        ok = x is not None and self._supported(module, x)
-        call = _Call(x.detach() if ok else None, ok)
-        if ok:
-            def grad_hook(grad: Tensor, call: _Call = call) -> None:
-                call.delta = grad
-            call.handle = output.register_hook(grad_hook)
+        leaves, spec = tree_flatten(output)
+        pos = [i for i, o in enumerate(leaves) if isinstance(o, Tensor) and o.requires_grad]
+        if not pos:
+            return
+        call = _Call(args, kwargs, [leaves[i] for i in pos], pos, spec, len(leaves))
         self._calls.setdefault(module, []).append(call)
 
-    @staticmethod
-    def _supported(m: nn.Module, x: Tensor) -> bool:
-        kind = _rule_kind(m)
-        if kind == "embedding":
-            return (x.dim() >= 1 and not x.is_floating_point() and m.max_norm is None
-                    and not m.scale_grad_by_freq)
-        if not x.is_floating_point():
-            return False
-        if kind == "linear":
-            return x.dim() >= 2
-        if kind == "conv":
-            want = 3 if isinstance(m, nn.Conv1d) else 4
-            return x.dim() == want and m.padding_mode == "zeros"
-        if kind == "layer_norm":
-            return x.dim() > len(m.normalized_shape)
-        if kind == "group_norm":
-            return x.dim() >= 2
-        if kind == "batch_norm":
-            return (not m.training and m.running_mean is not None and m.running_var is not None
-                    and x.dim() >= 2)
-        return False
+    # ------------------------------------------------------------------ planning
+    def _signature(self, n: int, k: int):
+        return (n, k, tuple(
+            (id(m), len(cs), tuple((tuple(c.first.shape) if c.first is not None else None,
+                                    tuple(c.out_shapes)) for c in cs))
+            for m, cs in self._calls.items()))
 
-    # ------------------------------------------------------------------ classification
-    def _classify(self, n: int | None) -> tuple[list[str], list[str], list[str]]:
-        """-> (rule names, fallback names, not-called names)."""
-        rule, fb, zero = [], [], []
-        for name in self.names:
-            if name in self._static_fallback or name in self._direct_use:
-                fb.append(name)
-                continue
-            calls = self._calls.get(self._owner[name], [])
-            if not calls:
-                zero.append(name)
-            elif len(calls) > 1 or not calls[0].ok or (
-                n is not None and calls[0].inp is not None and calls[0].inp.shape[0] != n
-            ):
-                fb.append(name)
-            else:
-                rule.append(name)
-        return rule, fb, zero
+    def _plan_module(self, m: nn.Module, n: int) -> dict:
+        """How this batch handles module m's names: {'rule'|'layer'|'model'|'zero': [...], ...}."""
+        names = [x for x in self._modules[m] if x not in self._failed]
+        calls = self._calls.get(m, [])
+        plan = {"rule": [], "layer": [], "model": [], "zero": [], "axes": None, "why": ""}
+        if not names:
+            return plan
+        if not calls:
+            plan["zero"] = names
+            return plan
+        if len(calls) > 1:
+            plan["model"], plan["why"] = names, "its module is called more than once"
+            return plan
+        call = calls[0]
+        rule = rule_for(m)
+        x = call.first
+        if rule is not None and x is not None and rule.couples_samples(m, x):
+            plan["model"], plan["why"] = names, "its module mixes samples (batch statistics)"
+            return plan
+        if rule is not None and x is not None and len(call.edges) == 1 and rule.supports(m, x):
+            cover = rule.params
+            plan["rule"] = [nm for nm in names if cover is None or self._attr[nm] in cover]
+            plan["layer"] = [nm for nm in names if nm not in plan["rule"]]
+            dims = [d for d in rule.sample_dims(m, x) if 0 <= d < x.dim() and x.shape[d] == n]
+            plan["in_axes"] = dims  # candidates; the same axis in the output
+        else:
+            plan["layer"] = names
+        return plan
 
+    # ------------------------------------------------------------------ properties
     @property
     def fallback_names(self) -> list[str]:
-        """Parameters that need the ``fallback`` (complete once a forward has run)."""
-        return self._classify(self._n_hint)[1]
+        """Parameters not computed by a closed-form rule (per-layer or whole-model fallback), as
+        planned for the current forward, else as done in the latest backward."""
+        bad = set(self._static_fallback) | set(self._failed) | self._last_nonrule
+        if self._calls and not self._stale:
+            n = self._n_hint if self._n_hint is not None else -1
+            for m in self._modules:
+                if m in self._calls:
+                    plan = self._plan_module(m, n)
+                    bad.update(plan["layer"] + plan["model"])
+        return [x for x in self.names if x in bad]
 
-    # ------------------------------------------------------------------ main entry
+    @property
+    def model_fallback_names(self) -> list[str]:
+        """Parameters that need the caller's whole-model ``fallback`` (known so far)."""
+        bad = set(self._static_fallback) | set(self._failed) | self._last_model
+        if self._calls and not self._stale:
+            n = self._n_hint if self._n_hint is not None else -1
+            for m in self._modules:
+                if m in self._calls:
+                    bad.update(self._plan_module(m, n)["model"])
+        return [x for x in self.names if x in bad]
+
+    # ------------------------------------------------------------------ main entries
     def backward(self, per_sample_losses: Tensor, *, retain_graph: bool = False,
-                 fallback: Callable[[dict[str, Tensor]], Tensor] | None = None) -> None:
-        """Add Σ_n |∂ per_sample_losses[n] / ∂θ|^power to ``self.sums`` for every requested θ."""
+                 fallback: Optional[Callable[[dict], Tensor]] = None) -> None:
+        """Add Σ_n |∂ per_sample_losses[n] / ∂θ|^power to ``self.sums`` for every requested θ.
+
+        ``fallback(params) -> per-sample losses`` recomputes the losses with some parameters
+        substituted (``torch.func.functional_call``); needed for the whole-model fallback."""
+        self._require_entered()
+        losses = per_sample_losses
+        if not isinstance(losses, Tensor) or losses.dim() != 1:
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(f"per_sample_losses must have shape [N], got {shape}")
+        self._run(losses, torch.ones_like(losses), False, retain_graph, fallback)
+
+    def backward_batched(self, outputs: Tensor, cotangents: Tensor, *, retain_graph: bool = False,
+                         fallback: Optional[Callable[[dict], Tensor]] = None) -> None:
+        """Add Σ_{k,n} |∂ <outputs[n], cotangents[k, n]> / ∂θ|^power for every requested θ.
+
+        ``outputs`` is ``[N, ...]`` and ``cotangents`` ``[K, N, ...]`` (no gradient): K
+        per-sample "losses" ``<outputs[n], cotangents[k, n]>`` backpropagated together in one
+        vmapped backward (``is_grads_batched``), or K backward passes where that is not
+        supported. ``fallback(params) -> outputs``."""
+        self._require_entered()
+        if not isinstance(outputs, Tensor) or outputs.dim() < 1:
+            raise ValueError("outputs must be a tensor [N, ...]")
+        if not isinstance(cotangents, Tensor) or cotangents.shape[1:] != outputs.shape:
+            got = tuple(cotangents.shape) if isinstance(cotangents, Tensor) else type(cotangents).__name__
+            raise ValueError(f"cotangents must have shape [K, *outputs.shape] = [K, {', '.join(map(str, outputs.shape))}], "
+                             f"got {got}")
+        self._run(outputs, cotangents.detach().to(outputs.dtype), True, retain_graph, fallback)
+
+    def _require_entered(self):
         if not self._entered:
             raise RuntimeError("PerSampleGradNorms.backward() must be called inside the `with` block")
-        losses = per_sample_losses
-        if losses.dim() != 1:
-            raise ValueError(f"per_sample_losses must have shape [N], got {tuple(losses.shape)}")
-        n = int(losses.shape[0])
-        self._n_hint = n
-        rule, fb, zero = self._classify(n)
-        if fb and fallback is None:
-            raise ValueError(f"these parameters need a fallback (pass fallback=...): {fb}")
 
+    # ------------------------------------------------------------------ autograd helpers
+    @staticmethod
+    def _grads(root, cot, inputs, batched, retain):
+        if not inputs:
+            return []
+        if not root.requires_grad:
+            raise ValueError("the per-sample losses (or outputs) do not require grad")
+        if not batched:
+            return list(torch.autograd.grad(root, inputs, grad_outputs=cot, retain_graph=retain,
+                                            allow_unused=True))
+        try:
+            return list(torch.autograd.grad(root, inputs, grad_outputs=cot, retain_graph=True,
+                                            allow_unused=True, is_grads_batched=True))
+        except RuntimeError:  # an op without a batching rule: one backward per cotangent
+            cols = []
+            for k in range(cot.shape[0]):
+                cols.append(torch.autograd.grad(root, inputs, grad_outputs=cot[k], allow_unused=True,
+                                                retain_graph=retain or k < cot.shape[0] - 1))
+            out = []
+            for j in range(len(inputs)):
+                gj = [c[j] for c in cols]
+                out.append(None if all(g is None for g in gj) else torch.stack(
+                    [g if g is not None else torch.zeros_like(next(x for x in gj if x is not None)) for g in gj]))
+            return out
+
+    # ------------------------------------------------------------------ one backward
+    def _col_step(self, k: int, elem: int) -> int:
+        """Cotangent columns per batched backward: their gradients at the captured layer outputs
+        (twice on checked batches) stay within ``max_bytes``."""
+        per_col = sum(math.prod(sh) for cs in self._calls.values() for c in cs for sh in c.out_shapes) * elem
+        return max(1, min(k, self.max_bytes // max(3 * per_col, 1)))
+
+    def _run(self, root: Tensor, cot: Tensor, batched: bool, retain_graph: bool, fallback) -> None:
+        n = int(root.shape[0])
+        k = int(cot.shape[0]) if batched else 0
+        self._n_hint = n
+        sig = self._signature(n, k)
+        check = self.check_mode == "always" or sig not in self._plans
+        if batched:
+            step = self._col_step(k, root.element_size())
+            pieces = [cot[s:s + step] for s in range(0, k, step)]
+        else:
+            pieces = [cot]
+        model_names: set[str] = set(self._static_fallback) | set(self._failed)
+        layer_names: set[str] = set()
         out: dict[str, Tensor] = {}
         try:
             self._busy = True
-            for c in (c for calls in self._calls.values() for c in calls):
-                c.delta = None
-            tracked = rule + zero
-            if tracked:
-                if not losses.requires_grad:
-                    raise ValueError("per_sample_losses does not require grad")
-                grads = torch.autograd.grad(
-                    losses.sum(), [self._params[t] for t in tracked],
-                    retain_graph=retain_graph, allow_unused=True,
-                )
-                got = dict(zip(tracked, grads))
-                # A parameter that received gradient without a captured δ was used outside
-                # its module call (or its module was called in an uncaptured way).
-                direct = [t for t in tracked if got[t] is not None and (
-                    t in zero or self._calls[self._owner[t]][0].delta is None)]
-                if direct:
-                    self._direct_use.update(direct)
-                    if fallback is None:
-                        raise ValueError(
-                            "these parameters were used outside their module's forward and need "
-                            f"a fallback (pass fallback=...): {direct}")
-                    rule = [t for t in rule if t not in direct]
-                    fb = fb + direct
-                    fb = [x for x in self.names if x in set(fb)]
-                del grads, got
-                out.update(self._rule_sums(rule))
-            if fb:
-                out.update(self._fallback_sums(fallback, fb, n))
+            for i, piece in enumerate(pieces):
+                plans = {m: self._plan_module(m, n) for m in self._modules}
+                for plan in plans.values():
+                    model_names.update(plan["model"])
+                    layer_names.update(plan["layer"])
+                part: dict[str, Tensor] = {}
+                if check and i == 0:
+                    self.checked_batches += 1
+                    moved = self._checked_pass(root, piece, batched, plans, part)
+                    self._plans[sig] = {m: p["axes"] for m, p in plans.items() if p["axes"] is not None}
+                else:
+                    cached = self._plans[sig]
+                    for m, plan in plans.items():
+                        if m in cached:
+                            plan["axes"] = cached[m]
+                    last = i == len(pieces) - 1
+                    moved = self._fast_pass(root, piece, batched, retain_graph or not last, plans, part)
+                model_names.update(moved)
+                for nm, v in part.items():
+                    out[nm] = v if nm not in out else out[nm] + v
+            for nm in model_names:
+                out.pop(nm, None)  # partial sums from columns done before it moved
+            model_list = [x for x in self.names if x in model_names]
+            self._last_model = set(model_list)
+            self._last_nonrule = set(model_list) | layer_names
+            if model_list:
+                if fallback is None:
+                    raise ValueError(f"these parameters need a fallback (pass fallback=...): {model_list}")
+                out.update(self._fallback_sums(fallback, model_list, n, cot if batched else None))
         finally:
             self._busy = False
-            for c in (c for calls in self._calls.values() for c in calls):
-                c.delta = None
-                if not retain_graph:
-                    c.release()
+            if not retain_graph:
+                self._calls.clear()
             self._stale = True
+        for name, v in out.items():
+            self.sums[name].add_(v.to(self.sums[name].dtype))
 
-        for name, s in out.items():
-            self.sums[name].add_(s.to(self.sums[name].dtype))
+    def _used(self, plans):
+        """Modules whose δ is needed this batch (rule or per-layer names)."""
+        return [m for m, p in plans.items() if p["rule"] or p["layer"]]
 
-    # ------------------------------------------------------------------ rules
-    def _rule_sums(self, rule: list[str]) -> dict[str, Tensor]:
-        by_module: dict[nn.Module, list[str]] = {}
-        for name in rule:
-            by_module.setdefault(self._owner[name], []).append(name)
-        out: dict[str, Tensor] = {}
-        for m, names in by_module.items():
-            call = self._calls[m][0]
-            if call.delta is None:  # output did not reach the loss: zero gradient
+    def _fast_pass(self, root, cot, batched, retain, plans, out) -> list[str]:
+        mods = [m for m in self._used(plans) if plans[m]["axes"] is not None]
+        moved = [nm for m in self._used(plans) if plans[m]["axes"] is None for nm in plans[m]["rule"] + plans[m]["layer"]]
+        edges = [e for m in mods for e in self._calls[m][0].edges]
+        grads = self._grads(root, cot, edges, batched, retain)
+        i = 0
+        for m in mods:
+            ne = len(self._calls[m][0].edges)
+            deltas, i = grads[i:i + ne], i + ne
+            res = self._module_sums(m, plans[m], deltas, batched, total=False)
+            if res is None:
+                moved += plans[m]["rule"] + plans[m]["layer"]
                 continue
-            attrs = {self._attr[nm]: nm for nm in names}
-            dtype = self._params[names[0]].dtype
-            a = call.inp if not call.inp.is_floating_point() else call.inp.to(dtype)
-            d = call.delta.to(dtype)
-            kind = _rule_kind(m)
-            fn = {
-                "linear": self._linear,
-                "conv": self._conv,
-                "layer_norm": self._norm,
-                "group_norm": self._norm,
-                "batch_norm": self._norm,
-                "embedding": self._embedding,
-            }[kind]
-            for attr, s in fn(m, a, d, set(attrs)).items():
-                out[attrs[attr]] = s
-        return out
+            out.update(res[0])
+        return moved
 
-    def _chunks(self, n: int):
-        for s in range(0, n, self.chunk_size):
-            yield s, min(n, s + self.chunk_size)
-
-    def _linear(self, m: nn.Linear, a: Tensor, d: Tensor, want: set[str]) -> dict[str, Tensor]:
-        p, out = self.power, {}
-        if a.dim() == 2:
-            dp = _pow(d, p)
-            if "weight" in want:
-                out["weight"] = dp.t() @ _pow(a, p)
-            if "bias" in want:
-                out["bias"] = dp.sum(0)
-            return out
-        n = a.shape[0]
-        a3 = a.reshape(n, -1, a.shape[-1])
-        d3 = d.reshape(n, -1, d.shape[-1])
-        if "weight" in want:
-            acc = torch.zeros(d3.shape[-1], a3.shape[-1], dtype=d.dtype, device=d.device)
-            for s, e in self._chunks(n):
-                g = torch.bmm(d3[s:e].transpose(1, 2), a3[s:e])  # [c, out, in]
-                acc += _pow(g, p).sum(0)
-            out["weight"] = acc
-        if "bias" in want:
-            out["bias"] = _pow(d3.sum(1), p).sum(0)
-        return out
-
-    def _conv(self, m: nn.Module, a: Tensor, d: Tensor, want: set[str]) -> dict[str, Tensor]:
-        p, out = self.power, {}
-        n = a.shape[0]
-        if "weight" in want:
-            k, stride, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
-            pad = m.padding
-            pre_pad = None
-            if isinstance(pad, str):
-                if pad == "valid":
-                    pad = (0,) * len(k)
-                else:  # 'same': left = total // 2, right = total - left (as ATen does)
-                    tot = [di * (ki - 1) for di, ki in zip(dil, k)]
-                    pre_pad = []
-                    for t in reversed(tot):
-                        pre_pad += [t // 2, t - t // 2]
-                    pad = (0,) * len(k)
-            pad = tuple(pad)
-            if isinstance(m, nn.Conv1d):
-                k, stride, dil, pad = (1,) + k, (1,) + stride, (1,) + dil, (0,) + pad
-            groups, cout = m.groups, m.out_channels
-            dg = d.reshape(n, groups, cout // groups, -1)  # [N, G, o, L]
-            acc = None
-            for s, e in self._chunks(n):
-                x = a[s:e]
-                if pre_pad is not None:
-                    x = F.pad(x, pre_pad)
-                if isinstance(m, nn.Conv1d):
-                    x = x.unsqueeze(2)
-                u = F.unfold(x, k, dilation=dil, padding=pad, stride=stride)  # [c, Cin*K, L]
-                u = u.reshape(e - s, groups, -1, u.shape[-1])
-                g = torch.einsum("ngol,ngkl->ngok", dg[s:e], u)
-                g = _pow(g, p).sum(0)
-                acc = g if acc is None else acc + g
-            out["weight"] = acc.reshape(m.weight.shape)
-        if "bias" in want:
-            out["bias"] = _pow(d.reshape(n, d.shape[1], -1).sum(-1), p).sum(0)
-        return out
-
-    def _norm(self, m: nn.Module, a: Tensor, d: Tensor, want: set[str]) -> dict[str, Tensor]:
-        p, out = self.power, {}
-        n = a.shape[0]
-        kind = _rule_kind(m)
-        if kind == "layer_norm":
-            ns = tuple(m.normalized_shape)
-            red = tuple(range(1, a.dim() - len(ns)))
+    def _checked_pass(self, root, cot, batched, plans, out) -> list[str]:
+        mods = self._used(plans)
+        names = [nm for m in mods for nm in plans[m]["rule"] + plans[m]["layer"]]
+        names += [nm for p in plans.values() for nm in p["zero"]]
+        edges = [e for m in mods for e in self._calls[m][0].edges]
+        params = [self._params[nm] for nm in names]
+        n = root.shape[0]
+        # 1. which axis carries the sample index: with the losses weighted by random r_n > 0,
+        #    |δ| scales by r_n along it. Only per-axis sums of |δ_r| are kept (O(N) per axis),
+        #    so this backward adds no activation-sized memory to the one below.
+        r = torch.rand(n, generator=self._gen, dtype=torch.float64).add_(0.5).to(root.dtype).to(root.device)
+        rcot = cot * (r.view(1, n, *([1] * (cot.dim() - 2))) if batched else r)
+        rsums = []
+        if edges:
+            for g in self._grads(root, rcot, edges, batched, True):
+                rsums.append(None if g is None else self._axis_sums(g, n, batched))
+                del g
+        # 2. deltas (for every column) and the true total gradient of the requested parameters
+        if batched:
+            deltas = self._grads(root, cot, edges, True, True)
+            truth = self._grads(root, cot.sum(0), params, False, True)
         else:
-            red = tuple(range(2, a.dim()))
-        if "weight" in want:
-            acc = None
-            for s, e in self._chunks(n):
-                x = a[s:e]
-                if kind == "layer_norm":
-                    xh = F.layer_norm(x, ns, None, None, m.eps)
-                elif kind == "group_norm":
-                    xh = F.group_norm(x, m.num_groups, None, None, m.eps)
+            both = self._grads(root, cot, params + edges, False, True)
+            truth, deltas = both[:len(params)], both[len(params):]
+            del both
+        truth = dict(zip(names, truth))
+        rdeltas = rsums
+
+        moved: list[str] = []
+        why: dict[str, str] = {}
+        i = 0
+        for m in mods:
+            plan = plans[m]
+            call = self._calls[m][0]
+            ne = len(call.edges)
+            d, rd, i = deltas[i:i + ne], rdeltas[i:i + ne], i + ne
+            axes = self._find_axes(m, plan, call, d, rd, r, batched, n)
+            mnames = plan["rule"] + plan["layer"]
+            if axes is None:
+                moved += mnames
+                for nm in mnames:
+                    why[nm] = "no input/output axis carries the sample index unambiguously"
+                continue
+            plan["axes"] = axes
+            res = self._module_sums(m, plan, d, batched, total=True)
+            if res is None:
+                moved += mnames
+                for nm in mnames:
+                    why[nm] = "the per-layer fallback could not run on this module"
+                continue
+            pows, tots = res
+            for nm in mnames:
+                ok, reason = self._agrees(nm, pows.get(nm), tots.get(nm), truth[nm], n * max(1, cot.shape[0] if batched else 1))
+                if ok:
+                    out[nm] = pows[nm]
                 else:
-                    xh = F.batch_norm(x, m.running_mean.to(x.dtype), m.running_var.to(x.dtype),
-                                      None, None, False, 0.0, m.eps)
-                g = d[s:e] * xh
-                if red:
-                    g = g.sum(red)
-                g = _pow(g, p).sum(0)
-                acc = g if acc is None else acc + g
-            out["weight"] = acc
-        if "bias" in want:
-            g = d.sum(red) if red else d
-            out["bias"] = _pow(g, p).sum(0)
-        return out
+                    moved.append(nm)
+                    why[nm] = reason
+        for p in plans.values():  # hooked but not called: any gradient means direct use
+            for nm in p["zero"]:
+                g = truth[nm]
+                if g is not None and bool((g != 0).any()):
+                    moved.append(nm)
+                    why[nm] = "it receives gradient outside its module's call"
+        for nm in moved:
+            if nm in why and not why[nm].startswith("no input/output"):
+                self._failed[nm] = why[nm]
+        # a missing sample axis (e.g. a head that sees a subset of the batch) is structural, not an error
+        self._warn({nm: w for nm, w in why.items() if not w.startswith("no input/output")})
+        return moved
 
-    def _embedding(self, m: nn.Embedding, idx: Tensor, d: Tensor, want: set[str]) -> dict[str, Tensor]:
-        p = self.power
-        n = idx.shape[0]
-        v, dim = m.weight.shape
-        flat = idx.reshape(-1).long()
-        df = d.reshape(-1, dim)
-        sample = torch.arange(n, device=idx.device).repeat_interleave(flat.numel() // max(n, 1))
-        if m.padding_idx is not None:
-            keep = flat != m.padding_idx
-            flat, df, sample = flat[keep], df[keep], sample[keep]
-        key = sample * v + flat
-        uniq, inv = torch.unique(key, return_inverse=True)
-        agg = torch.zeros(uniq.numel(), dim, dtype=d.dtype, device=d.device).index_add_(0, inv, df)
-        res = torch.zeros(v, dim, dtype=d.dtype, device=d.device).index_add_(0, uniq % v, _pow(agg, p))
-        return {"weight": res}
+    def _warn(self, why: dict):
+        new = {nm: w for nm, w in why.items() if nm not in self._warned}
+        if not new:
+            return
+        self._warned.update(new)
+        lines = "; ".join(f"{nm}: {w}" for nm, w in new.items())
+        warnings.warn("per-sample importances: these parameters use the exact but slower whole-model "
+                      f"fallback: {lines}", RuntimeWarning, stacklevel=4)
 
-    # ------------------------------------------------------------------ fallback
-    def _fallback_sums(self, fallback: Callable[[dict[str, Tensor]], Tensor], names: list[str],
-                       n: int) -> dict[str, Tensor]:
+    def _agrees(self, name, pows, total, truth, count) -> tuple[bool, str]:
+        p = self._params[name]
+        if pows is None or total is None:
+            return False, "its rule returned no gradient for it"
+        if tuple(total.shape) != tuple(p.shape) or tuple(pows.shape) != tuple(p.shape):
+            return False, f"its rule returned shape {tuple(total.shape)}, the parameter has {tuple(p.shape)}"
+        # norms in the sums' dtype (no float64 copies of large parameters); scalars in float64
+        s = total
+        if not bool(torch.isfinite(s).all()):
+            return False, "its rule gave non-finite values"
+        t_norm = 0.0 if truth is None else float(truth.norm())
+        diff = float(s.norm()) if truth is None else float((s - truth.to(s.dtype)).norm())
+        rel, abs_mult = _check_tol(p.dtype)
+        # Σ_n ||g_n|| bound from the power sums (rounding of the true sum scales with it)
+        psum = float(pows.sum(dtype=torch.float64))
+        bound = (count * psum) ** 0.5 if self.power == 2 else psum
+        tol = rel * (t_norm + float(s.norm())) + abs_mult * bound + 1e-30
+        if diff <= tol:
+            return True, ""
+        return False, (f"Σ_n g_n from its rule differs from the true minibatch gradient "
+                       f"(relative error {diff / max(t_norm, 1e-30):.3g}): e.g. the parameter "
+                       "is also used outside its module's call, a hook changes the module's output, "
+                       "or the rule is wrong")
+
+    # ------------------------------------------------------------------ sample axes
+    @staticmethod
+    def _axis_sums(g: Tensor, n: int, batched: bool) -> dict:
+        """{axis: Σ |g| over every other dimension} for each per-sample-tensor axis of size n."""
+        off = 1 if batched else 0
+        a = g.abs()
+        return {ax - off: a.sum([d for d in range(g.dim()) if d != ax], dtype=torch.float64)
+                for ax in range(off, g.dim()) if g.shape[ax] == n}
+
+    def _carries(self, dl, rsum, r, axis, batched) -> bool:
+        """|δ_r| summed over all but ``axis`` equals r ⊙ (|δ| summed the same way)?"""
+        if rsum is None or axis not in rsum:
+            return False
+        off = 1 if batched else 0
+        s = dl.abs().sum([d for d in range(dl.dim()) if d != axis + off], dtype=torch.float64)
+        want = s * r.to(torch.float64)
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dl.dtype, 3e-2)
+        return bool((rsum[axis] - want).norm() <= tol * want.norm() + 1e-300)
+
+    def _find_axes(self, m, plan, call, d, rd, r, batched, n):
+        """{'in': [axis per input leaf or None], 'out': [axis per output]} or None."""
+        off = 1 if batched else 0
+        if plan["rule"] and not plan["layer"]:
+            cands = plan.get("in_axes", [])
+            dl, rdl = d[0], rd[0]
+            if dl is None:  # output does not reach the loss: any candidate does
+                return {"in": [cands[0]], "out": [cands[0]]} if cands else None
+            good = [a for a in cands if a + off < dl.dim() and dl.shape[a + off] == n
+                    and self._carries(dl, rdl, r, a, batched)]
+            if len(good) != 1:
+                return None
+            return {"in": [good[0]], "out": [good[0]]}
+        # per-layer fallback: each input leaf's axis by size (unique) and each output's by δ
+        in_axes = []
+        leaves, _ = tree_flatten((call.args, call.kwargs))
+        for x in leaves:
+            if not isinstance(x, Tensor) or x.dim() == 0:
+                in_axes.append(None)
+                continue
+            dims = [j for j in range(x.dim()) if x.shape[j] == n]
+            if len(dims) > 1:
+                return None
+            in_axes.append(dims[0] if dims else None)
+        if all(a is None for a in in_axes):
+            return None
+        out_axes = []
+        for dl, rdl, shape in zip(d, rd, call.out_shapes):
+            if dl is None:  # this output does not reach the loss
+                out_axes.append(None)
+                continue
+            dims = [j for j in range(len(shape)) if shape[j] == n]
+            good = [j for j in dims if self._carries(dl, rdl, r, j, batched)]
+            if len(good) != 1:
+                return None
+            out_axes.append(good[0])
+        return {"in": in_axes, "out": out_axes}
+
+    # ------------------------------------------------------------------ per-module sums
+    def _module_sums(self, m, plan, deltas, batched, total):
+        """({name: Σ|g|^p}, {name: Σ g} or None) for the module's rule and per-layer names, or
+        None when the per-layer fallback cannot run."""
+        call = self._calls[m][0]
+        axes = plan["axes"]
+        pows: dict[str, Tensor] = {}
+        tots: dict[str, Tensor] = {}
+        dt = acc_dtype(self._params[(plan["rule"] + plan["layer"])[0]].dtype)
+        if plan["rule"]:
+            rule = rule_for(m)
+            ax = axes["in"][0]
+            off = 1 if batched else 0
+            d = deltas[0]
+            if d is None:
+                for nm in plan["rule"]:
+                    pows[nm] = torch.zeros(self._params[nm].shape, dtype=dt, device=self._params[nm].device)
+                    tots[nm] = pows[nm].clone()
+            else:
+                a = call.first
+                a = a.movedim(ax, 0)
+                if a.is_floating_point():
+                    a = a.to(dt)
+                d = d.movedim(ax + off, off).to(dt)
+                want = {self._attr[nm]: nm for nm in plan["rule"]}
+                fn = rule.sums_multi if batched else rule.sums
+                p, t = fn(m, a, d, set(want), self.power, self.chunk_size, total)
+                for attr, nm in want.items():
+                    if attr in p:
+                        pows[nm] = p[attr]
+                    if total and attr in t:
+                        tots[nm] = t[attr]
+        if plan["layer"]:
+            try:
+                try:
+                    p, t = self._layer_fallback(m, plan["layer"], call, axes, deltas, batched, dt)
+                except Exception:  # noqa: BLE001 - e.g. no vmap rule for the per-sample call
+                    p, t = self._layer_fallback_masked(m, plan["layer"], call, axes, deltas, batched, dt)
+            except Exception as exc:  # noqa: BLE001 - any failure: the exact whole-model path
+                self._warn({nm: f"the per-layer fallback failed ({type(exc).__name__}: {exc})"
+                            for nm in plan["layer"]})
+                return None
+            pows.update(p)
+            tots.update(t)
+        return pows, (tots if total else None)
+
+    def _layer_fallback(self, m, names, call, axes, deltas, batched, dt):
+        """Per-sample gradients of m's own parameters: vmap over samples of grad of
+        <m(x_n), δ_n> (functional_call on the captured inputs)."""
+        from torch.func import functional_call, grad, vmap
+
+        attrs = [self._attr[nm] for nm in names]
+        primals = {a: self._params[nm].detach() for a, nm in zip(attrs, names)}
+        leaves, spec = tree_flatten((call.args, call.kwargs))
+        in_axes = axes["in"]
+        out_axes = axes["out"]
+        n = next(x.shape[a] for x, a in zip(leaves, in_axes) if a is not None)
+        off = 1 if batched else 0
+        dl = [None if d is None else d for d in deltas]
+        live = [j for j, d in enumerate(dl) if d is not None]
+        pos = call.out_pos
+
+        def f(params, xs, ds):
+            full = [x if a is None else x.unsqueeze(a) for x, a in zip(xs, in_axes)]
+            args, kwargs = tree_unflatten(full, spec)
+            out = functional_call(m, params, tuple(args), dict(kwargs))
+            outs, _ = tree_flatten(out)
+            total = 0
+            for j, d in zip(live, ds):
+                total = total + (outs[pos[j]] * d.unsqueeze(out_axes[j])).sum()
+            return total
+
+        g_fn = grad(f)
+        if batched:  # K cotangents per sample: inner vmap over them
+            g_fn = vmap(g_fn, in_dims=(None, None, 0))
+        vm = vmap(g_fn, in_dims=(None, [a for a in in_axes], [out_axes[j] + off for j in live]))
+        pows = {nm: torch.zeros(self._params[nm].shape, dtype=dt, device=self._params[nm].device) for nm in names}
+        tots = {nm: torch.zeros_like(pows[nm]) for nm in names}
+        if not live:
+            return pows, tots
+        step = max(1, self.chunk_size // (deltas[live[0]].shape[0] if batched else 1))
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            xs = [x if a is None else x.narrow(a, s, e - s) for x, a in zip(leaves, in_axes)]
+            ds = [dl[j].narrow(out_axes[j] + off, s, e - s) for j in live]
+            g = vm(primals, xs, ds)
+            for a, nm in zip(attrs, names):
+                ga = g[a].to(dt)
+                red = (0, 1) if batched else (0,)
+                pows[nm] += _pow(ga, self.power).sum(red)
+                tots[nm] += ga.sum(red)
+        return pows, tots
+
+    def _layer_fallback_masked(self, m, names, call, axes, deltas, batched, dt):
+        """Per-layer fallback without per-sample calls: one vjp of the module call on the whole
+        batch, then vmap (or a loop) over δ masked to one sample (and one column) at a time."""
+        from torch.func import functional_call, vjp
+
+        attrs = [self._attr[nm] for nm in names]
+        primals = {a: self._params[nm].detach() for a, nm in zip(attrs, names)}
+        pos = call.out_pos
+        live = [j for j, d in enumerate(deltas) if d is not None]
+
+        def f(params):
+            out = functional_call(m, params, tuple(call.args), dict(call.kwargs))
+            outs, _ = tree_flatten(out)
+            return tuple(outs[pos[j]] for j in live)
+
+        with torch.enable_grad():
+            vals, vjp_fn = vjp(f, primals)
+        pows = {nm: torch.zeros(self._params[nm].shape, dtype=dt, device=self._params[nm].device) for nm in names}
+        tots = {nm: torch.zeros_like(pows[nm]) for nm in names}
+        if not live:
+            return pows, tots
+        out_axes = axes["out"]
+        n = vals[0].shape[out_axes[live[0]]]
+        cols = deltas[live[0]].shape[0] if batched else 1
+        for c in range(cols):
+            for i in range(n):
+                cot = []
+                for j, v in zip(live, vals):
+                    d = deltas[j][c] if batched else deltas[j]
+                    z = torch.zeros_like(v)
+                    z.narrow(out_axes[j], i, 1).copy_(d.narrow(out_axes[j], i, 1))
+                    cot.append(z)
+                (g,) = vjp_fn(tuple(cot))
+                for a, nm in zip(attrs, names):
+                    ga = g[a].to(dt)
+                    pows[nm] += _pow(ga, self.power)
+                    tots[nm] += ga
+        return pows, tots
+
+    # ------------------------------------------------------------------ whole-model fallback
+    def _fallback_sums(self, fallback: Callable[[dict], Tensor], names: list[str], n: int,
+                       cot: Optional[Tensor]) -> dict[str, Tensor]:
         from torch.func import vjp, vmap
 
         p = self.power
         primals = {nm: self._params[nm].detach() for nm in names}
         with torch.enable_grad():
             vals, vjp_fn = vjp(fallback, primals)
-        if vals.shape != (n,):
-            raise ValueError(f"fallback returned shape {tuple(vals.shape)}, expected ({n},)")
-        acc = {nm: torch.zeros_like(t) for nm, t in primals.items()}
+        if cot is None:
+            if vals.shape != (n,):
+                raise ValueError(f"fallback returned shape {tuple(vals.shape)}, expected ({n},)")
+        elif vals.shape != cot.shape[1:]:
+            raise ValueError(f"fallback returned shape {tuple(vals.shape)}, expected {tuple(cot.shape[1:])}")
+        acc = {nm: torch.zeros(t.shape, dtype=acc_dtype(t.dtype), device=t.device) for nm, t in primals.items()}
+        # one cotangent per (column, sample): rows of the one-hot basis, scaled by the column
+        pairs = [(None, i) for i in range(n)] if cot is None else [(c, i) for c in range(cot.shape[0]) for i in range(n)]
         use_vmap = True
-        for s, e in self._chunks(n):
-            basis = torch.zeros(e - s, n, dtype=vals.dtype, device=vals.device)
-            basis[torch.arange(e - s), torch.arange(s, e)] = 1
+        for s in range(0, len(pairs), self.chunk_size):
+            chunk = pairs[s:s + self.chunk_size]
+            basis = torch.zeros(len(chunk), *vals.shape, dtype=vals.dtype, device=vals.device)
+            for j, (c, i) in enumerate(chunk):
+                basis[j, i] = 1 if c is None else cot[c, i]
             g = None
             if use_vmap:
                 try:
-                    (g,) = vmap(vjp_fn)(basis)
+                    (g,) = torch.func.vmap(vjp_fn)(basis)
                 except Exception:  # an op without a batching rule: one sample at a time
                     use_vmap = False
             if use_vmap:

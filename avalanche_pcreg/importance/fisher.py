@@ -2,19 +2,28 @@
 
 All three are means over samples n of squared **per-sample** gradients of a log-likelihood,
 computed at minibatch cost: one forward, then one backward of the *sum* of per-sample losses,
-with per-layer rules (:mod:`._persample`) that square per-sample gradients without forming
-them where an identity allows (``nn.Linear``: ``sum_n (delta_n a_n^T)**2 = (delta**2)^T a**2``).
+with per-layer rules (:mod:`.rules`, driven by :mod:`._persample`) that square per-sample
+gradients without forming them where an identity allows (``nn.Linear``:
+``sum_n (delta_n a_n^T)**2 = (delta**2)^T a**2``).
+
+The model's output must be logits ``[N, C]``: C >= 2 class scores (softmax likelihood), or
+``[N, 1]``, one logit of a binary classifier (Bernoulli likelihood, p = sigmoid(z), as trained
+with ``BCEWithLogitsLoss``).
 
 * ``empirical_fisher``: g_n = grad of the loss at the true label y_n.
 * ``fisher``: g_n = grad of -log p(y~_n | x_n) with y~_n drawn from the model's predictive
   distribution (seeded generator; the global RNG is left alone).
-* ``expected_fisher``: the exact expectation over classes, sum_c p(c|x_n) g_{n,c}**2, as C
-  backward passes over one forward, with sqrt(p_c) folded into each sample's loss.
+* ``expected_fisher``: the exact expectation over classes, sum_c p(c|x_n) g_{n,c}**2. With J the
+  Jacobian of the logits, g_c = J^T (p - e_c) and sum_c p_c g_c g_c^T = J^T (diag(p) - p p^T) J
+  = (S^T J)^T (S^T J) with S = diag(sqrt p) - p sqrt(p)^T, so sum_c p_c g_c**2 = sum_c (S^T J)_c**2:
+  the C columns of S are backpropagated together in one vmapped backward (``is_grads_batched``)
+  and the per-layer rules treat each (column, sample) pair as a sample. One logit: S = sqrt(p(1-p)).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+import copy
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,17 +32,26 @@ from torch import Tensor, nn
 from ._common import all_reduce_sums, batches, functional_forward, model_forward, per_sample_criterion
 from ._persample import DEFAULT_CHUNK, PerSampleGradNorms
 
-__all__ = ["empirical_fisher", "fisher", "expected_fisher", "per_sample_mean", "sample_labels"]
+__all__ = ["empirical_fisher", "fisher", "expected_fisher", "per_sample_mean", "sample_labels",
+           "softmax_sqrt_hessian", "LossTerm"]
 
-# One loss vector [N] and how to recompute it from outputs (for layers without a per-layer rule).
-LossTerm = Tuple[Tensor, Callable[[Tensor], Tensor]]
+
+class LossTerm(NamedTuple):
+    """What one batch backpropagates: per-sample losses ``root`` [N] (``cot`` None), or model
+    outputs ``root`` [N, ...] with K cotangents per sample ``cot`` [K, N, ...] (each
+    ``<root[n], cot[k, n]>`` is one per-sample "loss"). ``recompute(outputs) -> root`` is used
+    by the whole-model fallback; anything random or detached is fixed inside it."""
+
+    root: Tensor
+    recompute: Callable[[Tensor], Tensor]
+    cot: Optional[Tensor] = None
 
 
 def per_sample_mean(
     model: nn.Module,
     data: Iterable,
     names: Sequence[str],
-    make_terms: Callable[[Tensor, Optional[Tensor]], List[LossTerm]],
+    make_terms: Callable[[Tensor, Optional[Tensor]], List],
     *,
     power: int,
     device,
@@ -44,39 +62,87 @@ def per_sample_mean(
 ) -> Dict[str, Tensor]:
     """Mean over samples n of ``sum_k |grad l_k(x_n)|**power``.
 
-    ``make_terms(outputs, y)`` returns the loss vectors ``l_k`` of one batch (one for most
-    estimators, C for the expected Fisher), each with a function that recomputes it from
-    outputs; anything random or detached (sampled labels, p_c) is fixed inside ``make_terms``.
-    Under ``torch.distributed`` the sums and sample counts are all-reduced, so each rank may
-    pass its own shard of the data and all get the estimate on the union.
+    ``make_terms(outputs, y)`` returns the :class:`LossTerm` s of one batch (or plain
+    ``(losses, recompute)`` pairs). Sums are accumulated in float32 or wider and cast to each
+    parameter's dtype at the end. Under ``torch.distributed`` the sums and sample counts are
+    all-reduced, so each rank may pass its own shard of the data and all get the estimate on
+    the union.
     """
     n = 0
+    params = dict(model.named_parameters())
     with PerSampleGradNorms(model, names, power=power, chunk_size=chunk_size) as psg:
         for x, y, t in batches(data, device, need_labels, estimator, limit):
-            terms = make_terms(model_forward(model, x, t), y)
-            for k, (losses, recompute) in enumerate(terms):
+            terms = [LossTerm(*tm) for tm in make_terms(model_forward(model, x, t), y)]
+            for k, term in enumerate(terms):
 
-                def fallback(params, recompute=recompute, x=x, t=t):
-                    return recompute(functional_forward(model, params, x, t))
+                def fallback(ps, recompute=term.recompute, x=x, t=t):
+                    return recompute(functional_forward(model, ps, x, t))
 
-                psg.backward(losses, retain_graph=k < len(terms) - 1, fallback=fallback)
+                retain = k < len(terms) - 1
+                if term.cot is None:
+                    psg.backward(term.root, retain_graph=retain, fallback=fallback)
+                else:
+                    psg.backward_batched(term.root, term.cot, retain_graph=retain, fallback=fallback)
             n += x.shape[0]
         sums = dict(psg.sums)
     n = all_reduce_sums(sums, n)  # distributed: each rank saw its shard of the data
     if n == 0:
         raise ValueError(f"estimator {estimator!r} got empty data: no samples to estimate importances from")
-    return {k: v.detach() / n for k, v in sums.items()}
+    return {k: (v.detach() / n).to(params[k].dtype) for k, v in sums.items()}
+
+
+def _check_logits(out: Tensor, estimator: str) -> None:
+    if out.dim() != 2 or out.shape[1] < 1:
+        raise ValueError(
+            f"estimator {estimator!r}: the model output has shape {tuple(out.shape)}; expected logits "
+            "of shape [N, C] (C >= 2 class scores, softmax) or [N, 1] (one logit of a binary classifier, "
+            "sigmoid). Outputs such as [N, T, C] or [N, C, L] are not a per-sample likelihood it "
+            "knows: reshape them in the model, or pass a callable importance"
+        )
+
+
+def _is_binary(out: Tensor) -> bool:
+    return out.dim() == 2 and out.shape[1] == 1
+
+
+def _bernoulli_nll(z: Tensor, y: Tensor) -> Tensor:
+    """-log p(y | z) for one logit per sample: BCE with logits, per sample [N]."""
+    return F.binary_cross_entropy_with_logits(z[:, 0], y.reshape(-1).to(z.dtype), reduction="none")
+
+
+def _empirical_losses(criterion: Optional[Callable]) -> Callable[[Tensor, Tensor], Tensor]:
+    crit = per_sample_criterion(criterion)
+
+    def losses(out: Tensor, y: Tensor) -> Tensor:
+        if _is_binary(out) and (criterion is None or isinstance(criterion, nn.BCEWithLogitsLoss)):
+            if criterion is None:
+                return _bernoulli_nll(out, y)
+            c = copy.copy(criterion)
+            c.reduction = "none"
+            return c(out, y.reshape(out.shape).to(out.dtype)).reshape(out.shape[0], -1).sum(1)
+        if criterion is None:
+            _check_logits(out, "empirical_fisher")
+            return crit(out, y)
+        try:
+            return crit(out, y)
+        except ValueError:
+            if out.dim() != 2:  # the shape is the problem, say so
+                _check_logits(out, "empirical_fisher")
+            raise
+
+    return losses
 
 
 def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=DEFAULT_CHUNK, **_):
     """Empirical Fisher: mean over samples of the squared per-sample gradient at the true label.
 
-    ``criterion`` (default cross-entropy) is used per sample (``reduction='none'``).
+    ``criterion`` (default cross-entropy; for ``[N, 1]`` logits, BCE with logits) is used per
+    sample (``reduction='none'``).
     """
-    crit = per_sample_criterion(criterion)
+    crit = _empirical_losses(criterion)
 
     def terms(out, y):
-        return [(crit(out, y), lambda o: crit(o, y))]
+        return [LossTerm(crit(out, y), lambda o: crit(o, y))]
 
     return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=True,
                            estimator="empirical_fisher", limit=limit, chunk_size=chunk_size)
@@ -85,16 +151,18 @@ def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=N
 def fisher(model, data, *, names, device=None, seed=0, limit=None, chunk_size=DEFAULT_CHUNK, uniforms=None, **_):
     """Fisher at one label per sample drawn from the model's p(.|x).
 
-    Sample n's label is the inverse CDF of p(.|x_n) at a uniform u_n. ``compute_importance``
-    draws u for every sample up front from a generator seeded with ``seed`` (the global RNG is
-    left alone) and shards it with the data, so the labels do not depend on batching or on the
-    number of distributed ranks. Given a DataLoader, u is drawn batch by batch instead.
+    Sample n's label is the inverse CDF of p(.|x_n) at a uniform u_n (one logit: classes
+    (0, 1) with p = (1 - sigmoid(z), sigmoid(z))). ``compute_importance`` draws u for every
+    sample up front from a generator seeded with ``seed`` (the global RNG is left alone) and
+    shards it with the data, so the labels do not depend on batching or on the number of
+    distributed ranks. Given a DataLoader, u is drawn batch by batch instead.
     """
     gen = torch.Generator()
     gen.manual_seed(int(seed))
     offset = [0]
 
     def terms(out, _y):
+        _check_logits(out, "fisher")
         b = out.shape[0]
         if uniforms is not None:
             u = uniforms[offset[0]: offset[0] + b]
@@ -102,41 +170,57 @@ def fisher(model, data, *, names, device=None, seed=0, limit=None, chunk_size=DE
         else:
             u = torch.rand(b, generator=gen, dtype=torch.float64)
         labels = sample_labels(out.detach(), u.to(out.device))
-        return [(F.cross_entropy(out, labels, reduction="none"),
-                 lambda o: F.cross_entropy(o, labels, reduction="none"))]
+        if _is_binary(out):
+            return [LossTerm(_bernoulli_nll(out, labels), lambda o: _bernoulli_nll(o, labels))]
+        return [LossTerm(F.cross_entropy(out, labels, reduction="none"),
+                         lambda o: F.cross_entropy(o, labels, reduction="none"))]
 
     return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=False,
                            estimator="fisher", limit=limit, chunk_size=chunk_size)
 
 
 def sample_labels(logits: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF draw from softmax(logits) at uniforms u (float64): the first class whose
-    cumulative probability exceeds u."""
+    """Inverse-CDF draw at uniforms u (float64): the first class whose cumulative probability
+    exceeds u. ``[N, C]``: softmax over C classes; ``[N, 1]``: classes (0, 1), p(1) = sigmoid."""
+    if _is_binary(logits):
+        p1 = torch.sigmoid(logits[:, 0].to(torch.float64))
+        return (u >= 1 - p1).long()
     cdf = torch.softmax(logits.to(torch.float64), dim=-1).cumsum(-1)
     return (cdf <= u.unsqueeze(-1)).sum(-1).clamp_max(logits.shape[-1] - 1)
+
+
+def softmax_sqrt_hessian(logits: Tensor) -> Tensor:
+    """S with S S^T = the Hessian of -log p in the logits, as cotangents ``[K, N, C]``.
+
+    Softmax: S = diag(sqrt p) - p sqrt(p)^T (K = C), column c = sqrt(p_c) (e_c - p).
+    One logit (Bernoulli): S = sqrt(p (1 - p)) (K = 1)."""
+    z = logits.detach()
+    if _is_binary(z):
+        p = torch.sigmoid(z)
+        return (p * (1 - p)).sqrt().unsqueeze(0)
+    p = torch.softmax(z, dim=-1)
+    rp = p.sqrt()
+    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    # cot[c, n, i] = sqrt(p[n, c]) * (eye[c, i] - p[n, i])
+    return rp.t().unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
 
 
 def expected_fisher(model, data, *, names, device=None, limit=None, chunk_size=DEFAULT_CHUNK, **_):
     """Exact expected Fisher: mean over samples of ``sum_c p(c|x) g_c**2``.
 
-    One forward and C backward passes a batch (C = number of outputs), never N*C.
+    One forward and one (vmapped) backward a batch for all C classes together; where the
+    batched backward is not supported, C backward passes over the one forward.
     """
 
     def terms(out, _y):
-        logp = torch.log_softmax(out, dim=-1)
-        root_p = logp.detach().exp().sqrt()
-        return [
-            (-root_p[:, c] * logp[:, c],
-             lambda o, c=c: -root_p[:, c] * torch.log_softmax(o, dim=-1)[:, c])
-            for c in range(out.shape[-1])
-        ]
+        _check_logits(out, "expected_fisher")
+        return [LossTerm(out, lambda o: o, softmax_sqrt_hessian(out))]
 
     return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=False,
                            estimator="expected_fisher", limit=limit, chunk_size=chunk_size)
 
+
 empirical_fisher.shardable = True
 fisher.uses_uniforms = True
 fisher.shardable = True
-fisher.uses_uniforms = True
 expected_fisher.shardable = True
-fisher.uses_uniforms = True

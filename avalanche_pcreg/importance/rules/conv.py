@@ -1,0 +1,154 @@
+"""``nn.Conv1d`` / ``nn.Conv2d``: per-sample weight gradients by unfold, chunk by chunk.
+
+g_i = Σ_positions δ_i[:, l] u_i[:, l]ᵀ with u = unfold(a) (the patches), per group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._registry import Rule, _chunks, _pow, register_rule
+
+
+# Output positions above which a stride-1 Conv2d forms per-sample gradients by grouped convolution.
+GROUPED_MIN_POSITIONS = 256
+
+
+def _unfold_args(m):
+    k, stride, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
+    pad, pre_pad = m.padding, None
+    if isinstance(pad, str):
+        if pad == "valid":
+            pad = (0,) * len(k)
+        else:  # 'same': left = total // 2, right = total - left (as ATen does)
+            tot = [di * (ki - 1) for di, ki in zip(dil, k)]
+            pre_pad = []
+            for t in reversed(tot):
+                pre_pad += [t // 2, t - t // 2]
+            pad = (0,) * len(k)
+    pad = tuple(pad)
+    if isinstance(m, nn.Conv1d):
+        k, stride, dil, pad = (1,) + k, (1,) + stride, (1,) + dil, (0,) + pad
+    return k, stride, dil, pad, pre_pad
+
+
+class ConvRule(Rule):
+    params = ("weight", "bias")
+    ndim = 2
+
+    def supports(self, module, x):
+        return x.is_floating_point() and x.dim() == self.ndim + 2 and module.padding_mode == "zeros"
+
+    def _weight_chunks(self, m, a, d, chunk, k=None):
+        """Per-sample weight gradients chunk by chunk: [c, *w.shape], or [k, c, *w.shape] when
+        ``d`` has K cotangents per sample in front (the patches are unfolded once for all K)."""
+        n = a.shape[0]
+        kk, stride, dil, pad, pre_pad = _unfold_args(m)
+        groups, cout = m.groups, m.out_channels
+        lead = () if k is None else (k,)
+        dg = d.reshape(*lead, n, groups, cout // groups, -1)  # [(K,) N, G, o, L]
+        step = chunk if k is None else max(1, chunk // k)
+        # Large feature maps, stride 1: per-sample weight gradients as one grouped convolution
+        # over the samples (input channels as the batch, the samples' δ as the filters) -- the
+        # convolution kernels beat unfold + bmm there; unfold + bmm elsewhere.
+        grouped = (k is None and isinstance(m, nn.Conv2d) and groups == 1 and stride == (1, 1)
+                   and dil == (1, 1) and d.shape[-1] * d.shape[-2] > GROUPED_MIN_POSITIONS)
+        for s, e in _chunks(n, step):
+            x = a[s:e]
+            if pre_pad is not None:
+                x = F.pad(x, pre_pad)
+            c = e - s
+            if grouped:
+                w = d[s:e].reshape(c * cout, 1, *d.shape[-2:])
+                g = F.conv2d(x.transpose(0, 1), w, padding=pad, groups=c)  # [Cin, c*Cout, kh, kw]
+                yield g.reshape(m.in_channels, c, cout, *kk).permute(1, 2, 0, 3, 4)
+                continue
+            if isinstance(m, nn.Conv1d):
+                x = x.unsqueeze(2)
+            u = F.unfold(x, kk, dilation=dil, padding=pad, stride=stride)  # [c, Cin*K, L]
+            if k is None:
+                u = u.reshape(c * groups, -1, u.shape[-1]).transpose(1, 2)  # [c*G, L, i]
+                g = torch.bmm(dg[s:e].reshape(c * groups, cout // groups, -1), u)  # [c*G, o, i]
+                yield g.reshape(c, *m.weight.shape)
+            else:
+                u = u.reshape(c, groups, -1, u.shape[-1])
+                yield torch.einsum("jngol,ngkl->jngok", dg[:, s:e], u).reshape(k, c, *m.weight.shape)
+
+    def per_sample(self, module, a, d):
+        w = torch.cat(list(self._weight_chunks(module, a, d, a.shape[0])))
+        return {"weight": w, "bias": d.reshape(d.shape[0], d.shape[1], -1).sum(-1)}
+
+    def _sums(self, module, a, d, want, power, chunk, total, k):
+        want = set(want)
+        pows, tots = {}, {}
+        red = (0,) if k is None else (0, 1)
+        if "weight" in want:
+            pw = tw = None
+            for g in self._weight_chunks(module, a, d, chunk, k):
+                if total:
+                    ts = g.sum(red)
+                    tw = ts if tw is None else tw + ts
+                g = g.contiguous()
+                ps = (g.abs_() if power == 1 else g.mul_(g)).sum(red)  # g is ours: in place
+                pw = ps if pw is None else pw + ps
+            pows["weight"] = pw
+            if total:
+                tots["weight"] = tw
+        if "bias" in want:
+            lead = d.shape[:len(red) + 1]  # [(K,) N, C]
+            gb = d.reshape(*lead, -1).sum(-1)
+            pows["bias"] = _pow(gb, power).sum(red)
+            if total:
+                tots["bias"] = gb.sum(red)
+        return pows, (tots if total else None)
+
+    def sums(self, module, a, d, want, power, chunk, total):
+        return self._sums(module, a, d, want, power, chunk, total, None)
+
+    def sums_multi(self, module, a, d, want, power, chunk, total):
+        k = d.shape[0]
+        positions = d[0, 0, 0].numel()
+        if not (power == 2 and module.groups == 1 and "weight" in set(want) and positions < k):
+            return self._sums(module, a, d, want, power, chunk, total, k)
+        # Few output positions L, many cotangents K: with G_n = Σ_k δ_{k,n} δ_{k,n}ᵀ ([L, L] per
+        # output channel), Σ_k (δ_{k,n} u_nᵀ)² = Σ_{l,l'} G_n[o,l,l'] u_n[i,l] u_n[i,l']: one GEMM
+        # over (n, l, l') instead of K per-sample gradients (BackPACK's trick for small maps).
+        m = module
+        n = a.shape[0]
+        kk, stride, dil, pad, pre_pad = _unfold_args(m)
+        cout = m.out_channels
+        dd = d.reshape(k, n, cout, positions)
+        acc = None
+        width = m.weight[0].numel() * positions * positions  # floats of u ⊗ u per sample
+        for s, e in _chunks(n, max(1, min(chunk, (32 * 2 ** 20) // max(width, 1)))):
+            x = a[s:e]
+            if pre_pad is not None:
+                x = F.pad(x, pre_pad)
+            if isinstance(m, nn.Conv1d):
+                x = x.unsqueeze(2)
+            u = F.unfold(x, kk, dilation=dil, padding=pad, stride=stride)  # [c, I, L]
+            g = torch.einsum("kcol,kcom->colm", dd[:, s:e], dd[:, s:e])  # [c, O, L, L]
+            uu = u.unsqueeze(-1) * u.unsqueeze(-2)  # [c, I, L, L]
+            part = torch.einsum("colm,cilm->oi", g, uu)
+            acc = part if acc is None else acc + part
+        rest = [w for w in want if w != "weight"]
+        pows, tots = self._sums(m, a, d, rest, power, chunk, total, k) if rest else ({}, {} if total else None)
+        pows["weight"] = acc.reshape(m.weight.shape)
+        if total:  # Σ_{k,n} g_{k,n} = Σ_n (Σ_k δ_{k,n}) u_nᵀ
+            t, _ = None, None
+            for gw in self._weight_chunks(m, a, d.sum(0), chunk):
+                t = gw.sum(0) if t is None else t + gw.sum(0)
+            tots["weight"] = t
+        return pows, (tots if total else None)
+
+
+@register_rule(nn.Conv2d)
+class Conv2dRule(ConvRule):
+    ndim = 2
+
+
+@register_rule(nn.Conv1d)
+class Conv1dRule(ConvRule):
+    ndim = 1

@@ -1,0 +1,73 @@
+"""``nn.Linear``: g_i = Σ_positions δ_i a_iᵀ (a single row: the outer product δ_i a_iᵀ)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._registry import Rule, _chunks, _pow, register_rule
+
+
+@register_rule(nn.Linear)
+class LinearRule(Rule):
+    params = ("weight", "bias")
+
+    def sample_dims(self, module, x):
+        return tuple(range(x.dim() - 1))  # any leading dimension ([N, in], [T, N, in], ...)
+
+    def supports(self, module, x):
+        return x.is_floating_point() and x.dim() >= 2
+
+    def per_sample(self, module, a, d):
+        n = a.shape[0]
+        a3 = a.reshape(n, -1, a.shape[-1])
+        d3 = d.reshape(n, -1, d.shape[-1])
+        return {"weight": torch.bmm(d3.transpose(1, 2), a3), "bias": d3.sum(1)}
+
+    def sums(self, module, a, d, want, power, chunk, total):
+        want = set(want)
+        pows, tots = {}, {}
+        if a.dim() == 2:
+            # Σ_i |δ_i a_iᵀ|^p = (|δ|^p)ᵀ |a|^p: one matmul, no per-sample tensor.
+            dp = _pow(d, power)
+            if "weight" in want:
+                pows["weight"] = dp.t() @ _pow(a, power)
+            if "bias" in want:
+                pows["bias"] = dp.sum(0)
+        else:
+            n = a.shape[0]
+            a3 = a.reshape(n, -1, a.shape[-1])
+            d3 = d.reshape(n, -1, d.shape[-1])
+            if "weight" in want:
+                acc = torch.zeros(d3.shape[-1], a3.shape[-1], dtype=d.dtype, device=d.device)
+                for s, e in _chunks(n, chunk):
+                    acc += _pow(torch.bmm(d3[s:e].transpose(1, 2), a3[s:e]), power).sum(0)
+                pows["weight"] = acc
+            if "bias" in want:
+                pows["bias"] = _pow(d3.sum(1), power).sum(0)
+        if total:
+            d2 = d.reshape(-1, d.shape[-1])
+            if "weight" in want:
+                tots["weight"] = d2.t() @ a.reshape(-1, a.shape[-1])
+            if "bias" in want:
+                tots["bias"] = d2.sum(0)
+        return pows, (tots if total else None)
+
+    def sums_multi(self, module, a, d, want, power, chunk, total):
+        if a.dim() != 2:
+            return super().sums_multi(module, a, d, want, power, chunk, total)
+        # K cotangents per sample, one row each: Σ_{k,i} |δ_{k,i} a_iᵀ|^p = (Σ_k |δ_k|^p)ᵀ |a|^p.
+        want = set(want)
+        dp = _pow(d, power).sum(0)
+        pows, tots = {}, {}
+        if "weight" in want:
+            pows["weight"] = dp.t() @ _pow(a, power)
+        if "bias" in want:
+            pows["bias"] = dp.sum(0)
+        if total:
+            ds = d.sum(0)
+            if "weight" in want:
+                tots["weight"] = ds.t() @ a
+            if "bias" in want:
+                tots["bias"] = ds.sum(0)
+        return pows, (tots if total else None)
