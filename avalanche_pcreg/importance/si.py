@@ -33,8 +33,40 @@ from .trajectory import TrajectoryEstimator, grow
 __all__ = ["SITracker", "AvalancheSITracker"]
 
 
-class SITracker(TrajectoryEstimator):
+
+class _StepPathIntegral(TrajectoryEstimator):
+    """Adds ``sign * g * (theta_after - theta_before)`` to :meth:`_path_sums` at every optimizer
+    step, ``g`` being the gradient the optimizer used (multi-tensor ops, on the device).
+    Subclasses keep ``names``, ``_sync`` and the sums."""
+
+    _sign = 1.0
+    names: List[str]
+    _before: Optional[List[Tensor]] = None
+
+    def _path_sums(self) -> Dict[str, Tensor]:
+        raise NotImplementedError
+
+    def before_update(self, params: Mapping[str, Tensor]) -> None:
+        self._sync(params)
+        self._before = torch._foreach_mul([params[n].detach() for n in self.names], 1.0)
+
+    def after_update(self, params: Mapping[str, Tensor]) -> None:
+        if self._before is None:
+            return
+        live = [(n, params[n], b) for n, b in zip(self.names, self._before) if params[n].grad is not None]
+        self._before = None
+        if not live:
+            return
+        names, ps, befores = zip(*live)
+        deltas = torch._foreach_sub([p.detach() for p in ps], list(befores))
+        sums = self._path_sums()
+        torch._foreach_addcmul_([sums[n] for n in names], [p.grad.detach() for p in ps], deltas, value=self._sign)
+
+
+class SITracker(_StepPathIntegral):
     """Zenke et al.'s path integral; ``xi`` damps ``omega / (delta**2 + xi)`` (must be > 0)."""
+
+    _sign = -1.0  # omega += -g * delta
 
     def __init__(self, xi: float = 0.1):
         self.xi = check_nonneg_finite("xi", xi)
@@ -61,21 +93,8 @@ class SITracker(TrajectoryEstimator):
                 self.start[n] = grow(self.start.get(n), p, fill=p)
         self.names = list(params)
 
-    def before_update(self, params: Mapping[str, Tensor]) -> None:
-        self._sync(params)
-        self._before = torch._foreach_mul([params[n].detach() for n in self.names], 1.0)
-
-    def after_update(self, params: Mapping[str, Tensor]) -> None:
-        if self._before is None:
-            return
-        live = [(n, params[n], b) for n, b in zip(self.names, self._before) if params[n].grad is not None]
-        self._before = None
-        if not live:
-            return
-        names, ps, befores = zip(*live)
-        # befores <- theta_before - theta_after = -delta; omega += g * (-delta)
-        torch._foreach_sub_(list(befores), [p.detach() for p in ps])
-        torch._foreach_addcmul_([self.omega[n] for n in names], [p.grad.detach() for p in ps], list(befores))
+    def _path_sums(self) -> Dict[str, Tensor]:
+        return self.omega
 
     def importance(self, params: Mapping[str, Tensor], data_importance=None) -> Dict[str, Tensor]:
         """omega / (delta**2 + xi), clamped at 0, for the parameters tracked since :meth:`begin`."""
@@ -87,7 +106,7 @@ class SITracker(TrajectoryEstimator):
         return out
 
 
-class AvalancheSITracker(TrajectoryEstimator):
+class AvalancheSITracker(_StepPathIntegral):
     """Avalanche 0.6 ``SynapticIntelligencePlugin``'s importance (see the module docstring).
 
     :param eps: Avalanche's damping ``eps`` (default 1e-7, Avalanche's default).
@@ -120,21 +139,8 @@ class AvalancheSITracker(TrajectoryEstimator):
             self.trajectory[n].zero_()
         self._before = None
 
-    def before_update(self, params: Mapping[str, Tensor]) -> None:
-        self._sync(params)
-        self._before = torch._foreach_mul([params[n].detach() for n in self.names], 1.0)
-
-    def after_update(self, params: Mapping[str, Tensor]) -> None:
-        if self._before is None:
-            return
-        live = [(n, params[n], b) for n, b in zip(self.names, self._before) if params[n].grad is not None]
-        self._before = None
-        if not live:
-            return
-        names, ps, befores = zip(*live)
-        # trajectory += g * (theta_after - theta_before)
-        deltas = torch._foreach_sub([p.detach() for p in ps], list(befores))
-        torch._foreach_addcmul_([self.trajectory[n] for n in names], [p.grad.detach() for p in ps], deltas)
+    def _path_sums(self) -> Dict[str, Tensor]:
+        return self.trajectory
 
     def importance(self, params: Mapping[str, Tensor], data_importance=None) -> Dict[str, Tensor]:
         """Avalanche's ``update_ewc_data``: the summed, clipped importance (negatives set to 0)."""
