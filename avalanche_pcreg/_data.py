@@ -41,8 +41,9 @@ def importance_dataset(strategy, experience, importance_data: str):
 
 
 def importance_criterion(strategy, criterion: Optional[Callable], strategy_criterion: bool) -> Optional[Callable]:
-    """The user's criterion; else the strategy's for ``minibatch_fisher`` (as Avalanche's
-    ``EWCPlugin``); else None (the estimator's own default, cross-entropy)."""
+    """The user's criterion; else the strategy's when the estimator's record asks for it
+    (``strategy_criterion``: ``minibatch_fisher``, as Avalanche's ``EWCPlugin``); else None (the
+    estimator's own default, cross-entropy)."""
     if criterion is not None:
         return criterion
     if strategy_criterion:

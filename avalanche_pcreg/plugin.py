@@ -38,7 +38,7 @@ from ._checks import check_choice, check_finite_parameter, check_nonneg_finite, 
 from ._data import IMPORTANCE_DATA, importance_criterion, importance_dataset
 from ._guards import capped, penalty_ratio_message, sgd_instability
 from ._stats import importance_stats
-from .importance import ESTIMATORS, TrajectoryEstimator, compute_importance, resolve_estimator
+from .importance import TrajectoryEstimator, compute_importance, resolve_estimator
 from .importance._common import check_output_transform, eval_mode, model_forward
 from .importance._persample import DEFAULT_CHUNK
 from .selection import ParameterSelection, canonical_name, named_parameters, raw_names, unwrap
@@ -494,7 +494,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
                 return
             raw = raw_names(model)
             data_importance = compute_importance(
-                model, data, data_record.name if ESTIMATORS.get(data_record.name) is data_record else data_record.fn,
+                model, data, data_record,
                 criterion=importance_criterion(strategy, self.criterion, data_record.strategy_criterion),
                 batch_size=self.batch_size or strategy.train_mb_size,
                 num_samples=self.num_samples,

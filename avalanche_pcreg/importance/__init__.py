@@ -212,7 +212,9 @@ def _given(tracker):
 
 
 def resolve_estimator(method) -> Estimator:
-    """The record of a registered name, a callable, or a trajectory estimator object."""
+    """The record of a registered name, a callable, a trajectory estimator object, or a record."""
+    if isinstance(method, Estimator):
+        return method
     if isinstance(method, TrajectoryEstimator):
         return Estimator(type(method).__name__, tracker=functools.partial(_given, method))
     if callable(method) and not isinstance(method, str):
@@ -222,14 +224,20 @@ def resolve_estimator(method) -> Estimator:
     raise ValueError(f"unknown importance method {method!r}; valid names: {', '.join(valid_methods())}")
 
 
-def resolve_method(method) -> tuple:
-    """``(name, fn)`` for a data-pass estimator; ValueError for unknown or path-based names."""
+def _data_pass_estimator(method) -> Estimator:
+    """The record of a data-pass estimator; ValueError for unknown or path-based names."""
     rec = resolve_estimator(method)
     if rec.trajectory:
         raise ValueError(
             f"importance {rec.name!r} is path-based: it accumulates during training, so it is "
             f"available through ParameterChangePlugin(importance={rec.name!r}), not compute_importance"
         )
+    return rec
+
+
+def resolve_method(method) -> tuple:
+    """``(name, fn)`` for a data-pass estimator; ValueError for unknown or path-based names."""
+    rec = _data_pass_estimator(method)
     return rec.name, rec.fn
 
 
@@ -326,8 +334,8 @@ def compute_importance(
     own training flag is restored afterwards. Results are checked: NaN, inf or negative entries
     raise ValueError naming the parameter and the estimator.
     """
-    name, fn = resolve_method(method)
-    rec = ESTIMATORS[name] if isinstance(method, str) else _record_for_callable(fn)
+    rec = _data_pass_estimator(method)
+    name, fn = rec.name, rec.fn
     check_output_transform(output_transform)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
