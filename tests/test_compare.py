@@ -642,3 +642,22 @@ def test_rwalk_methods_in_the_harness_avalanche_and_parity_mode_give_the_same_ru
     assert METHODS["avl-rwalk"].plugin == "RWalkPlugin" and METHODS["pc-rwalk-fisher"].kind == "pcreg"
     assert np.isfinite(rows["pc-rwalk-fisher"]["avg_accuracy"])
     assert rows["pc-rwalk-fisher"]["valid_accuracy"] != avl["valid_accuracy"]
+
+
+def test_stop_flag_ends_the_sweep_before_the_next_run(tmp_path):
+    """The CLI's SIGINT handler sets runner.STOP as well as raising KeyboardInterrupt: a sweep
+    whose KeyboardInterrupt got lost (raised inside a finalizer) still stops at the next run."""
+    rows = []
+    specs = [RunSpec("permuted", "naive", 0, None, TINY), RunSpec("permuted", "naive", 1, None, TINY)]
+
+    def on_row(spec, row):
+        rows.append(row)
+        runner.STOP.set()  # as if the handler ran during the first run and its exception was lost
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.execute(specs, workers=1, progress=False, on_row=on_row)
+    finally:
+        runner.STOP.clear()
+    assert len(rows) == 1
+    assert len(runner.execute(specs[:1], workers=1, progress=False)) == 1  # cleared: runs again

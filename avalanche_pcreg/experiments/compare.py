@@ -308,6 +308,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             g = grids[m]
             print(f"  {m:16s} factor grid {g[0]:.3g} .. {g[-1]:.3g} ({len(g)} points)")
     t0 = time.perf_counter()
+    import signal
+
+    from . import runner as _runner
+
+    def on_sigint(signum, frame):
+        _runner.STOP.set()  # also stops the sweep at the next run if this exception gets lost
+        raise KeyboardInterrupt
+
+    _runner.STOP.clear()
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         res = run_comparison(
             a.scenarios, a.methods, a.seeds, settings, points_per_decade=a.points_per_decade, grids=a.grids,
@@ -315,6 +328,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             resume=not a.fresh, study=a.study, log=lambda msg: print(msg, flush=True),
         )
     except KeyboardInterrupt:
+        interrupted = True
+    else:
+        interrupted = _runner.STOP.is_set()  # interrupted during the last run, exception lost
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
         print(f"\ninterrupted: the finished runs are kept in {a.out}/runs.jsonl; rerun the same command "
               "to train only the rest", file=sys.stderr)
         return 130

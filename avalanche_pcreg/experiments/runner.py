@@ -38,6 +38,7 @@ import csv
 import json
 import math
 import os
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -498,6 +499,10 @@ def _worker_init(progress_queue=None):
 
 _PROGRESS_QUEUE = None
 
+# Set by an interrupt handler (the CLI's SIGINT handler): :func:`execute` stops before the next run
+# even when the KeyboardInterrupt itself was swallowed (raised inside a finalizer, for instance).
+STOP = threading.Event()
+
 
 def _run_indexed(item):
     i, spec = item
@@ -559,6 +564,8 @@ def execute(plan: Sequence[RunSpec], workers: Optional[int] = None, progress: bo
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     for i, spec in enumerate(plan):
+                        if STOP.is_set():
+                            raise KeyboardInterrupt
                         show(i, "starting")
                         done(i, run_one(spec, report=(lambda t, i=i: show(i, t)) if progress else None))
             finally:
@@ -573,6 +580,8 @@ def execute(plan: Sequence[RunSpec], workers: Optional[int] = None, progress: bo
                 it = pool.imap_unordered(_run_indexed, list(enumerate(plan)), chunksize=1)
                 remaining = len(plan)
                 while remaining:
+                    if STOP.is_set():
+                        raise KeyboardInterrupt
                     try:
                         i, row = it.next(timeout=0.5)
                     except mp.TimeoutError:

@@ -106,6 +106,26 @@ class _Call:
         return self.args[0] if self.args and isinstance(self.args[0], Tensor) else None
 
 
+class _AddInto(dict):
+    """A sink for per-batch sums: adds each into ``sums`` at once, except the names in ``keep``,
+    which it holds like a dict."""
+
+    def __init__(self, sums: dict, keep: set):
+        super().__init__()
+        self._sums = sums
+        self._keep = keep
+
+    def __setitem__(self, name, value):
+        if name in self._keep:
+            super().__setitem__(name, value)
+        else:
+            self._sums[name].add_(value.to(self._sums[name].dtype))
+
+    def update(self, other=(), **kw):
+        for name, value in dict(other, **kw).items():
+            self[name] = value
+
+
 def _detach(obj):
     leaves, spec = tree_flatten(obj)
     return tree_unflatten([x.detach() if isinstance(x, Tensor) else x for x in leaves], spec)
@@ -422,7 +442,16 @@ class PerSampleGradNorms:
                 for plan in plans.values():
                     model_names.update(plan["model"])
                     layer_names.update(plan["layer"])
-                part: dict[str, Tensor] = {}
+                # With a fallback for what may move, each module's sums go into the running sums
+                # as soon as they are final, so no per-batch copy of the parameters' size is held.
+                # Kept per batch: modules with per-layer-fallback names (that fallback may fail
+                # on a later column piece and move the module), and everything without a
+                # fallback (a failing call must leave the sums untouched).
+                if fallback is not None:
+                    keep = {nm for p in plans.values() if p["layer"] for nm in p["rule"] + p["layer"]}
+                    part: dict[str, Tensor] = _AddInto(self.sums, keep)
+                else:
+                    part = {}
                 if check and i == 0:
                     self.checked_batches += 1
                     moved = self._checked_pass(root, piece, batched, plans, part)
@@ -458,92 +487,227 @@ class PerSampleGradNorms:
         """Modules whose δ is needed this batch (rule or per-layer names)."""
         return [m for m, p in plans.items() if p["rule"] or p["layer"]]
 
+    # ------------------------------------------------------------------ streamed backward
+    @staticmethod
+    def _reaches(root: Tensor, hooked: set) -> dict:
+        """{node: whether a hooked gradient edge lies below it} for every node of ``root``'s
+        backward graph (iterative post-order walk; the graph is a DAG)."""
+        reach: dict = {}
+        start = root.grad_fn
+        if start is None:
+            return reach
+        stack = [(start, False)]
+        while stack:
+            node, done = stack.pop()
+            if done:
+                reach[node] = any(nxt is not None and ((nxt, nr) in hooked or reach.get(nxt, False))
+                                  for nxt, nr in node.next_functions)
+                continue
+            if node in reach:
+                continue
+            reach[node] = False  # visited; final value set when its children are done
+            stack.append((node, True))
+            stack.extend((nxt, False) for nxt, _ in node.next_functions if nxt is not None and nxt not in reach)
+        return reach
+
+    def _stream(self, root, cot, mods, inputs, on_delta, retain) -> list:
+        """One backward of ``<root, cot>`` that hands δ at each module in ``mods`` (one output
+        edge each) to ``on_delta(m, δ)`` as soon as the backward reaches it, so that it is used
+        and freed while the backward goes on, instead of holding every layer's δ to the end.
+
+        Node pre-hooks on the modules' output nodes see the fully accumulated gradient just
+        before the node runs. Only the modules below which no other module lies are requested
+        from ``autograd.grad`` (that makes the engine run every other hooked node); their δ
+        comes back at the end. A module whose output does not reach ``root`` gets δ = None.
+        Returns the gradients of ``inputs``."""
+        edges = {m: self._calls[m][0].edges[0] for m in mods}
+        by_node: dict = {}
+        for m, e in edges.items():
+            by_node.setdefault(e.node, []).append((m, e.output_nr))
+        reach = self._reaches(root, {(e.node, e.output_nr) for e in edges.values()})
+        targets = [m for m, e in edges.items() if e.node in reach and not reach[e.node]]
+        delivered: set = set()
+
+        def make_hook(node):
+            def hook(grad_outputs):
+                for m, nr in by_node[node]:
+                    if m not in delivered:
+                        delivered.add(m)
+                        on_delta(m, grad_outputs[nr])
+            return hook
+
+        handles = []
+        try:
+            for node in by_node:
+                if reach.get(node):
+                    handles.append(node.register_prehook(make_hook(node)))
+            wanted = list(inputs) + [edges[m] for m in targets]
+            grads = self._grads(root, cot, wanted, False, retain) if wanted else []
+        finally:
+            for h in handles:
+                h.remove()
+        for m, g in zip(targets, grads[len(inputs):]):
+            if m not in delivered:
+                delivered.add(m)
+                on_delta(m, g)
+        for m in mods:
+            if m not in delivered:
+                on_delta(m, None)
+        return grads[:len(inputs)]
+
+    def _split_streamed(self, mods):
+        """(modules with one output edge: streamed, the others: their edges requested)."""
+        single = [m for m in mods if len(self._calls[m][0].edges) == 1]
+        multi = [m for m in mods if len(self._calls[m][0].edges) != 1]
+        return single, multi, [e for m in multi for e in self._calls[m][0].edges]
+
     def _fast_pass(self, root, cot, batched, retain, plans, out) -> list[str]:
         mods = [m for m in self._used(plans) if plans[m]["axes"] is not None]
         moved = [nm for m in self._used(plans) if plans[m]["axes"] is None for nm in plans[m]["rule"] + plans[m]["layer"]]
-        edges = [e for m in mods for e in self._calls[m][0].edges]
-        grads = self._grads(root, cot, edges, batched, retain)
-        i = 0
-        for m in mods:
-            ne = len(self._calls[m][0].edges)
-            deltas, i = grads[i:i + ne], i + ne
+
+        def take(m, deltas):
             res = self._module_sums(m, plans[m], deltas, batched, total=False)
             if res is None:
-                moved += plans[m]["rule"] + plans[m]["layer"]
-                continue
-            out.update(res[0])
+                moved.extend(plans[m]["rule"] + plans[m]["layer"])
+            else:
+                out.update(res[0])
+
+        if batched:  # K columns in one vmapped backward: every δ comes back at the end
+            edges = [e for m in mods for e in self._calls[m][0].edges]
+            grads = self._grads(root, cot, edges, True, retain)
+            multi = mods
+        else:
+            single, multi, edges = self._split_streamed(mods)
+            grads = self._stream(root, cot, single, edges, lambda m, d: take(m, [d]), retain)
+        i = 0
+        for m in multi:
+            ne = len(self._calls[m][0].edges)
+            take(m, grads[i:i + ne])
+            i += ne
         return moved
 
     def _checked_pass(self, root, cot, batched, plans, out) -> list[str]:
         mods = self._used(plans)
         names = [nm for m in mods for nm in plans[m]["rule"] + plans[m]["layer"]]
         names += [nm for p in plans.values() for nm in p["zero"]]
-        edges = [e for m in mods for e in self._calls[m][0].edges]
         params = [self._params[nm] for nm in names]
         n = root.shape[0]
         # 1. which axis carries the sample index: with the losses weighted by random r_n > 0,
-        #    |δ| scales by r_n along it. Only per-axis sums of |δ_r| are kept (O(N) per axis),
-        #    so this backward adds no activation-sized memory to the one below.
+        #    |δ| scales by r_n along it. Only per-axis sums of |δ_r| are kept (O(N) per axis).
         r = torch.rand(n, generator=self._gen, dtype=torch.float64).add_(0.5).to(root.dtype).to(root.device)
         rcot = cot * (r.view(1, n, *([1] * (cot.dim() - 2))) if batched else r)
-        rsums = []
-        if edges:
-            for g in self._grads(root, rcot, edges, batched, True):
-                rsums.append(None if g is None else self._axis_sums(g, n, batched))
-                del g
-        # 2. deltas (for every column) and the true total gradient of the requested parameters
-        if batched:
-            deltas = self._grads(root, cot, edges, True, True)
-            truth = self._grads(root, cot.sum(0), params, False, True)
-        else:
-            both = self._grads(root, cot, params + edges, False, True)
-            truth, deltas = both[:len(params)], both[len(params):]
-            del both
-        truth = dict(zip(names, truth))
-        rdeltas = rsums
-
+        # 2. δ (for every column) and the true total gradient of the requested parameters; each
+        #    module's sums are formed from δ (and its axis found) as δ arrives when not batched
         moved: list[str] = []
         why: dict[str, str] = {}
-        i = 0
-        for m in mods:
+        found: dict = {}  # module -> (pows, tots)
+
+        def no_axis(m):
+            for nm in plans[m]["rule"] + plans[m]["layer"]:
+                moved.append(nm)
+                why[nm] = "no input/output axis carries the sample index unambiguously"
+
+        def take(m, d, rd):
             plan = plans[m]
-            call = self._calls[m][0]
-            ne = len(call.edges)
-            d, rd, i = deltas[i:i + ne], rdeltas[i:i + ne], i + ne
-            axes = self._find_axes(m, plan, call, d, rd, r, batched, n)
-            mnames = plan["rule"] + plan["layer"]
+            axes = self._find_axes(m, plan, self._calls[m][0], d, rd, r, batched, n)
             if axes is None:
-                moved += mnames
-                for nm in mnames:
-                    why[nm] = "no input/output axis carries the sample index unambiguously"
-                continue
+                return no_axis(m)
             plan["axes"] = axes
             res = self._module_sums(m, plan, d, batched, total=True)
             if res is None:
-                moved += mnames
-                for nm in mnames:
+                for nm in plan["rule"] + plan["layer"]:
+                    moved.append(nm)
                     why[nm] = "the per-layer fallback could not run on this module"
-                continue
-            pows, tots = res
-            for nm in mnames:
-                ok, reason = self._agrees(nm, pows.get(nm), tots.get(nm), truth[nm], n * max(1, cot.shape[0] if batched else 1))
-                if ok:
-                    out[nm] = pows[nm]
+                return
+            found[m] = res
+
+        def axis_sums(gs):
+            return [None if g is None else self._axis_sums(g, n, batched) for g in gs]
+
+        if batched:
+            edges = [e for m in mods for e in self._calls[m][0].edges]
+            rsums = axis_sums(self._grads(root, rcot, edges, True, True)) if edges else []
+            truth = dict(zip(names, self._grads(root, cot.sum(0), params, False, True)))
+            deltas = self._grads(root, cot, edges, True, True)
+            i = 0
+            for m in mods:  # each module's δ and sums are dropped once it is compared
+                ne = len(self._calls[m][0].edges)
+                take(m, deltas[i:i + ne], rsums[i:i + ne])
+                deltas[i:i + ne] = [None] * ne
+                if m in found:
+                    self._compare({m: found.pop(m)}, plans, truth, n * cot.shape[0], out, moved, why)
+                i += ne
+            del deltas
+            for p in plans.values():  # hooked but not called: any gradient means direct use
+                for nm in p["zero"]:
+                    g = truth[nm]
+                    if g is not None and bool((g != 0).any()):
+                        moved.append(nm)
+                        why[nm] = "it receives gradient outside its module's call"
+        else:
+            single, multi, edges = self._split_streamed(mods)
+            rsum: dict = {}
+
+            def keep_rsum(m, d):
+                rsum[m] = axis_sums([d])
+
+            rmulti = self._stream(root, rcot, single, edges, keep_rsum, True)
+            # The true gradient of each parameter is compared with its rule's Σ_n g_n as soon as
+            # autograd has it (a tensor hook on the parameter), then dropped: only one
+            # parameter's truth and one module's sums are held at a time.
+            owner = {nm: m for m in mods for nm in plans[m]["rule"] + plans[m]["layer"]}
+            late: dict = {}
+            compared: set = set()
+
+            def on_truth(nm, g):
+                m = owner.get(nm)
+                if m is None:  # hooked but not called: any gradient means direct use
+                    if bool((g != 0).any()):
+                        moved.append(nm)
+                        why[nm] = "it receives gradient outside its module's call"
+                elif m in found:
+                    compared.add(nm)
+                    self._compare({m: found[m]}, plans, {nm: g}, n, out, moved, why, only=(nm,))
                 else:
-                    moved.append(nm)
-                    why[nm] = reason
-        for p in plans.values():  # hooked but not called: any gradient means direct use
-            for nm in p["zero"]:
-                g = truth[nm]
-                if g is not None and bool((g != 0).any()):
-                    moved.append(nm)
-                    why[nm] = "it receives gradient outside its module's call"
+                    late[nm] = g.clone()
+                return g.new_zeros(()).expand(g.shape)  # nothing kept by autograd.grad
+
+            handles = [self._params[nm].register_hook(lambda g, nm=nm: on_truth(nm, g)) for nm in names]
+            try:
+                both = self._stream(root, cot, single, params + edges, lambda m, d: take(m, [d], rsum.pop(m)), True)
+            finally:
+                for h in handles:
+                    h.remove()
+            dmulti = both[len(params):]
+            i = 0
+            for m in multi:
+                ne = len(self._calls[m][0].edges)
+                take(m, dmulti[i:i + ne], axis_sums(rmulti[i:i + ne]))
+                i += ne
+            del both, dmulti, rmulti
+            rest = {nm: late.get(nm) for nm in owner if nm not in compared}
+            self._compare(found, plans, rest, n, out, moved, why, only=tuple(rest))
         for nm in moved:
             if nm in why and not why[nm].startswith("no input/output"):
                 self._failed[nm] = why[nm]
         # a missing sample axis (e.g. a head that sees a subset of the batch) is structural, not an error
         self._warn({nm: w for nm, w in why.items() if not w.startswith("no input/output")})
         return moved
+
+    def _compare(self, found, plans, truth, count, out, moved, why, only=None) -> None:
+        """Rule sums of ``found`` modules against the true gradients: agreeing names go to
+        ``out``, the others to ``moved`` (with the reason in ``why``). ``only``: these names."""
+        for m, (pows, tots) in found.items():
+            for nm in plans[m]["rule"] + plans[m]["layer"]:
+                if only is not None and nm not in only:
+                    continue
+                ok, reason = self._agrees(nm, pows.get(nm), tots.pop(nm, None), truth.get(nm), count)
+                if ok:
+                    out[nm] = pows.pop(nm)
+                else:
+                    pows.pop(nm, None)
+                    moved.append(nm)
+                    why[nm] = reason
 
     def _warn(self, why: dict):
         new = {nm: w for nm, w in why.items() if nm not in self._warned}

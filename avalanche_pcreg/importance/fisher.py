@@ -84,6 +84,7 @@ def per_sample_mean(
                 else:
                     psg.backward_batched(term.root, term.cot, retain_graph=retain, fallback=fallback)
             n += x.shape[0]
+            terms = term = None  # this batch's graph goes before the next forward, not after it
         sums = dict(psg.sums)
     n = all_reduce_sums(sums, n)  # distributed: each rank saw its shard of the data
     if n == 0:

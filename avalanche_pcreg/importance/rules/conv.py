@@ -5,6 +5,8 @@ g_i = Σ_positions δ_i[:, l] u_i[:, l]ᵀ with u = unfold(a) (the patches), per
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,8 +14,20 @@ from torch import nn
 from ._registry import Rule, _chunks, _pow, register_rule
 
 
-# Output positions above which a stride-1 Conv2d forms per-sample gradients by grouped convolution.
+# Output positions from which a stride-1 Conv2d forms per-sample gradients by grouped convolution.
 GROUPED_MIN_POSITIONS = 256
+# Bytes of per-sample gradients and patches formed at once: a chunk holds at most this much (and
+# at least one sample), whatever the chunk size in samples.
+CHUNK_BYTES = 16 * 2 ** 20
+
+
+def _step(m, a, d, chunk, k=None) -> int:
+    """Samples per chunk: ``chunk`` (per cotangent column), capped by :data:`CHUNK_BYTES`."""
+    kk = _unfold_args(m)[0]
+    positions = d[0, 0].numel() if k is None else d[0, 0, 0].numel()
+    per_sample = (m.weight.numel() * (k or 1) + m.in_channels * math.prod(kk) * positions) * a.element_size()
+    step = chunk if k is None else chunk // k
+    return max(1, min(step, CHUNK_BYTES // max(per_sample, 1)))
 
 
 def _unfold_args(m):
@@ -49,12 +63,12 @@ class ConvRule(Rule):
         groups, cout = m.groups, m.out_channels
         lead = () if k is None else (k,)
         dg = d.reshape(*lead, n, groups, cout // groups, -1)  # [(K,) N, G, o, L]
-        step = chunk if k is None else max(1, chunk // k)
+        step = _step(m, a, d, chunk, k)
         # Large feature maps, stride 1: per-sample weight gradients as one grouped convolution
         # over the samples (input channels as the batch, the samples' δ as the filters) -- the
         # convolution kernels beat unfold + bmm there; unfold + bmm elsewhere.
         grouped = (k is None and isinstance(m, nn.Conv2d) and groups == 1 and stride == (1, 1)
-                   and dil == (1, 1) and d.shape[-1] * d.shape[-2] > GROUPED_MIN_POSITIONS)
+                   and dil == (1, 1) and d.shape[-1] * d.shape[-2] >= GROUPED_MIN_POSITIONS)
         for s, e in _chunks(n, step):
             x = a[s:e]
             if pre_pad is not None:
@@ -85,14 +99,18 @@ class ConvRule(Rule):
         pows, tots = {}, {}
         red = (0,) if k is None else (0, 1)
         if "weight" in want:
-            pw = tw = None
+            pw = torch.zeros(module.weight.shape, dtype=a.dtype, device=a.device)
+            tw = None
             for g in self._weight_chunks(module, a, d, chunk, k):
                 if total:
                     ts = g.sum(red)
                     tw = ts if tw is None else tw + ts
-                g = g.contiguous()
-                ps = (g.abs_() if power == 1 else g.mul_(g)).sum(red)  # g is ours: in place
-                pw = ps if pw is None else pw + ps
+                g = g.reshape(-1, *module.weight.shape)
+                if power == 1:
+                    pw += g.abs_().sum(0)  # g is ours: in place
+                else:  # one sample at a time into the sum: a read of g, no squared copy
+                    for gi in g:
+                        pw.addcmul_(gi, gi)
             pows["weight"] = pw
             if total:
                 tots["weight"] = tw
