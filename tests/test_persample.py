@@ -419,3 +419,56 @@ def test_conv2d_large_maps_grouped_path(power):
     check(nn.Conv2d(3, 4, 3, padding=1), x, 4, power)
     check(nn.Conv2d(3, 4, (3, 2), padding="same"), x, 4, power)
     check(nn.Conv2d(3, 2, 5), x, 2, power, chunk_size=2)
+
+
+class _Branchy(nn.Module):
+    """A skip connection (δ accumulated from two uses), an in-place op after a layer, and a
+    layer whose output is computed but does not reach the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+        self.aux = nn.Linear(6, 2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h2 = self.b(torch.tanh(h))
+        h2.mul_(0.5)  # in place after the layer: δ is taken at the layer's own output
+        self.aux(h2)  # called, unused
+        return self.head(h + h2)
+
+
+@POWERS
+def test_streamed_backward_is_exact_and_requests_only_the_last_layers(power, monkeypatch):
+    """Each layer's δ is consumed by a node pre-hook as the backward reaches it; autograd.grad is
+    asked only for layers below which no other hooked layer lies (here: `a`, the first)."""
+    torch.manual_seed(31)
+    model = _Branchy().double().eval()
+    names = [n for n, _ in model.named_parameters()]
+    asked = []
+    real = PerSampleGradNorms._grads
+
+    def spy(root, cot, inputs, batched, retain):
+        asked.append(len(inputs))
+        return real(root, cot, inputs, batched, retain)
+
+    monkeypatch.setattr(PerSampleGradNorms, "_grads", staticmethod(spy))
+    xs = [torch.randn(5, 4, dtype=torch.float64) for _ in range(3)]
+    ys = [F.one_hot(torch.randint(0, 3, (5,)), 3).double() for _ in range(3)]
+    with PerSampleGradNorms(model, names, power=power) as acc:
+        for x, y in zip(xs, ys):
+            acc.backward(per_sample_loss(model(x), y), fallback=lambda p: None)
+        assert acc.fallback_names == []
+    # checked batch: r-weighted pass (1 edge) + pass with the 8 parameters (+ 1 edge); then 1 edge each
+    assert asked == [1, len(names) + 1, 1, 1]
+    for n in ("aux.weight", "aux.bias"):
+        assert acc.sums[n].abs().sum() == 0
+    ref = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for x, y in zip(xs, ys):
+        part = brute(model, names, loss_fn_for(model, x, y), power)
+        for n in names:
+            ref[n] += part[n]
+    for n in names:
+        torch.testing.assert_close(acc.sums[n], ref[n], **TOL, msg=lambda m: f"{n}: {m}")

@@ -172,3 +172,33 @@ def test_check_runs_on_first_batch_and_on_new_shapes():
             torch.testing.assert_close(acc.sums[n], ref[n], **TOL)
     with pytest.raises(ValueError, match="check"):
         PerSampleGradNorms(model, names, check="never")
+
+
+def test_wrong_user_rule_is_caught_with_k_cotangents(registry):
+    """With K cotangents per sample (the exact expected Fisher's path) the check runs once on
+    their sum; a wrong rule still goes to the whole-model fallback and the sums stay exact."""
+    from torch.func import functional_call
+
+    @register_rule(Scale)
+    def wrong(module, a, d):
+        return {"scale": d.clone(), "shift": d.clone()}
+
+    torch.manual_seed(5)
+    model = net(Scale(5)).double().eval()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    cot = torch.randn(4, 6, 3, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    ref = {n: torch.zeros_like(p) for n, p in params.items()}
+    out = model(x)
+    for k in range(cot.shape[0]):
+        for i in range(x.shape[0]):
+            gs = torch.autograd.grad(out[i] @ cot[k, i], [params[n] for n in names], retain_graph=True)
+            for n, g in zip(names, gs):
+                ref[n] += g * g
+    with PerSampleGradNorms(model, names, max_bytes=1) as acc:  # one column per backward
+        with pytest.warns(RuntimeWarning, match=r"2\.scale: .*differs from the true minibatch gradient"):
+            acc.backward_batched(model(x), cot, fallback=lambda p: functional_call(model, p, (x,)))
+        assert acc.model_fallback_names == ["2.scale"] and acc.checked_batches == 1
+    for n in names:
+        torch.testing.assert_close(acc.sums[n], ref[n], **TOL, msg=lambda m: f"{n}: {m}")

@@ -78,6 +78,15 @@ def _check_tol(dtype: torch.dtype) -> tuple[float, float]:
 _OPAQUE: tuple = (nn.MultiheadAttention,)
 
 
+def _diff_norm(a: Tensor, b: Tensor, step: int = 2 ** 18) -> float:
+    """||a - b|| in pieces of ``step`` elements (no temporary the size of a large parameter)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    sq = 0.0
+    for s in range(0, a.numel(), step):
+        sq += float((a[s:s + step] - b[s:s + step].to(a.dtype)).pow(2).sum(dtype=torch.float64))
+    return math.sqrt(sq)
+
+
 def _get_param(module: nn.Module, attr: str):
     mod_path, _, leaf = attr.rpartition(".")
     try:
@@ -126,6 +135,16 @@ class _AddInto(dict):
             self[name] = value
 
 
+class _Discard(dict):
+    """A sink that keeps nothing (the check of a K-cotangent batch)."""
+
+    def __setitem__(self, name, value):
+        pass
+
+    def update(self, other=(), **kw):
+        pass
+
+
 def _detach(obj):
     leaves, spec = tree_flatten(obj)
     return tree_unflatten([x.detach() if isinstance(x, Tensor) else x for x in leaves], spec)
@@ -150,7 +169,7 @@ class PerSampleGradNorms:
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str], power: int = 2, chunk_size: int = DEFAULT_CHUNK,
-                 check: str = "signature", max_bytes: int = 256 * 2 ** 20):
+                 check: str = "signature", max_bytes: int = 64 * 2 ** 20):
         if isinstance(power, bool) or power not in (1, 2):
             raise ValueError(f"power must be 1 or 2, got {power!r}")
         try:
@@ -416,10 +435,10 @@ class PerSampleGradNorms:
 
     # ------------------------------------------------------------------ one backward
     def _col_step(self, k: int, elem: int) -> int:
-        """Cotangent columns per batched backward: their gradients at the captured layer outputs
-        (twice on checked batches) stay within ``max_bytes``."""
+        """Cotangent columns per batched backward: their gradients at the captured layer outputs,
+        all held at the end of that backward, stay within ``max_bytes`` (at least one column)."""
         per_col = sum(math.prod(sh) for cs in self._calls.values() for c in cs for sh in c.out_shapes) * elem
-        return max(1, min(k, self.max_bytes // max(3 * per_col, 1)))
+        return max(1, min(k, self.max_bytes // max(per_col, 1)))
 
     def _run(self, root: Tensor, cot: Tensor, batched: bool, retain_graph: bool, fallback) -> None:
         n = int(root.shape[0])
@@ -437,6 +456,15 @@ class PerSampleGradNorms:
         out: dict[str, Tensor] = {}
         try:
             self._busy = True
+            if check and batched:
+                # K cotangents: the check runs once, streamed, on their sum <root, Σ_k cot_k> (a
+                # per-sample loss too): it finds the sample axes and compares every rule's Σ_n g_n
+                # with the true gradient. Its power sums are not the wanted ones: discarded.
+                plans = {m: self._plan_module(m, n) for m in self._modules}
+                self.checked_batches += 1
+                model_names.update(self._checked_pass(root, cot.sum(0), plans, _Discard()))
+                self._plans[sig] = {m: p["axes"] for m, p in plans.items() if p["axes"] is not None}
+                check = False
             for i, piece in enumerate(pieces):
                 plans = {m: self._plan_module(m, n) for m in self._modules}
                 for plan in plans.values():
@@ -454,7 +482,7 @@ class PerSampleGradNorms:
                     part = {}
                 if check and i == 0:
                     self.checked_batches += 1
-                    moved = self._checked_pass(root, piece, batched, plans, part)
+                    moved = self._checked_pass(root, piece, plans, part)
                     self._plans[sig] = {m: p["axes"] for m, p in plans.items() if p["axes"] is not None}
                 else:
                     cached = self._plans[sig]
@@ -586,7 +614,10 @@ class PerSampleGradNorms:
             i += ne
         return moved
 
-    def _checked_pass(self, root, cot, batched, plans, out) -> list[str]:
+    def _checked_pass(self, root, cot, plans, out) -> list[str]:
+        """One backward of ``<root, cot>`` (one cotangent per sample) that also finds each
+        module's sample axis and checks its rule against the true gradient; agreeing sums go to
+        ``out``. Returns the names that move to the whole-model fallback."""
         mods = self._used(plans)
         names = [nm for m in mods for nm in plans[m]["rule"] + plans[m]["layer"]]
         names += [nm for p in plans.values() for nm in p["zero"]]
@@ -595,9 +626,11 @@ class PerSampleGradNorms:
         # 1. which axis carries the sample index: with the losses weighted by random r_n > 0,
         #    |δ| scales by r_n along it. Only per-axis sums of |δ_r| are kept (O(N) per axis).
         r = torch.rand(n, generator=self._gen, dtype=torch.float64).add_(0.5).to(root.dtype).to(root.device)
-        rcot = cot * (r.view(1, n, *([1] * (cot.dim() - 2))) if batched else r)
-        # 2. δ (for every column) and the true total gradient of the requested parameters; each
-        #    module's sums are formed from δ (and its axis found) as δ arrives when not batched
+        rcot = cot * r.view(n, *([1] * (cot.dim() - 1)))
+        # 2. δ and the true gradient of the requested parameters: each module's axis is found and
+        #    its sums formed as its δ arrives; each parameter's true gradient is compared with its
+        #    rule's Σ_n g_n as soon as autograd has it (a tensor hook on the parameter), then
+        #    dropped: one module's sums and one parameter's truth are held at a time.
         moved: list[str] = []
         why: dict[str, str] = {}
         found: dict = {}  # module -> (pows, tots)
@@ -609,11 +642,11 @@ class PerSampleGradNorms:
 
         def take(m, d, rd):
             plan = plans[m]
-            axes = self._find_axes(m, plan, self._calls[m][0], d, rd, r, batched, n)
+            axes = self._find_axes(m, plan, self._calls[m][0], d, rd, r, False, n)
             if axes is None:
                 return no_axis(m)
             plan["axes"] = axes
-            res = self._module_sums(m, plan, d, batched, total=True)
+            res = self._module_sums(m, plan, d, False, total=True)
             if res is None:
                 for nm in plan["rule"] + plan["layer"]:
                     moved.append(nm)
@@ -622,71 +655,47 @@ class PerSampleGradNorms:
             found[m] = res
 
         def axis_sums(gs):
-            return [None if g is None else self._axis_sums(g, n, batched) for g in gs]
+            return [None if g is None else self._axis_sums(g, n, False) for g in gs]
 
-        if batched:
-            edges = [e for m in mods for e in self._calls[m][0].edges]
-            rsums = axis_sums(self._grads(root, rcot, edges, True, True)) if edges else []
-            truth = dict(zip(names, self._grads(root, cot.sum(0), params, False, True)))
-            deltas = self._grads(root, cot, edges, True, True)
-            i = 0
-            for m in mods:  # each module's δ and sums are dropped once it is compared
-                ne = len(self._calls[m][0].edges)
-                take(m, deltas[i:i + ne], rsums[i:i + ne])
-                deltas[i:i + ne] = [None] * ne
-                if m in found:
-                    self._compare({m: found.pop(m)}, plans, truth, n * cot.shape[0], out, moved, why)
-                i += ne
-            del deltas
-            for p in plans.values():  # hooked but not called: any gradient means direct use
-                for nm in p["zero"]:
-                    g = truth[nm]
-                    if g is not None and bool((g != 0).any()):
-                        moved.append(nm)
-                        why[nm] = "it receives gradient outside its module's call"
-        else:
-            single, multi, edges = self._split_streamed(mods)
-            rsum: dict = {}
+        single, multi, edges = self._split_streamed(mods)
+        rsum: dict = {}
 
-            def keep_rsum(m, d):
-                rsum[m] = axis_sums([d])
+        def keep_rsum(m, d):
+            rsum[m] = axis_sums([d])
 
-            rmulti = self._stream(root, rcot, single, edges, keep_rsum, True)
-            # The true gradient of each parameter is compared with its rule's Σ_n g_n as soon as
-            # autograd has it (a tensor hook on the parameter), then dropped: only one
-            # parameter's truth and one module's sums are held at a time.
-            owner = {nm: m for m in mods for nm in plans[m]["rule"] + plans[m]["layer"]}
-            late: dict = {}
-            compared: set = set()
+        rmulti = self._stream(root, rcot, single, edges, keep_rsum, True)
+        owner = {nm: m for m in mods for nm in plans[m]["rule"] + plans[m]["layer"]}
+        late: dict = {}
+        compared: set = set()
 
-            def on_truth(nm, g):
-                m = owner.get(nm)
-                if m is None:  # hooked but not called: any gradient means direct use
-                    if bool((g != 0).any()):
-                        moved.append(nm)
-                        why[nm] = "it receives gradient outside its module's call"
-                elif m in found:
-                    compared.add(nm)
-                    self._compare({m: found[m]}, plans, {nm: g}, n, out, moved, why, only=(nm,))
-                else:
-                    late[nm] = g.clone()
-                return g.new_zeros(()).expand(g.shape)  # nothing kept by autograd.grad
+        def on_truth(nm, g):
+            m = owner.get(nm)
+            if m is None:  # hooked but not called: any gradient means direct use
+                if bool((g != 0).any()):
+                    moved.append(nm)
+                    why[nm] = "it receives gradient outside its module's call"
+            elif m in found:
+                compared.add(nm)
+                self._compare({m: found[m]}, plans, {nm: g}, n, out, moved, why, only=(nm,))
+            else:
+                late[nm] = g.clone()
+            return g.new_zeros(()).expand(g.shape)  # nothing kept by autograd.grad
 
-            handles = [self._params[nm].register_hook(lambda g, nm=nm: on_truth(nm, g)) for nm in names]
-            try:
-                both = self._stream(root, cot, single, params + edges, lambda m, d: take(m, [d], rsum.pop(m)), True)
-            finally:
-                for h in handles:
-                    h.remove()
-            dmulti = both[len(params):]
-            i = 0
-            for m in multi:
-                ne = len(self._calls[m][0].edges)
-                take(m, dmulti[i:i + ne], axis_sums(rmulti[i:i + ne]))
-                i += ne
-            del both, dmulti, rmulti
-            rest = {nm: late.get(nm) for nm in owner if nm not in compared}
-            self._compare(found, plans, rest, n, out, moved, why, only=tuple(rest))
+        handles = [self._params[nm].register_hook(lambda g, nm=nm: on_truth(nm, g)) for nm in names]
+        try:
+            both = self._stream(root, cot, single, params + edges, lambda m, d: take(m, [d], rsum.pop(m)), True)
+        finally:
+            for h in handles:
+                h.remove()
+        dmulti = both[len(params):]
+        i = 0
+        for m in multi:
+            ne = len(self._calls[m][0].edges)
+            take(m, dmulti[i:i + ne], axis_sums(rmulti[i:i + ne]))
+            i += ne
+        del both, dmulti, rmulti
+        rest = {nm: late.get(nm) for nm in owner if nm not in compared}
+        self._compare(found, plans, rest, n, out, moved, why, only=tuple(rest))
         for nm in moved:
             if nm in why and not why[nm].startswith("no input/output"):
                 self._failed[nm] = why[nm]
@@ -729,7 +738,7 @@ class PerSampleGradNorms:
         if not bool(torch.isfinite(s).all()):
             return False, "its rule gave non-finite values"
         t_norm = 0.0 if truth is None else float(truth.norm())
-        diff = float(s.norm()) if truth is None else float((s - truth.to(s.dtype)).norm())
+        diff = float(s.norm()) if truth is None else _diff_norm(s, truth)
         rel, abs_mult = _check_tol(p.dtype)
         # Σ_n ||g_n|| bound from the power sums (rounding of the true sum scales with it)
         psum = float(pows.sum(dtype=torch.float64))
