@@ -27,7 +27,16 @@ same (a_n, δ_n) by the rule (or per-layer fallback). A parameter that disagrees
 tolerance -- a tied weight also used outside its module, a forward hook that changes the
 layer's output, a wrong custom rule -- goes to the whole-model fallback for the rest of the
 pass, with a one-time warning. Other batches of a known signature skip the check, so they take
-gradients with respect to layer outputs only (no weight-gradient kernels).
+gradients with respect to layer outputs only (no weight-gradient kernels). Each parameter's true
+gradient is compared as autograd produces it (a tensor hook) and dropped. With K cotangents per
+sample the check runs once, on their sum.
+
+**Streaming.** The backward is not asked for every layer's δ at once: a pre-hook on each hooked
+layer's output node receives δ as the backward reaches it, the rule consumes it there, and it is
+freed while the backward goes on (see :meth:`PerSampleGradNorms._stream`). Sums go into the
+running totals as soon as they are final, so a pass holds about one training step's memory plus
+the totals. The vmapped K-cotangent backward returns all δ at its end; its column pieces are
+sized by ``max_bytes``.
 
 **Sample axis.** The sample axis of a layer's input need not be 0 (``[T, N, D]`` sequences into
 ``nn.Linear``, ``nn.TransformerEncoderLayer(batch_first=False)``). Candidates are the input
@@ -119,16 +128,18 @@ class _AddInto(dict):
     """A sink for per-batch sums: adds each into ``sums`` at once, except the names in ``keep``,
     which it holds like a dict."""
 
-    def __init__(self, sums: dict, keep: set):
+    def __init__(self, sums: dict, keep: set, touched: set):
         super().__init__()
         self._sums = sums
         self._keep = keep
+        self._touched = touched
 
     def __setitem__(self, name, value):
         if name in self._keep:
             super().__setitem__(name, value)
         else:
             self._sums[name].add_(value.to(self._sums[name].dtype))
+            self._touched.add(name)
 
     def update(self, other=(), **kw):
         for name, value in dict(other, **kw).items():
@@ -279,6 +290,8 @@ class PerSampleGradNorms:
         """Zero the accumulated sums (float32 for half-precision parameters, else their dtype)."""
         self.sums = {n: torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device)
                      for n, p in self._params.items()}
+        self._touched: set[str] = set()  # names whose sums have had anything added
+        self._provisional: set[str] = set()  # added before their check (sums were zero)
 
     # ------------------------------------------------------------------ hooks
     def _root_pre_hook(self, module: nn.Module, args) -> None:
@@ -477,7 +490,7 @@ class PerSampleGradNorms:
                 # fallback (a failing call must leave the sums untouched).
                 if fallback is not None:
                     keep = {nm for p in plans.values() if p["layer"] for nm in p["rule"] + p["layer"]}
-                    part: dict[str, Tensor] = _AddInto(self.sums, keep)
+                    part: dict[str, Tensor] = _AddInto(self.sums, keep, self._touched)
                 else:
                     part = {}
                 if check and i == 0:
@@ -510,6 +523,7 @@ class PerSampleGradNorms:
             self._stale = True
         for name, v in out.items():
             self.sums[name].add_(v.to(self.sums[name].dtype))
+            self._touched.add(name)
 
     def _used(self, plans):
         """Modules whose δ is needed this batch (rule or per-layer names)."""
@@ -546,7 +560,8 @@ class PerSampleGradNorms:
         Node pre-hooks on the modules' output nodes see the fully accumulated gradient just
         before the node runs. Only the modules below which no other module lies are requested
         from ``autograd.grad`` (that makes the engine run every other hooked node); their δ
-        comes back at the end. A module whose output does not reach ``root`` gets δ = None.
+        comes back at the end, unless their node runs anyway (to reach ``inputs``) and its hook
+        delivers it first. A module whose output does not reach ``root`` gets δ = None.
         Returns the gradients of ``inputs``."""
         edges = {m: self._calls[m][0].edges[0] for m in mods}
         by_node: dict = {}
@@ -567,7 +582,7 @@ class PerSampleGradNorms:
         handles = []
         try:
             for node in by_node:
-                if reach.get(node):
+                if node in reach:  # a target's hook fires too when its node runs (for `inputs`)
                     handles.append(node.register_prehook(make_hook(node)))
             wanted = list(inputs) + [edges[m] for m in targets]
             grads = self._grads(root, cot, wanted, False, retain) if wanted else []
@@ -652,6 +667,15 @@ class PerSampleGradNorms:
                     moved.append(nm)
                     why[nm] = "the per-layer fallback could not run on this module"
                 return
+            if isinstance(out, _AddInto):
+                # Sums still zero (the first checked batch): add now, before the check, so the
+                # module's power sums are not held while its true gradient is computed. A
+                # failed check zeroes them again, exactly.
+                for nm in plan["rule"] + plan["layer"]:
+                    if (nm in res[0] and nm not in out._keep and nm not in self._touched
+                            and res[0][nm].shape == self.sums[nm].shape):
+                        out[nm] = res[0].pop(nm)
+                        self._provisional.add(nm)
             found[m] = res
 
         def axis_sums(gs):
@@ -710,10 +734,17 @@ class PerSampleGradNorms:
             for nm in plans[m]["rule"] + plans[m]["layer"]:
                 if only is not None and nm not in only:
                     continue
-                ok, reason = self._agrees(nm, pows.get(nm), tots.pop(nm, None), truth.get(nm), count)
+                early = nm in self._provisional
+                self._provisional.discard(nm)
+                ok, reason = self._agrees(nm, self.sums[nm] if early else pows.get(nm), tots.pop(nm, None),
+                                          truth.get(nm), count)
                 if ok:
-                    out[nm] = pows.pop(nm)
+                    if not early:
+                        out[nm] = pows.pop(nm)
                 else:
+                    if early:
+                        self.sums[nm].zero_()
+                        self._touched.discard(nm)
                     pows.pop(nm, None)
                     moved.append(nm)
                     why[nm] = reason
