@@ -66,7 +66,8 @@ from .rules._registry import _pow
 __all__ = ["PerSampleGradNorms", "DEFAULT_CHUNK", "acc_dtype"]
 
 # Samples per chunk for the rules that materialise per-sample gradients (conv, sequences) and for
-# the fallbacks. 16 measured best for ResNet-18 on the CPU (benchmarks/RESULTS.md).
+# the fallbacks. 16 measured best for ResNet-18 on the CPU (benchmarks/RESULTS.md); convolutions
+# also cap a chunk at ``rules.conv.CHUNK_BYTES``.
 DEFAULT_CHUNK = 16
 
 
