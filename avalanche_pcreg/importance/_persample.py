@@ -658,7 +658,7 @@ class PerSampleGradNorms:
 
         def take(m, d, rd):
             plan = plans[m]
-            axes = self._find_axes(m, plan, self._calls[m][0], d, rd, r, False, n)
+            axes = self._find_axes(m, plan, self._calls[m][0], d, rd, r, n)
             if axes is None:
                 return no_axis(m)
             plan["axes"] = axes
@@ -680,7 +680,7 @@ class PerSampleGradNorms:
             found[m] = res
 
         def axis_sums(gs):
-            return [None if g is None else self._axis_sums(g, n, False) for g in gs]
+            return [None if g is None else self._axis_sums(g, n) for g in gs]
 
         single, multi, edges = self._split_streamed(mods)
         rsum: dict = {}
@@ -784,34 +784,31 @@ class PerSampleGradNorms:
                        "or the rule is wrong")
 
     # ------------------------------------------------------------------ sample axes
+    # (on the checked single-cotangent backward: δ has no leading column axis)
     @staticmethod
-    def _axis_sums(g: Tensor, n: int, batched: bool) -> dict:
+    def _axis_sums(g: Tensor, n: int) -> dict:
         """{axis: Σ |g| over every other dimension} for each per-sample-tensor axis of size n."""
-        off = 1 if batched else 0
         a = g.abs()
-        return {ax - off: a.sum([d for d in range(g.dim()) if d != ax], dtype=torch.float64)
-                for ax in range(off, g.dim()) if g.shape[ax] == n}
+        return {ax: a.sum([d for d in range(g.dim()) if d != ax], dtype=torch.float64)
+                for ax in range(g.dim()) if g.shape[ax] == n}
 
-    def _carries(self, dl, rsum, r, axis, batched) -> bool:
+    def _carries(self, dl, rsum, r, axis) -> bool:
         """|δ_r| summed over all but ``axis`` equals r ⊙ (|δ| summed the same way)?"""
         if rsum is None or axis not in rsum:
             return False
-        off = 1 if batched else 0
-        s = dl.abs().sum([d for d in range(dl.dim()) if d != axis + off], dtype=torch.float64)
+        s = dl.abs().sum([d for d in range(dl.dim()) if d != axis], dtype=torch.float64)
         want = s * r.to(torch.float64)
         tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dl.dtype, 3e-2)
         return bool((rsum[axis] - want).norm() <= tol * want.norm() + 1e-300)
 
-    def _find_axes(self, m, plan, call, d, rd, r, batched, n):
+    def _find_axes(self, m, plan, call, d, rd, r, n):
         """{'in': [axis per input leaf or None], 'out': [axis per output]} or None."""
-        off = 1 if batched else 0
         if plan["rule"] and not plan["layer"]:
             cands = plan.get("in_axes", [])
             dl, rdl = d[0], rd[0]
             if dl is None:  # output does not reach the loss: any candidate does
                 return {"in": [cands[0]], "out": [cands[0]]} if cands else None
-            good = [a for a in cands if a + off < dl.dim() and dl.shape[a + off] == n
-                    and self._carries(dl, rdl, r, a, batched)]
+            good = [a for a in cands if a < dl.dim() and dl.shape[a] == n and self._carries(dl, rdl, r, a)]
             if len(good) != 1:
                 return None
             return {"in": [good[0]], "out": [good[0]]}
@@ -834,7 +831,7 @@ class PerSampleGradNorms:
                 out_axes.append(None)
                 continue
             dims = [j for j in range(len(shape)) if shape[j] == n]
-            good = [j for j in dims if self._carries(dl, rdl, r, j, batched)]
+            good = [j for j in dims if self._carries(dl, rdl, r, j)]
             if len(good) != 1:
                 return None
             out_axes.append(good[0])
