@@ -82,6 +82,22 @@ def loader(data, batch):
     return DataLoader(data, batch_size=batch, shuffle=False, collate_fn=getattr(data, "collate_fn", None))
 
 
+def interleaved_times(names, run, rounds, device, log) -> dict:
+    """{name: [seconds of one ``run(name)`` per round]}: every round runs each name once, the
+    order rotated by one each round; the device is synchronised around every run."""
+    times = {k: [] for k in names}
+    t0 = time.time()
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            sync(device)
+            t = time.perf_counter()
+            run(k)
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+        log(f"  round {r + 1}/{rounds} done ({time.time() - t0:.0f} s)")
+    return times
+
+
 # ------------------------------------------------------------------------------------------ variants
 def v_avalanche(model, data, batch, device, **_):
     plugin = EWCPlugin(1.0)
@@ -99,8 +115,9 @@ def v_ours(method):
     return run
 
 
-def v_naive_loop(model, data, batch, device, **_):
-    """Per-sample gradients the slow, obvious way: one forward/backward per sample."""
+def _per_sample_loop(model, data, batch, device, add):
+    """Mean over samples of what ``add(x_i, y_i, params, sums)`` adds per sample (eval mode,
+    trainable parameters), one sample at a time: the brute-force references."""
     was = model.training
     model.eval()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -110,12 +127,20 @@ def v_naive_loop(model, data, batch, device, **_):
     for x, y, _t in loader(data, batch):
         x, y = x.to(device), y.to(device)
         for i in range(x.shape[0]):
-            loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
-            for s, g in zip(sums, torch.autograd.grad(loss, params)):
-                s.add_(g.square())
+            add(x[i:i + 1], y[i:i + 1], params, sums)
         n += x.shape[0]
     model.train(was)
     return {k: s / n for k, s in zip(names, sums)}
+
+
+def v_naive_loop(model, data, batch, device, **_):
+    """Per-sample gradients the slow, obvious way: one forward/backward per sample."""
+
+    def add(x, y, params, sums):
+        for s, g in zip(sums, torch.autograd.grad(F.cross_entropy(model(x), y), params)):
+            s.add_(g.square())
+
+    return _per_sample_loop(model, data, batch, device, add)
 
 
 def v_vmap(model, data, batch, device, vmap_chunk=None, **_):
@@ -299,24 +324,16 @@ def v_floor(model, data, batch, device, **_):
 
 def v_expected_loop(model, data, batch, device, **_):
     """The exact expected Fisher, one sample at a time: one forward, C backward passes."""
-    was = model.training
-    model.eval()
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [dict(model.named_parameters())[n] for n in names]
-    sums = [torch.zeros_like(p) for p in params]
-    n = 0
-    for x, _y, _t in loader(data, batch):
-        x = x.to(device)
-        for i in range(x.shape[0]):
-            logp = torch.log_softmax(model(x[i:i + 1]), -1)[0]
-            for c in range(logp.shape[0]):
-                gs = torch.autograd.grad(-logp[c], params, retain_graph=c < logp.shape[0] - 1)
-                pc = logp[c].detach().exp()
-                for s, g in zip(sums, gs):
-                    s.add_(g.square().mul_(pc))
-        n += x.shape[0]
-    model.train(was)
-    return {k: s / n for k, s in zip(names, sums)}
+
+    def add(x, _y, params, sums):
+        logp = torch.log_softmax(model(x), -1)[0]
+        for c in range(logp.shape[0]):
+            gs = torch.autograd.grad(-logp[c], params, retain_graph=c < logp.shape[0] - 1)
+            pc = logp[c].detach().exp()
+            for s, g in zip(sums, gs):
+                s.add_(g.square().mul_(pc))
+
+    return _per_sample_loop(model, data, batch, device, add)
 
 
 def max_rel(a: dict, b: dict) -> tuple:
@@ -380,17 +397,7 @@ def run_peer_row(model_name, est, args, device, log):
         log(f"  check {k}: max relative difference vs {'ours expected_fisher' if est == 'fisher' else 'ours'} "
             f"{worst:.2e} over {cnt}/{P} parameter tensors")
     names = [k for k in fns if k not in failed]
-    times = {k: [] for k in names}
-    t0 = time.time()
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for k in order:
-            sync(device)
-            t = time.perf_counter()
-            fns[k](models[k], data, batch, device)
-            sync(device)
-            times[k].append(time.perf_counter() - t)
-        log(f"  round {r + 1}/{args.rounds} done ({time.time() - t0:.0f} s)")
+    times = interleaved_times(names, lambda k: fns[k](models[k], data, batch, device), args.rounds, device, log)
     out = {"n": n, "batch": batch, "load_end": os.getloadavg()[0], "floor": [n / t for t in times["floor"]],
            "variants": {}, "failed": failed}
     for k in names:
@@ -534,18 +541,8 @@ def run_model(model_name, args, device, log):
     warm = data.subset(list(range(min(batch, n))))
     for k, fn in table.items():
         fn(models[k], warm, **kw)
-    times = {k: [] for k in table}
     names = list(table)
-    t0 = time.time()
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for k in order:
-            sync(device)
-            t = time.perf_counter()
-            table[k](models[k], data, **kw)
-            sync(device)
-            times[k].append(time.perf_counter() - t)
-        log(f"  round {r + 1}/{args.rounds} done ({time.time() - t0:.0f} s)")
+    times = interleaved_times(names, lambda k: table[k](models[k], data, **kw), args.rounds, device, log)
 
     mem = {}
     av = "avalanche EWCPlugin (minibatch)"

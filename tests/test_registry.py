@@ -110,23 +110,21 @@ def test_rwalk_fisher_score_matches_rwalk_score_for_the_same_gradients():
     p1 = ParameterChangePlugin(1.0, "rwalk", "online", decay=0.0, estimator_options={"delta_t": 2})
     p2 = ParameterChangePlugin(1.0, "rwalk_fisher", "separate", estimator_options={"delta_t": 2})
     m1, m2 = mlp(), mlp()
-    s1 = {}
-    orig = p1._tracker.importance
 
-    def spy(params, data_importance=None):
-        s1.update({n: t.clone() for n, t in p1._tracker.score.items()})
-        return orig(params, data_importance)
+    def scores_at_consolidation(plugin):
+        """The tracker's path score as it is when turned into importances."""
+        seen = {}
+        orig = plugin._tracker.importance
 
-    p1._tracker.importance = spy
+        def spy(params, data_importance=None):
+            seen.update({n: t.clone() for n, t in plugin._tracker.score.items()})
+            return orig(params, data_importance)
+
+        plugin._tracker.importance = spy
+        return seen
+
+    s1, s2 = scores_at_consolidation(p1), scores_at_consolidation(p2)
     run_naive(bench, m1, [p1], epochs=2, mb=16)
-    s2 = {}
-    orig2 = p2._tracker.importance
-
-    def spy2(params, data_importance=None):
-        s2.update({n: t.clone() for n, t in p2._tracker.score.items()})
-        return orig2(params, data_importance)
-
-    p2._tracker.importance = spy2
     run_naive(bench, m2, [p2], epochs=2, mb=16)
     assert s1 and s1.keys() == s2.keys()
     assert max(float(s1[n].abs().max()) for n in s1) > 0

@@ -568,8 +568,9 @@ class MLP(nn.Module):
         return self.classifier(self.features(x))
 
 
-class MultiHeadMLP(MultiTaskModule):
-    """Shared MLP trunk plus an Avalanche ``MultiHeadClassifier`` (one head per task).
+class _MultiHead(MultiTaskModule):
+    """A shared trunk ``features`` (output width ``d``) plus an Avalanche
+    ``MultiHeadClassifier`` (one head per task).
 
     ``forward_single_task(x, t)`` runs the trunk then head ``t``; ``forward`` runs
     the trunk once for the whole batch and lets the head route by task label.
@@ -577,10 +578,10 @@ class MultiHeadMLP(MultiTaskModule):
     (``avalanche_model_adaptation(model, experience)``, done by strategies).
     """
 
-    def __init__(self, input_shape: Sequence[int], n_classes_per_exp: int, hidden: int = 100, layers: int = 2):
+    def __init__(self, features: nn.Module, d: int, n_classes_per_exp: int):
         super().__init__()
-        self.features = _trunk(int(np.prod(input_shape)), hidden, layers)
-        self.classifier = MultiHeadClassifier(hidden, initial_out_features=n_classes_per_exp)
+        self.features = features
+        self.classifier = MultiHeadClassifier(d, initial_out_features=n_classes_per_exp)
         self.max_class_label = n_classes_per_exp
 
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
@@ -588,6 +589,13 @@ class MultiHeadMLP(MultiTaskModule):
 
     def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor:
         return self.classifier(self.features(x), task_labels)
+
+
+class MultiHeadMLP(_MultiHead):
+    """The MLP trunk of :func:`make_model` with one head per task (see :class:`_MultiHead`)."""
+
+    def __init__(self, input_shape: Sequence[int], n_classes_per_exp: int, hidden: int = 100, layers: int = 2):
+        super().__init__(_trunk(int(np.prod(input_shape)), hidden, layers), hidden, n_classes_per_exp)
 
 
 def _conv_trunk(in_channels: int, image_hw, hidden: int) -> tuple[nn.Sequential, int]:
@@ -620,20 +628,11 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-class MultiHeadCNN(MultiTaskModule):
-    """The conv trunk of :class:`CNN` plus an Avalanche ``MultiHeadClassifier`` (task-incremental)."""
+class MultiHeadCNN(_MultiHead):
+    """The conv trunk of :class:`CNN` with one head per task (task-incremental; see :class:`_MultiHead`)."""
 
     def __init__(self, input_shape: Sequence[int], n_classes_per_exp: int, hidden: int = 256):
-        super().__init__()
-        self.features, d = _conv_trunk(int(input_shape[0]), input_shape[1:], hidden)
-        self.classifier = MultiHeadClassifier(d, initial_out_features=n_classes_per_exp)
-        self.max_class_label = n_classes_per_exp
-
-    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
-        return self.classifier.forward_single_task(self.features(x), int(task_label))
-
-    def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor:
-        return self.classifier(self.features(x), task_labels)
+        super().__init__(*_conv_trunk(int(input_shape[0]), input_shape[1:], hidden), n_classes_per_exp)
 
 
 def make_model(spec: BenchmarkSpec, hidden: int = 100, layers: int = 2, kind: str = "mlp") -> nn.Module:
