@@ -267,7 +267,8 @@ def test_expected_fisher_identity_sqrt_hessian():
         z = logits(params)
         p = torch.softmax(z, -1)
         jac = torch.func.jacrev(logits)(params)  # {name: [C, *shape]}
-        s = softmax_sqrt_hessian(z[None])[:, 0]  # [K=C, C]: column c of S in row c
+        s = softmax_sqrt_hessian(z[None])[:, 0]  # [K=C-1, C]: column k of S in row k
+        assert s.shape == (2, 3)
         torch.testing.assert_close(s.t() @ s, torch.diag(p) - torch.outer(p, p), **TOL)
         for k, j in jac.items():
             jf = j.reshape(j.shape[0], -1)
@@ -275,6 +276,21 @@ def test_expected_fisher_identity_sqrt_hessian():
             rhs = ((s @ jf) ** 2).sum(0)
             assert lhs.abs().sum() > 0
             torch.testing.assert_close(lhs, rhs, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_sqrt_hessian_has_c_minus_1_columns_even_for_saturated_softmax(dtype):
+    """S Sᵀ = diag(p) - p pᵀ with K = C - 1 columns (one for two classes), also where p is
+    one-hot to working precision and where the last class takes it all."""
+    z = torch.tensor([[0.3, -1.2], [40.0, -40.0], [2.0, 1.0], [0.0, 0.0]], dtype=dtype)
+    for logits in (z, torch.cat([z, torch.tensor([[5.0], [-3.0], [90.0], [0.0]], dtype=dtype)], 1)):
+        s = softmax_sqrt_hessian(logits)
+        c = logits.shape[1]
+        assert s.shape == (c - 1, 4, c) and s.dtype == dtype
+        p = torch.softmax(logits.double(), -1)
+        h = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+        tol = dict(rtol=0, atol=1e-15) if dtype == F64 else dict(rtol=0, atol=1e-7)
+        torch.testing.assert_close(torch.einsum("kni,knj->nij", s.double(), s.double()), h, **tol)
 
 
 def expected_reference(model, x):
@@ -388,20 +404,59 @@ def test_axis_of_size_n_without_the_samples_is_not_trusted():
     assert_exact(acc.sums, ref, names)
 
 
-@pytest.mark.parametrize("conv1d", [False, True])
-def test_expected_fisher_small_maps_many_classes_exact(conv1d):
-    """Fewer output positions than classes: the conv rule's G = Σ_k δ_k δ_kᵀ path."""
-    torch.manual_seed(11)
+def _small_maps_model(conv1d):
     if conv1d:
         model = nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Conv1d(3, 4, 2),
-                              nn.Flatten(), nn.Linear(4 * 2, 7)).double()
-        x = torch.randn(9, 2, 6, dtype=F64)
-    else:
-        model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=1), nn.Tanh(),
-                              nn.Conv2d(3, 4, 2), nn.Flatten(), nn.Linear(4 * 2 * 2, 7)).double()
-        x = torch.randn(9, 2, 6, 6, dtype=F64)
+                              nn.Flatten(), nn.Linear(4 * 2, 7))
+        return model.double(), torch.randn(9, 2, 6, dtype=F64)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=1), nn.Tanh(),
+                          nn.Conv2d(3, 4, 2, padding="same"), nn.Flatten(), nn.Linear(4 * 3 * 3, 7))
+    return model.double(), torch.randn(9, 2, 6, 6, dtype=F64)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_expected_fisher_small_maps_many_classes_exact(conv1d):
+    """Few output positions, many classes: the convolutions sum the columns in Gram form."""
+    torch.manual_seed(11)
+    model, x = _small_maps_model(conv1d)
     got = compute_importance(model, TensorDataset(x), "expected_fisher", batch_size=4, chunk_size=2)
     ref = expected_reference(model, x)
     for k in ref:
         assert ref[k].abs().sum() > 0, k
         torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("mode", ["one piece", "pieces of 2", "one column at a time", "no state"])
+def test_gram_columns_exact_whichever_way_the_columns_arrive(conv1d, mode, monkeypatch):
+    """The 6 columns of S (7 classes) reach the Gram accumulators of both convolutions in one
+    vmapped piece, in pieces of 2, or one streamed column at a time, and are folded into G by a
+    buffer of 4 (a piece may cross a fold); with no state to spare the direct products run."""
+    from avalanche_pcreg.importance.rules import conv as conv_rules
+
+    torch.manual_seed(12)
+    model, x = _small_maps_model(conv1d)
+    model.eval()
+    names = [k for k, _ in model.named_parameters()]
+    monkeypatch.setattr(conv_rules._GramSquares, "GROUP", 4)
+    adds, folds = [], []
+    real_add, real_fold = conv_rules._GramSquares.add, conv_rules._GramSquares._fold
+    monkeypatch.setattr(conv_rules._GramSquares, "add", lambda self, d: (adds.append(d.shape[0]), real_add(self, d))[1])
+    monkeypatch.setattr(conv_rules._GramSquares, "_fold", lambda self: (folds.append(self.filled), real_fold(self))[1])
+    step = {"one piece": None, "pieces of 2": 2, "one column at a time": 1, "no state": None}[mode]
+    if step is not None:
+        monkeypatch.setattr(PerSampleGradNorms, "_col_step", lambda self, k, elem: step)
+    with PerSampleGradNorms(model, names, max_bytes=1 if mode == "no state" else 64 * 2 ** 20) as acc:
+        for s in range(0, 9, 5):
+            xb = x[s:s + 5]
+            out = model(xb)
+            acc.backward_batched(out, softmax_sqrt_hessian(out), fallback=lambda p, xb=xb: torch.func.functional_call(model, p, (xb,)))
+    ref = expected_reference(model, x)
+    for k in names:
+        assert ref[k].abs().sum() > 0, k
+        torch.testing.assert_close(acc.sums[k] / 9, ref[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
+    want_adds = {"one piece": [6], "pieces of 2": [2, 2, 2], "one column at a time": [1] * 6, "no state": []}[mode]
+    assert adds == want_adds * 4  # 2 convolutions x 2 batches
+    assert folds == ([] if mode == "no state" else [4, 4, 2, 2] * 2)  # both layers fill a buffer, then both finish

@@ -87,6 +87,9 @@ def _check_tol(dtype: torch.dtype) -> tuple[float, float]:
 
 _OPAQUE: tuple = (nn.MultiheadAttention,)
 
+# State the K-column accumulators may hold even where one column's δ is smaller (small models).
+_ACC_MIN_BYTES = 16 * 2 ** 20
+
 
 def _diff_norm(a: Tensor, b: Tensor, step: int = 2 ** 18) -> float:
     """||a - b|| in pieces of ``step`` elements (no temporary the size of a large parameter)."""
@@ -256,6 +259,7 @@ class PerSampleGradNorms:
         self.checked_batches = 0
         self._last_nonrule: set[str] = set()
         self._last_model: set[str] = set()
+        self._cols: Optional[dict] = None  # K-column run: {"k", "left": bytes, "acc": {module: accumulator}}
 
     # ------------------------------------------------------------------ context management
     def __enter__(self) -> "PerSampleGradNorms":
@@ -448,11 +452,14 @@ class PerSampleGradNorms:
             return out
 
     # ------------------------------------------------------------------ one backward
+    def _col_bytes(self, elem: int) -> int:
+        """Bytes of one cotangent column's gradients at every captured layer output."""
+        return sum(math.prod(sh) for cs in self._calls.values() for c in cs for sh in c.out_shapes) * elem
+
     def _col_step(self, k: int, elem: int) -> int:
         """Cotangent columns per batched backward: their gradients at the captured layer outputs,
         all held at the end of that backward, stay within ``max_bytes`` (at least one column)."""
-        per_col = sum(math.prod(sh) for cs in self._calls.values() for c in cs for sh in c.out_shapes) * elem
-        return max(1, min(k, self.max_bytes // max(per_col, 1)))
+        return max(1, min(k, self.max_bytes // max(self._col_bytes(elem), 1)))
 
     def _run(self, root: Tensor, cot: Tensor, batched: bool, retain_graph: bool, fallback) -> None:
         n = int(root.shape[0])
@@ -460,9 +467,13 @@ class PerSampleGradNorms:
         self._n_hint = n
         sig = self._signature(n, k)
         check = self.check_mode == "always" or sig not in self._plans
+        piece_batched = batched
         if batched:
             step = self._col_step(k, root.element_size())
-            pieces = [cot[s:s + step] for s in range(0, k, step)]
+            if step > 1:
+                pieces = [cot[s:s + step] for s in range(0, k, step)]
+            else:  # one column's δ at every layer fills the budget: one column at a time, streamed
+                pieces, piece_batched = list(cot.unbind(0)), False
         else:
             pieces = [cot]
         model_names: set[str] = set(self._static_fallback) | set(self._failed)
@@ -479,6 +490,11 @@ class PerSampleGradNorms:
                 model_names.update(self._checked_pass(root, cot.sum(0), plans, _Discard()))
                 self._plans[sig] = {m: p["axes"] for m, p in plans.items() if p["axes"] is not None}
                 check = False
+            # Column accumulators (rules that sum K columns better together than piece by piece)
+            # share as much state as one column's δ at every layer, or _ACC_MIN_BYTES if that is
+            # more, and at most max_bytes; granted in the order the backward reaches the layers.
+            left = min(self.max_bytes, max(self._col_bytes(root.element_size()), _ACC_MIN_BYTES))
+            self._cols = {"k": k, "left": left, "acc": {}} if batched else None
             for i, piece in enumerate(pieces):
                 plans = {m: self._plan_module(m, n) for m in self._modules}
                 for plan in plans.values():
@@ -504,10 +520,16 @@ class PerSampleGradNorms:
                         if m in cached:
                             plan["axes"] = cached[m]
                     last = i == len(pieces) - 1
-                    moved = self._fast_pass(root, piece, batched, retain_graph or not last, plans, part)
+                    moved = self._fast_pass(root, piece, piece_batched, retain_graph or not last, plans, part)
                 model_names.update(moved)
                 for nm, v in part.items():
                     out[nm] = v if nm not in out else out[nm] + v
+            for m, acc in (self._cols or {}).get("acc", {}).items():
+                if acc is not None:
+                    names = {self._attr[nm]: nm for nm in self._modules[m]}
+                    for attr, v in acc.result().items():
+                        nm = names[attr]
+                        out[nm] = v if nm not in out else out[nm] + v
             for nm in model_names:
                 out.pop(nm, None)  # partial sums from columns done before it moved
             model_list = [x for x in self.names if x in model_names]
@@ -519,6 +541,7 @@ class PerSampleGradNorms:
                 out.update(self._fallback_sums(fallback, model_list, n, cot if batched else None))
         finally:
             self._busy = False
+            self._cols = None
             if not retain_graph:
                 self._calls.clear()
             self._stale = True
@@ -862,8 +885,12 @@ class PerSampleGradNorms:
                     a = a.to(dt)
                 d = d.movedim(ax + off, off).to(dt)
                 want = {self._attr[nm]: nm for nm in plan["rule"]}
+                acc = None if total else self._column_acc(m, rule, a, d, set(want), batched)
+                if acc is not None:
+                    acc.add(d if batched else d.unsqueeze(0))  # its names come at the run's end
+                    want = {attr: nm for attr, nm in want.items() if attr not in acc.covers}
                 fn = rule.sums_multi if batched else rule.sums
-                p, t = fn(m, a, d, set(want), self.power, self.chunk_size, total)
+                p, t = fn(m, a, d, set(want), self.power, self.chunk_size, total) if want else ({}, {})
                 for attr, nm in want.items():
                     if attr in p:
                         pows[nm] = p[attr]
@@ -882,6 +909,20 @@ class PerSampleGradNorms:
             pows.update(p)
             tots.update(t)
         return pows, (tots if total else None)
+
+    def _column_acc(self, m, rule, a, d, want, batched):
+        """The rule's accumulator for module m in this K-column run (created at its first piece
+        within what is left of the state budget), or None."""
+        cols = self._cols
+        if cols is None:
+            return None
+        if m not in cols["acc"]:
+            shape = tuple(d.shape[1:] if batched else d.shape)
+            acc = rule.column_accumulator(m, a, shape, want, self.power, self.chunk_size, cols["k"], cols["left"])
+            if acc is not None:
+                cols["left"] -= acc.nbytes
+            cols["acc"][m] = acc
+        return cols["acc"][m]
 
     def _layer_fallback(self, m, names, call, axes, deltas, batched, dt):
         """Per-sample gradients of m's own parameters: vmap over samples of grad of

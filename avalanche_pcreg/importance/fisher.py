@@ -191,26 +191,33 @@ def sample_labels(logits: Tensor, u: Tensor) -> Tensor:
 
 
 def softmax_sqrt_hessian(logits: Tensor) -> Tensor:
-    """S with S S^T = the Hessian of -log p in the logits, as cotangents ``[K, N, C]``.
+    """S with S Sᵀ = the Hessian of -log p in the logits, as cotangents ``[K, N, C]``.
 
-    Softmax: S = diag(sqrt p) - p sqrt(p)^T (K = C), column c = sqrt(p_c) (e_c - p).
-    One logit (Bernoulli): S = sqrt(p (1 - p)) (K = 1)."""
+    Softmax over C ≥ 2 classes: the Hessian diag(p) - p pᵀ has rank C - 1 (√p spans
+    the null space of diag(√p) - p √pᵀ), so K = C - 1 columns suffice:
+    S = diag(√p) Q, with Q the first C - 1 columns of the Householder reflection
+    I - 2 v vᵀ / vᵀv, v = √p + e_C, which maps √p to -e_C (Q Qᵀ = I - √p √pᵀ, and
+    vᵀv = 2 (1 + √p_C) ≥ 2 keeps it stable). Formed in float64.
+    One logit (Bernoulli): S = √(p (1 - p)) (K = 1)."""
     z = logits.detach()
     if _is_binary(z):
         p = torch.sigmoid(z)
         return (p * (1 - p)).sqrt().unsqueeze(0)
-    p = torch.softmax(z, dim=-1)
-    rp = p.sqrt()
-    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-    # cot[c, n, i] = sqrt(p[n, c]) * (eye[c, i] - p[n, i])
-    return rp.t().unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
+    c = z.shape[1]
+    rp = torch.softmax(z.to(torch.float64), dim=-1).sqrt()  # [N, C]
+    v = rp.clone()
+    v[:, -1] += 1
+    # cot[k, n, i] = √p[n, i] (δ_ik - v[n, i] v[n, k] / v[n, C-1])   (vᵀv = 2 v[n, C-1])
+    q = torch.eye(c, c - 1, dtype=v.dtype, device=v.device) - v.unsqueeze(2) * (v[:, :-1] / v[:, -1:]).unsqueeze(1)
+    return (rp.unsqueeze(2) * q).permute(2, 0, 1).to(z.dtype)
 
 
 def expected_fisher(model, data, *, names, device=None, limit=None, chunk_size=DEFAULT_CHUNK, **_):
     """Exact expected Fisher: mean over samples of ``sum_c p(c|x) g_c**2``.
 
-    One forward and one (vmapped) backward a batch for all C classes together; where the
-    batched backward is not supported, C backward passes over the one forward.
+    One forward and one (vmapped) backward a batch for the C - 1 columns of the Hessian's
+    square root together (:func:`softmax_sqrt_hessian`); where the batched backward is not
+    supported, C - 1 backward passes over the one forward.
     """
 
     def terms(out, _y):

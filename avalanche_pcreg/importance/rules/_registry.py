@@ -97,6 +97,16 @@ class Rule:
                     tots[attr] = v if attr not in tots else tots[attr] + v
         return pows, (tots if total else None)
 
+    def column_accumulator(self, module: nn.Module, a: Tensor, out_shape: Tuple[int, ...], want: Iterable[str],
+                           power: int, chunk: int, k: int, max_bytes: int):
+        """An accumulator over K cotangent columns that arrive in pieces, or None (the default:
+        each piece goes through :meth:`sums_multi`). It has ``covers`` (the attributes it
+        sums), ``nbytes`` (the state it holds), ``add(d)`` with ``d`` of shape
+        ``[k_piece, n, *out_shape[1:]]`` and ``result() -> {attr: Σ_{k,i} |g_{k,i}|^power}``.
+        ``out_shape``: the layer output's shape, sample axis first. Return None when its state
+        would exceed ``max_bytes``."""
+        return None
+
 
 class FunctionRule(Rule):
     """A rule from a function ``fn(module, a, d) -> {attr: per-sample gradients}``."""
