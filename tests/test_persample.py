@@ -472,3 +472,69 @@ def test_streamed_backward_is_exact_and_requests_only_the_last_layers(power, mon
             ref[n] += part[n]
     for n in names:
         torch.testing.assert_close(acc.sums[n], ref[n], **TOL, msg=lambda m: f"{n}: {m}")
+
+
+class _ColumnsNet(nn.Module):
+    """A conv with a 3x3 output map (9 positions: the Gram form for 5 columns), eval-mode
+    BatchNorm, a Linear on [N, T, D] sequences and a Linear on [N, D] rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.seq = nn.Linear(3, 4)
+        self.head = nn.Linear(4 * 9, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.conv(x)))  # [N, 3, 3, 3]
+        h = torch.tanh(self.seq(h.flatten(2).transpose(1, 2)))  # [N, 9, 4]
+        return self.head(h.flatten(1))
+
+
+@POWERS
+@pytest.mark.parametrize("step", [5, 2, 1])
+def test_backward_batched_any_cotangents_exact(power, step, monkeypatch):
+    """K = 5 arbitrary cotangents per sample, backpropagated in one piece, in pieces of 2 or one
+    streamed column at a time, against a loop over (column, sample) in float64."""
+    torch.manual_seed(5)
+    model = _ColumnsNet().double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_(0, 0.3)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    cot = torch.randn(5, 6, 4, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    ref = {n: torch.zeros_like(p) for n, p in params.items()}
+    out = model(x)
+    for k in range(5):
+        for i in range(6):
+            gs = torch.autograd.grad(out[i] @ cot[k, i], list(params.values()), retain_graph=True)
+            for n, g in zip(names, gs):
+                ref[n] += g.abs() if power == 1 else g * g
+    monkeypatch.setattr(PerSampleGradNorms, "_col_step", lambda self, k, elem: step)
+    with PerSampleGradNorms(model, names, power=power, chunk_size=4) as acc:
+        acc.backward_batched(model(x), cot, fallback=lambda p: functional_call(model, p, (x,)))
+        assert acc.fallback_names == []
+    for n in names:
+        assert ref[n].abs().sum() > 0, n
+        torch.testing.assert_close(acc.sums[n], ref[n], **TOL, msg=lambda m: f"{n}: {m}")
+
+
+def test_float64_reductions_in_pieces():
+    """The check's reductions run piece by piece (no float64 copy of a large tensor) and equal
+    the one-shot float64 reductions, across piece boundaries."""
+    from avalanche_pcreg.importance import _persample as ps
+
+    torch.manual_seed(6)
+    g = torch.randn(7, 33, 21, 19)  # > 2**16 elements, no dimension a multiple of the piece
+    h = g + 1e-3 * torch.randn_like(g)
+    g64 = g.double()
+    for axis in range(4):
+        want = g64.abs().sum([d for d in range(4) if d != axis])
+        torch.testing.assert_close(ps._abs_sums64(g, axis), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ps._sum64(g), float(g64.sum()), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(ps._diff_norm(g, h), float((g64 - h.double()).norm()), rtol=1e-6, atol=0)
+    assert ps._all_finite(g)
+    g.view(-1)[-1] = float("nan")
+    assert not ps._all_finite(g)

@@ -91,13 +91,45 @@ _OPAQUE: tuple = (nn.MultiheadAttention,)
 _ACC_MIN_BYTES = 16 * 2 ** 20
 
 
-def _diff_norm(a: Tensor, b: Tensor, step: int = 2 ** 18) -> float:
-    """||a - b|| in pieces of ``step`` elements (no temporary the size of a large parameter)."""
-    a, b = a.reshape(-1), b.reshape(-1)
+# Elements per piece of the float64 reductions below: a float64 reduction of a float32 tensor
+# would otherwise convert the whole tensor first (a temporary twice the size of a large parameter).
+_PIECE = 2 ** 16
+
+
+def _flat_pieces(x: Tensor):
+    x = x.reshape(-1)
+    for s in range(0, x.numel(), _PIECE):
+        yield x[s:s + _PIECE]
+
+
+def _sum64(x: Tensor) -> float:
+    """Σ x in float64, piece by piece."""
+    return sum(float(p.sum(dtype=torch.float64)) for p in _flat_pieces(x))
+
+
+def _all_finite(x: Tensor) -> bool:
+    return all(bool(p.isfinite().all()) for p in _flat_pieces(x))
+
+
+def _diff_norm(a: Tensor, b: Tensor) -> float:
+    """||a - b||, piece by piece."""
     sq = 0.0
-    for s in range(0, a.numel(), step):
-        sq += float((a[s:s + step] - b[s:s + step].to(a.dtype)).pow(2).sum(dtype=torch.float64))
+    for pa, pb in zip(_flat_pieces(a), _flat_pieces(b)):
+        sq += float((pa - pb.to(pa.dtype)).pow_(2).sum(dtype=torch.float64))
     return math.sqrt(sq)
+
+
+def _abs_sums64(g: Tensor, axis: int) -> Tensor:
+    """Σ |g| over every dimension but ``axis``, in float64, in pieces along another dimension."""
+    other = [d for d in range(g.dim()) if d != axis]
+    if not other:
+        return g.abs().to(torch.float64)
+    split = other[0]
+    step = max(1, _PIECE * g.shape[split] // max(g.numel(), 1))
+    acc = torch.zeros(g.shape[axis], dtype=torch.float64, device=g.device)
+    for s in range(0, g.shape[split], step):
+        acc += g.narrow(split, s, min(step, g.shape[split] - s)).abs().sum(other, dtype=torch.float64)
+    return acc
 
 
 def _get_param(module: nn.Module, attr: str):
@@ -458,8 +490,11 @@ class PerSampleGradNorms:
 
     def _col_step(self, k: int, elem: int) -> int:
         """Cotangent columns per batched backward: their gradients at the captured layer outputs,
-        all held at the end of that backward, stay within ``max_bytes`` (at least one column)."""
-        return max(1, min(k, self.max_bytes // max(self._col_bytes(elem), 1)))
+        all held at the end of that backward, stay within the size of the running sums (one
+        copy of the parameters) and ``max_bytes``, at least one column; pieces of equal size."""
+        budget = min(self.max_bytes, sum(t.numel() * t.element_size() for t in self.sums.values()))
+        step = max(1, min(k, budget // max(self._col_bytes(elem), 1)))
+        return -(-k // -(-k // step))  # ceil(k / number of pieces)
 
     def _run(self, root: Tensor, cot: Tensor, batched: bool, retain_graph: bool, fallback) -> None:
         n = int(root.shape[0])
@@ -790,13 +825,13 @@ class PerSampleGradNorms:
             return False, f"its rule returned shape {tuple(total.shape)}, the parameter has {tuple(p.shape)}"
         # norms in the sums' dtype (no float64 copies of large parameters); scalars in float64
         s = total
-        if not bool(torch.isfinite(s).all()):
+        if not _all_finite(s):
             return False, "its rule gave non-finite values"
         t_norm = 0.0 if truth is None else float(truth.norm())
         diff = float(s.norm()) if truth is None else _diff_norm(s, truth)
         rel, abs_mult = _check_tol(p.dtype)
         # Σ_n ||g_n|| bound from the power sums (rounding of the true sum scales with it)
-        psum = float(pows.sum(dtype=torch.float64))
+        psum = _sum64(pows)
         bound = (count * psum) ** 0.5 if self.power == 2 else psum
         tol = rel * (t_norm + float(s.norm())) + abs_mult * bound + 1e-30
         if diff <= tol:
@@ -811,16 +846,13 @@ class PerSampleGradNorms:
     @staticmethod
     def _axis_sums(g: Tensor, n: int) -> dict:
         """{axis: Σ |g| over every other dimension} for each per-sample-tensor axis of size n."""
-        a = g.abs()
-        return {ax: a.sum([d for d in range(g.dim()) if d != ax], dtype=torch.float64)
-                for ax in range(g.dim()) if g.shape[ax] == n}
+        return {ax: _abs_sums64(g, ax) for ax in range(g.dim()) if g.shape[ax] == n}
 
     def _carries(self, dl, rsum, r, axis) -> bool:
         """|δ_r| summed over all but ``axis`` equals r ⊙ (|δ| summed the same way)?"""
         if rsum is None or axis not in rsum:
             return False
-        s = dl.abs().sum([d for d in range(dl.dim()) if d != axis], dtype=torch.float64)
-        want = s * r.to(torch.float64)
+        want = _abs_sums64(dl, axis) * r.to(torch.float64)
         tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dl.dtype, 3e-2)
         return bool((rsum[axis] - want).norm() <= tol * want.norm() + 1e-300)
 

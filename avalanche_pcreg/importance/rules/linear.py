@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -58,7 +60,12 @@ class LinearRule(Rule):
             return super().sums_multi(module, a, d, want, power, chunk, total)
         # K cotangents per sample, one row each: Σ_{k,i} |δ_{k,i} a_iᵀ|^p = (Σ_k |δ_k|^p)ᵀ |a|^p.
         want = set(want)
-        dp = _pow(d, power).sum(0)
+        dp = torch.zeros_like(d[0])
+        for dk in d:  # one column at a time: no temporary of d's size
+            if power == 2:
+                dp.addcmul_(dk, dk)
+            else:
+                dp.add_(dk.abs())
         pows, tots = {}, {}
         if "weight" in want:
             pows["weight"] = dp.t() @ _pow(a, power)
@@ -71,3 +78,37 @@ class LinearRule(Rule):
             if "bias" in want:
                 tots["bias"] = ds.sum(0)
         return pows, (tots if total else None)
+
+    def column_accumulator(self, module, a, out_shape, want, power, chunk, k, max_bytes):
+        if a.dim() != 2:
+            return None
+        acc = _ColumnPowers(a, out_shape, power, set(want) & {"weight", "bias"})
+        return acc if acc.nbytes <= max_bytes else None
+
+
+class _ColumnPowers:
+    """Σ_k |δ_k|^p per sample and output as the columns arrive ([N, out]); at the end
+    Σ_{k,i} |δ_{k,i} a_iᵀ|^p = (Σ_k |δ_k|^p)ᵀ |a|^p, one matmul for all K columns."""
+
+    def __init__(self, a, out_shape, power, covers):
+        self.a, self.power, self.covers = a, power, tuple(covers)
+        self.dp = None  # [N, out]
+        self.nbytes = math.prod(out_shape) * a.element_size()
+
+    def add(self, d):
+        if self.dp is None:
+            self.dp = torch.zeros_like(d[0])
+        for dk in d:
+            if self.power == 2:
+                self.dp.addcmul_(dk, dk)
+            else:
+                self.dp.add_(dk.abs())
+
+    def result(self) -> dict:
+        out = {}
+        if self.dp is not None:
+            if "weight" in self.covers:
+                out["weight"] = self.dp.t() @ _pow(self.a, self.power)
+            if "bias" in self.covers:
+                out["bias"] = self.dp.sum(0)
+        return out
