@@ -425,7 +425,7 @@ def rate_txt(x: float) -> str:
 
 
 def ratio_txt(r: float) -> str:
-    return f"{r:.2f}" if r >= 0.1 else f"{r:.2g}"
+    return f"{r:.2f}" if r >= 0.1 else f"{r:#.2g}"
 
 
 def peers_markdown(results, args, device, started, load_start) -> str:
@@ -599,7 +599,7 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--vmap-chunk", type=int, default=None)
-    p.add_argument("--chunk", type=int, default=None, help="our chunk_size (default: the library's, 64)")
+    p.add_argument("--chunk", type=int, default=None, help="our chunk_size (default: the library's, 16 samples)")
     p.add_argument("--profile", action="store_true", help="torch.profiler of one pass of ours empirical_fisher "
                    "and of Avalanche's pass")
     p.add_argument("--variants", nargs="+", default=None, help="subset of variant names")

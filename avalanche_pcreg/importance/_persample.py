@@ -35,8 +35,10 @@ sample the check runs once, on their sum.
 layer's output node receives δ as the backward reaches it, the rule consumes it there, and it is
 freed while the backward goes on (see :meth:`PerSampleGradNorms._stream`). Sums go into the
 running totals as soon as they are final, so a pass holds about one training step's memory plus
-the totals. The vmapped K-cotangent backward returns all δ at its end; its column pieces are
-sized by ``max_bytes``.
+the totals. K cotangents per sample go through vmapped backward passes in pieces whose δ (all
+returned at the end) fit the size of the running sums and ``max_bytes``, or, where one column's δ
+is larger, one column at a time, streamed. Rules may sum the columns together (a column
+accumulator: ``Rule.column_accumulator``).
 
 **Sample axis.** The sample axis of a layer's input need not be 0 (``[T, N, D]`` sequences into
 ``nn.Linear``, ``nn.TransformerEncoderLayer(batch_first=False)``). Candidates are the input
@@ -209,10 +211,10 @@ class PerSampleGradNorms:
                 acc.backward(losses, fallback=...)   # fallback needed iff acc.model_fallback_names
         fisher_sum = acc.sums
 
-    ``backward_batched(outputs, cotangents, fallback=...)`` does K cotangents per sample in one
-    vmapped backward (the exact expected Fisher). Neither touches ``param.grad``. Captures of a
-    forward are discarded at the next forward after a backward (so several
-    ``backward(retain_graph=True)`` calls can share one forward), and on exit.
+    ``backward_batched(outputs, cotangents, fallback=...)`` does K cotangents per sample in
+    vmapped pieces or one streamed column at a time (the exact expected Fisher). Neither touches
+    ``param.grad``. Captures of a forward are discarded at the next forward after a backward (so
+    several ``backward(retain_graph=True)`` calls can share one forward), and on exit.
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str], power: int = 2, chunk_size: int = DEFAULT_CHUNK,
@@ -442,9 +444,10 @@ class PerSampleGradNorms:
         """Add Σ_{k,n} |∂ <outputs[n], cotangents[k, n]> / ∂θ|^power for every requested θ.
 
         ``outputs`` is ``[N, ...]`` and ``cotangents`` ``[K, N, ...]`` (no gradient): K
-        per-sample "losses" ``<outputs[n], cotangents[k, n]>`` backpropagated together in one
-        vmapped backward (``is_grads_batched``), or K backward passes where that is not
-        supported. ``fallback(params) -> outputs``."""
+        per-sample "losses" ``<outputs[n], cotangents[k, n]>`` backpropagated together in
+        vmapped pieces (``is_grads_batched``) that fit the size of the running sums and
+        ``max_bytes``, else (or where that is not supported) one column at a time over the one
+        forward. ``fallback(params) -> outputs``."""
         self._require_entered()
         if not isinstance(outputs, Tensor) or outputs.dim() < 1:
             raise ValueError("outputs must be a tensor [N, ...]")
