@@ -492,10 +492,18 @@ class _ColumnsNet(nn.Module):
 
 
 @POWERS
+@pytest.mark.parametrize("accumulators", [True, False])
 @pytest.mark.parametrize("step", [5, 2, 1])
-def test_backward_batched_any_cotangents_exact(power, step, monkeypatch):
+def test_backward_batched_any_cotangents_exact(power, step, accumulators, monkeypatch):
     """K = 5 arbitrary cotangents per sample, backpropagated in one piece, in pieces of 2 or one
-    streamed column at a time, against a loop over (column, sample) in float64."""
+    streamed column at a time, with the rules' column accumulators or without them (each piece
+    through ``sums_multi``), against a loop over (column, sample) in float64."""
+    from avalanche_pcreg.importance.rules.conv import ConvRule
+    from avalanche_pcreg.importance.rules.linear import LinearRule
+
+    if not accumulators:
+        for cls in (ConvRule, LinearRule):
+            monkeypatch.setattr(cls, "column_accumulator", lambda self, *a, **k: None)
     torch.manual_seed(5)
     model = _ColumnsNet().double().eval()
     with torch.no_grad():

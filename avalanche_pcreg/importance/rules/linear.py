@@ -60,17 +60,9 @@ class LinearRule(Rule):
             return super().sums_multi(module, a, d, want, power, chunk, total)
         # K cotangents per sample, one row each: Σ_{k,i} |δ_{k,i} a_iᵀ|^p = (Σ_k |δ_k|^p)ᵀ |a|^p.
         want = set(want)
-        dp = torch.zeros_like(d[0])
-        for dk in d:  # one column at a time: no temporary of d's size
-            if power == 2:
-                dp.addcmul_(dk, dk)
-            else:
-                dp.add_(dk.abs())
-        pows, tots = {}, {}
-        if "weight" in want:
-            pows["weight"] = dp.t() @ _pow(a, power)
-        if "bias" in want:
-            pows["bias"] = dp.sum(0)
+        acc = _ColumnPowers(a, d.shape[1:], power, want & {"weight", "bias"})
+        acc.add(d)
+        pows, tots = acc.result(), {}
         if total:
             ds = d.sum(0)
             if "weight" in want:
@@ -96,6 +88,8 @@ class _ColumnPowers:
         self.nbytes = math.prod(out_shape) * a.element_size()
 
     def add(self, d):
+        """``d``: [k, N, out], k columns of this piece, added one at a time (no temporary of d's
+        size)."""
         if self.dp is None:
             self.dp = torch.zeros_like(d[0])
         for dk in d:
