@@ -35,6 +35,7 @@ ours first.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import os
@@ -47,7 +48,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (apply_threads, cpu_model, ensure_malloc_env, load_note, MODELS, PeakMemory, base_parser, fmt_spread,  # noqa: E402
-                    machine_info, print_table, ratios, resolve_device, sync)
+                    machine_info, print_table, ratios, resnet18_cifar, resolve_device, sync)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -70,6 +71,25 @@ def make_data(model_name, n, seed):
     x = torch.randn((n,) + spec["input_shape"], generator=g)
     y = torch.randint(0, spec["classes"], (n,), generator=g)
     return make_tensor_dataset(x, y)
+
+
+def _classes(text: str) -> int:
+    import argparse
+
+    try:
+        c = int(text)
+    except ValueError:
+        c = 0
+    if c < 2:
+        raise argparse.ArgumentTypeError(f"expected a number of classes >= 2, got {text!r}")
+    return c
+
+
+def set_resnet_classes(c: int) -> None:
+    """ResNet-18 with ``c`` classes for data, models and table titles."""
+    if c != MODELS["resnet18"]["classes"]:
+        MODELS["resnet18"] = dict(MODELS["resnet18"], classes=c, make=functools.partial(resnet18_cifar, num_classes=c))
+        MODEL_TITLES["resnet18"] = f"ResNet-18 32×32, {c} classes"
 
 
 def make_model(model_name, device, seed):
@@ -289,6 +309,7 @@ def measure_memory(name, args, model_name, n):
         cmd += ["--threads", str(args.threads)]
     if args.chunk:
         cmd += ["--chunk", str(args.chunk)]
+    cmd += ["--resnet-classes", str(args.resnet_classes)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -618,9 +639,12 @@ def main():
     p.add_argument("--estimators", nargs="+", choices=sorted(EST_TITLES), default=None,
                    help="rows of the peer table (default: empirical_fisher expected_fisher)")
     p.add_argument("--batch-peers", type=int, default=None, help="batch size of the peer table (default per row)")
+    p.add_argument("--resnet-classes", type=_classes, default=100, metavar="C",
+                   help="classes of the ResNet-18 (default 100); the exact expected Fisher backpropagates C - 1 columns")
     p.add_argument("--peers-md", default=None, metavar="FILE",
                    help="write the peer table into FILE (e.g. benchmarks/RESULTS.md), between its markers")
     args = p.parse_args()
+    set_resnet_classes(args.resnet_classes)
     if args._child:
         return child(args)
     if args.device == "cpu":

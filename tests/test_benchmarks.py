@@ -74,6 +74,13 @@ def load_script(name):
     return mod
 
 
+def test_resnet_classes_refused_below_two_before_any_work(tmp_path):
+    r = run("bench_importance.py", "--resnet-classes", "1", "--quick", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "argument --resnet-classes" in r.stderr and "expected a number of classes >= 2, got '1'" in r.stderr
+    assert r.stdout == ""
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: nothing to refuse")
 def test_cuda_refused_at_parsing_before_any_work(tmp_path):
     r = run("bench_importance.py", "--device", "cuda", "--quick", cwd=tmp_path)

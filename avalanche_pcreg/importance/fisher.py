@@ -15,9 +15,11 @@ with ``BCEWithLogitsLoss``).
   distribution (seeded generator; the global RNG is left alone).
 * ``expected_fisher``: the exact expectation over classes, sum_c p(c|x_n) g_{n,c}**2. With J the
   Jacobian of the logits, g_c = J^T (p - e_c) and sum_c p_c g_c g_c^T = J^T (diag(p) - p p^T) J
-  = (S^T J)^T (S^T J) with S = diag(sqrt p) - p sqrt(p)^T, so sum_c p_c g_c**2 = sum_c (S^T J)_c**2:
-  the C columns of S are backpropagated together in one vmapped backward (``is_grads_batched``)
-  and the per-layer rules treat each (column, sample) pair as a sample. One logit: S = sqrt(p(1-p)).
+  = (S^T J)^T (S^T J) with S = diag(sqrt p) - p sqrt(p)^T, so sum_c p_c g_c**2 = sum_k (S^T J)_k**2.
+  S has rank C - 1, and C - 1 columns suffice (:func:`softmax_sqrt_hessian`); they are
+  backpropagated over the one forward, in vmapped pieces or one at a time, and the per-layer rules
+  treat each (column, sample) pair as a sample or sum the columns together. One logit:
+  S = sqrt(p(1-p)).
 """
 
 from __future__ import annotations
