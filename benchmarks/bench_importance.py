@@ -343,6 +343,46 @@ def v_floor(model, data, batch, device, **_):
     return {}
 
 
+def v_columns_only(model, data, batch, device, **_):
+    """The exact expected Fisher's columns without the per-sample work: one forward, then C - 1
+    backward passes to the first layer's output (no weight gradients), a batch at a time. What
+    any method that backpropagates the columns pays at least."""
+    from avalanche_pcreg.importance.fisher import softmax_sqrt_hessian
+
+    first = next(m for m in model.modules() if not list(m.children()))
+    seen = {}
+    handle = first.register_forward_hook(lambda mod, inp, out: seen.__setitem__("out", out))
+    try:
+        model.eval()
+        for x, _y, _t in loader(data, batch):
+            out = model(x.to(device))
+            cot = softmax_sqrt_hessian(out)
+            for k in range(cot.shape[0]):
+                torch.autograd.grad(out, seen["out"], grad_outputs=cot[k], retain_graph=k < cot.shape[0] - 1)
+    finally:
+        handle.remove()
+        model.train()
+    return {}
+
+
+def run_columns_bound(args, device, log=print):
+    """Forward + the C - 1 column backward passes alone against the floor, interleaved rounds."""
+    model_name = (args.models or ["resnet18"])[0]
+    n = args.n or 8
+    batch = args.batch_peers or n
+    data = make_data(model_name, n, args.seed)
+    models = {k: make_model(model_name, device, args.seed) for k in ("floor", "columns")}
+    fns = {"floor": v_floor, "columns": v_columns_only}
+    for k in fns:  # warm-up
+        fns[k](models[k], data, batch, device)
+    log(f"## {MODEL_TITLES[model_name]}: exact expected Fisher's columns alone, N = {n}, batch {batch}, "
+        f"{args.rounds} rounds ({load_note('at start')})")
+    times = interleaved_times(list(fns), lambda k: fns[k](models[k], data, batch, device), args.rounds, device, log)
+    per = [f / c for f, c in zip(times["floor"], times["columns"])]
+    log(f"forward + {MODELS[model_name]['classes'] - 1} column backward passes alone: "
+        f"{statistics.median(per):#.3g}x the floor (rounds: {', '.join(f'{r:#.3g}' for r in per)})")
+
+
 def v_expected_loop(model, data, batch, device, **_):
     """The exact expected Fisher, one sample at a time: one forward, C backward passes."""
 
@@ -639,6 +679,10 @@ def main():
     p.add_argument("--estimators", nargs="+", choices=sorted(EST_TITLES), default=None,
                    help="rows of the peer table (default: empirical_fisher expected_fisher)")
     p.add_argument("--batch-peers", type=int, default=None, help="batch size of the peer table (default per row)")
+    p.add_argument("--columns-bound", action="store_true",
+                   help="time one forward + the exact expected Fisher's C - 1 column backward passes alone (no "
+                        "per-sample work) against the floor; --models (default resnet18), --n (default 8); "
+                        "1 thread unless --threads is given")
     p.add_argument("--resnet-classes", type=_classes, default=100, metavar="C",
                    help="classes of the ResNet-18 (default 100); the exact expected Fisher backpropagates C - 1 columns")
     p.add_argument("--peers-md", default=None, metavar="FILE",
@@ -650,12 +694,17 @@ def main():
     if args.device == "cpu":
         ensure_malloc_env()
     device = resolve_device(args.device)
-    if args.peers and args.threads is None and device.type == "cpu":
+    if (args.peers or args.columns_bound) and args.threads is None and device.type == "cpu":
         args.threads = 1
     apply_threads(args)
     print(machine_info(device))
     if args.peers:
         run_peers(args, device)
+        print(load_note("at end"))
+        return
+    if args.columns_bound:
+        args.rounds = args.rounds or (1 if args.quick else 3)
+        run_columns_bound(args, device)
         print(load_note("at end"))
         return
     models = args.models or (["mlp"] + (["resnet18"] if (args.resnet or device.type == "cuda") else []))

@@ -74,6 +74,15 @@ def load_script(name):
     return mod
 
 
+def test_columns_bound_tiny(tmp_path):
+    r = run("bench_importance.py", "--columns-bound", "--quick", "--raw-malloc", "--n", "2", "--resnet-classes", "3",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ResNet-18 32×32, 3 classes: exact expected Fisher's columns alone, N = 2" in r.stdout
+    (ratio,) = floats(r"forward \+ 2 column backward passes alone: ([0-9.]+)x the floor", r.stdout)
+    assert ratio > 0
+
+
 def test_resnet_classes_refused_below_two_before_any_work(tmp_path):
     r = run("bench_importance.py", "--resnet-classes", "1", "--quick", cwd=tmp_path)
     assert r.returncode == 2
