@@ -345,11 +345,11 @@ def v_floor(model, data, batch, device, **_):
 
 def v_columns_only(model, data, batch, device, **_):
     """The exact expected Fisher's columns without the per-sample work: one forward, then C - 1
-    backward passes to the first layer's output (no weight gradients), a batch at a time. What
-    any method that backpropagates the columns pays at least."""
+    backward passes to the output of the first layer with parameters (no weight gradients), a
+    batch at a time. What any method that backpropagates the columns pays at least."""
     from avalanche_pcreg.importance.fisher import softmax_sqrt_hessian
 
-    first = next(m for m in model.modules() if not list(m.children()))
+    first = next(m for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False)))
     seen = {}
     handle = first.register_forward_hook(lambda mod, inp, out: seen.__setitem__("out", out))
     try:
@@ -684,7 +684,8 @@ def main():
                         "per-sample work) against the floor; --models (default resnet18), --n (default 8); "
                         "1 thread unless --threads is given")
     p.add_argument("--resnet-classes", type=_classes, default=100, metavar="C",
-                   help="classes of the ResNet-18 (default 100); the exact expected Fisher backpropagates C - 1 columns")
+                   help="classes of the ResNet-18 (default 100); the exact expected Fisher backpropagates "
+                        "C - 1 columns")
     p.add_argument("--peers-md", default=None, metavar="FILE",
                    help="write the peer table into FILE (e.g. benchmarks/RESULTS.md), between its markers")
     args = p.parse_args()

@@ -452,7 +452,8 @@ def test_gram_columns_exact_whichever_way_the_columns_arrive(conv1d, mode, monke
         for s in range(0, 9, 5):
             xb = x[s:s + 5]
             out = model(xb)
-            acc.backward_batched(out, softmax_sqrt_hessian(out), fallback=lambda p, xb=xb: torch.func.functional_call(model, p, (xb,)))
+            acc.backward_batched(out, softmax_sqrt_hessian(out),
+                                 fallback=lambda p, xb=xb: torch.func.functional_call(model, p, (xb,)))
     ref = expected_reference(model, x)
     for k in names:
         assert ref[k].abs().sum() > 0, k
