@@ -48,6 +48,16 @@ def _unfold_args(m):
     return k, stride, dil, pad, pre_pad
 
 
+def _patches(m, x):
+    """The patches of ``x`` (a chunk of the layer's input) that the kernel sees: [c, Cin·kernel, L]."""
+    kk, stride, dil, pad, pre_pad = _unfold_args(m)
+    if pre_pad is not None:
+        x = F.pad(x, pre_pad)
+    if isinstance(m, nn.Conv1d):
+        x = x.unsqueeze(2)
+    return F.unfold(x, kk, dilation=dil, padding=pad, stride=stride)
+
+
 class ConvRule(Rule):
     params = ("weight", "bias")
     ndim = 2
@@ -70,18 +80,14 @@ class ConvRule(Rule):
         grouped = (k is None and isinstance(m, nn.Conv2d) and groups == 1 and stride == (1, 1)
                    and dil == (1, 1) and d.shape[-1] * d.shape[-2] >= GROUPED_MIN_POSITIONS)
         for s, e in _chunks(n, step):
-            x = a[s:e]
-            if pre_pad is not None:
-                x = F.pad(x, pre_pad)
             c = e - s
             if grouped:
+                x = a[s:e] if pre_pad is None else F.pad(a[s:e], pre_pad)
                 w = d[s:e].reshape(c * cout, 1, *d.shape[-2:])
                 g = F.conv2d(x.transpose(0, 1), w, padding=pad, groups=c)  # [Cin, c*Cout, kh, kw]
                 yield g.reshape(m.in_channels, c, cout, *kk).permute(1, 2, 0, 3, 4)
                 continue
-            if isinstance(m, nn.Conv1d):
-                x = x.unsqueeze(2)
-            u = F.unfold(x, kk, dilation=dil, padding=pad, stride=stride)  # [c, Cin*K, L]
+            u = _patches(m, a[s:e])  # [c, Cin*K, L]
             if k is None:
                 u = u.reshape(c * groups, -1, u.shape[-1]).transpose(1, 2)  # [c*G, L, i]
                 g = torch.bmm(dg[s:e].reshape(c * groups, cout // groups, -1), u)  # [c*G, o, i]
@@ -207,15 +213,9 @@ class _GramSquares:
             self._fold()
         self.buf = None
         self.g[:, :, self.rows != self.cols] *= 2
-        kk, stride, dil, pad, pre_pad = _unfold_args(m)
         per_sample = (self.pairs + 2 * self.positions) * width * a.element_size()
         for s, e in _chunks(a.shape[0], max(1, min(self.chunk, CHUNK_BYTES // max(per_sample, 1)))):
-            x = a[s:e]
-            if pre_pad is not None:
-                x = F.pad(x, pre_pad)
-            if isinstance(m, nn.Conv1d):
-                x = x.unsqueeze(2)
-            u = F.unfold(x, kk, dilation=dil, padding=pad, stride=stride).transpose(1, 2)  # [c, L, I]
+            u = _patches(m, a[s:e]).transpose(1, 2)  # [c, L, I]
             uu = u.index_select(1, self.rows).mul_(u.index_select(1, self.cols))  # [c, P, I]
             acc.addmm_(self.g[:, s:e].reshape(cout, -1), uu.reshape(-1, width))
         self.g = None
