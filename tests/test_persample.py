@@ -546,3 +546,85 @@ def test_float64_reductions_in_pieces():
     assert ps._all_finite(g)
     g.view(-1)[-1] = float("nan")
     assert not ps._all_finite(g)
+
+
+def _conv_brute(conv, a, d, power):
+    """Σ over (column, sample) of |g|^power and Σ g for weight and bias, and the per-sample
+    weight gradients of column 0, by autograd on one sample at a time in float64."""
+    import copy
+
+    c64 = copy.deepcopy(conv).double()
+    a64, d64 = a.double(), d.double()
+    ds = d64 if d64.dim() == a64.dim() + 1 else d64.unsqueeze(0)
+    pows = {n: torch.zeros_like(p) for n, p in c64.named_parameters()}
+    tots = {n: torch.zeros_like(p) for n, p in c64.named_parameters()}
+    first = []
+    for j in range(ds.shape[0]):
+        for i in range(a64.shape[0]):
+            gs = torch.autograd.grad(c64(a64[i:i + 1]), [c64.weight, c64.bias], ds[j, i:i + 1])
+            for n, g in zip(("weight", "bias"), gs):
+                pows[n] += g.abs() if power == 1 else g * g
+                tots[n] += g
+            if j == 0:
+                first.append(gs[0])
+    return pows, tots, torch.stack(first)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("path", ["kernel", "matmul"])
+@POWERS
+def test_conv_one_sample_at_a_time_paths_exact(path, power, monkeypatch):
+    """The CPU paths that form per-sample conv gradients one sample at a time -- the convolution
+    library's weight-gradient kernel (float32) and unfold + one matmul into a reused buffer --
+    against float64 loops: Conv1d and Conv2d with stride, dilation, groups and 'same' padding,
+    one cotangent or K = 3 per sample, power sums and totals, and per_sample() (whose samples
+    must not share that buffer)."""
+    from avalanche_pcreg.importance.rules import conv as C
+
+    monkeypatch.setattr(C, "PER_SAMPLE_CALL_MIN_MACS", 0)
+    monkeypatch.setattr(C, "KERNEL_MIN_INPUT", 0 if path == "kernel" else 10 ** 9)
+    dt = torch.float32 if path == "kernel" else torch.float64
+    tol = dict(rtol=2e-5, atol=1e-5) if dt == torch.float32 else TOL
+    torch.manual_seed(41)
+    cases = [(nn.Conv2d(4, 6, (3, 2), stride=2, padding=1, dilation=2, groups=2), (6, 4, 9, 8)),
+             (nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(1, 2)), (4, 2, 5, 6)),
+             (nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (7, 4, 11)),
+             (nn.Conv1d(3, 4, 4, padding="same"), (5, 3, 9))]
+    for conv, shape in cases:
+        rule = C.Conv1dRule() if isinstance(conv, nn.Conv1d) else C.Conv2dRule()
+        conv = conv.to(dt)
+        a = torch.randn(shape, dtype=dt)
+        out_shape = tuple(conv(a).shape)
+        for k in (None, 3):
+            d = torch.randn(((k,) if k else ()) + out_shape, dtype=dt)
+            assert C._per_sample_path(conv, a, d, k) == path
+            pows, tots = rule._sums(conv, a, d, {"weight", "bias"}, power, 2, True, k)
+            ref_p, ref_t, ref_first = _conv_brute(conv, a, d, power)
+            for n in ("weight", "bias"):
+                assert pows[n].dtype == dt
+                torch.testing.assert_close(pows[n].double(), ref_p[n], **tol)
+                torch.testing.assert_close(tots[n].double(), ref_t[n], **tol)
+            if k is None:
+                torch.testing.assert_close(rule.per_sample(conv, a, d)["weight"].double(), ref_first, **tol)
+        # elsewhere the batched paths: another device, or too little work per sample
+        assert C._per_sample_path(conv, a.to("meta"), d.to("meta"), k) is None
+        monkeypatch.setattr(C, "PER_SAMPLE_CALL_MIN_MACS", 10 ** 9)
+        assert C._per_sample_path(conv, a, d, k) is None
+        monkeypatch.setattr(C, "PER_SAMPLE_CALL_MIN_MACS", 0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 9])
+def test_sum_first_is_an_orthogonal_change_of_the_columns(k):
+    """The K - 1 columns left by _sum_first and Σ_k c_k (counted 1/K) have the same Σ c cᵀ per
+    sample as the K columns given: the power-2 sums of a K-cotangent check batch stay exact."""
+    from avalanche_pcreg.importance._persample import _sum_first
+
+    torch.manual_seed(k)
+    c = torch.randn(k, 5, 7, dtype=torch.float64)
+    rest = _sum_first(c)
+    assert rest.shape == (k - 1, 5, 7) and rest.dtype == c.dtype
+    s = c.sum(0)
+    got = torch.einsum("kni,knj->nij", rest, rest) + torch.einsum("ni,nj->nij", s, s) / k
+    torch.testing.assert_close(got, torch.einsum("kni,knj->nij", c, c), rtol=1e-12, atol=1e-12)
+    c32 = c.float()
+    assert _sum_first(c32).dtype == torch.float32

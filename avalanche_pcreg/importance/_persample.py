@@ -166,17 +166,18 @@ class _AddInto(dict):
     """A sink for per-batch sums: adds each into ``sums`` at once, except the names in ``keep``,
     which it holds like a dict."""
 
-    def __init__(self, sums: dict, keep: set, touched: set):
+    def __init__(self, sums: dict, keep: set, touched: set, scale: float = 1.0):
         super().__init__()
         self._sums = sums
         self._keep = keep
         self._touched = touched
+        self._scale = scale  # every value enters multiplied by this
 
     def __setitem__(self, name, value):
         if name in self._keep:
-            super().__setitem__(name, value)
+            super().__setitem__(name, value if self._scale == 1.0 else value * self._scale)
         else:
-            self._sums[name].add_(value.to(self._sums[name].dtype))
+            self._sums[name].add_(value.to(self._sums[name].dtype), alpha=self._scale)
             self._touched.add(name)
 
     def update(self, other=(), **kw):
@@ -185,13 +186,26 @@ class _AddInto(dict):
 
 
 class _Discard(dict):
-    """A sink that keeps nothing (the check of a K-cotangent batch)."""
+    """A sink that keeps nothing (the check of a K-cotangent batch with power 1)."""
 
     def __setitem__(self, name, value):
         pass
 
     def update(self, other=(), **kw):
         pass
+
+
+def _sum_first(cot: Tensor) -> Tensor:
+    """K cotangent columns [K, N, ...] turned by one orthogonal map of the column index (the
+    reflection that swaps e_1 and 𝟙/√K): column 1 becomes Σ_k c_k / √K. Returns the other K - 1
+    columns, c_j + (c_1 - Σ_k c_k / √K) / (√K - 1). Power-2 sums over the columns are invariant
+    under any such map (Σ_k c_k c_kᵀ is), so the columns returned here and Σ_k c_k (counted 1/K)
+    carry the same sums as the K given."""
+    k = cot.shape[0]
+    c = cot.to(torch.float64)
+    rk = math.sqrt(k)
+    shift = (c[0] - c.sum(0) / rk) / (rk - 1)
+    return (c[1:] + shift).to(cot.dtype)
 
 
 def _detach(obj):
@@ -505,7 +519,15 @@ class PerSampleGradNorms:
         self._n_hint = n
         sig = self._signature(n, k)
         check = self.check_mode == "always" or sig not in self._plans
-        piece_batched = batched
+        piece_batched, all_cot = batched, cot
+        first = None  # a K-column check's cotangent Σ_k cot_k, and the weight of its sums
+        if check and batched:
+            first = (cot.sum(0), 0.0)
+            if self.power == 2 and k > 1:
+                # The check's Σ_k cot_k is a column of an orthogonal change of the columns (times
+                # √K): its sums count 1/K, and K - 1 columns are left.
+                first, cot = (first[0], 1.0 / k), _sum_first(cot)
+                k -= 1
         if batched:
             step = self._col_step(k, root.element_size())
             if step > 1:
@@ -519,14 +541,23 @@ class PerSampleGradNorms:
         out: dict[str, Tensor] = {}
         try:
             self._busy = True
-            if check and batched:
+            if first is not None:
                 # K cotangents: the check runs once, streamed, on their sum <root, Σ_k cot_k> (a
                 # per-sample loss too): it finds the sample axes and compares every rule's Σ_n g_n
-                # with the true gradient. Its power sums are not the wanted ones: discarded.
+                # with the true gradient. With power 2 its sums count 1/K (see _sum_first); with
+                # power 1 they are not the wanted ones: weight 0.
                 plans = {m: self._plan_module(m, n) for m in self._modules}
+                for plan in plans.values():
+                    model_names.update(plan["model"])
+                    layer_names.update(plan["layer"])
+                keep = set(self.names) if fallback is None else {
+                    nm for p in plans.values() if p["layer"] for nm in p["rule"] + p["layer"]}
+                part = _AddInto(self.sums, keep, self._touched, first[1]) if first[1] else _Discard()
                 self.checked_batches += 1
-                model_names.update(self._checked_pass(root, cot.sum(0), plans, _Discard()))
+                model_names.update(self._checked_pass(root, first[0], plans, part))
                 self._plans[sig] = {m: p["axes"] for m, p in plans.items() if p["axes"] is not None}
+                for nm, v in part.items():
+                    out[nm] = v
                 check = False
             # Column accumulators (rules that sum K columns better together than piece by piece)
             # share as much state as one column's δ at every layer, or _ACC_MIN_BYTES if that is
@@ -576,7 +607,7 @@ class PerSampleGradNorms:
             if model_list:
                 if fallback is None:
                     raise ValueError(f"these parameters need a fallback (pass fallback=...): {model_list}")
-                out.update(self._fallback_sums(fallback, model_list, n, cot if batched else None))
+                out.update(self._fallback_sums(fallback, model_list, n, all_cot if batched else None))
         finally:
             self._busy = False
             self._cols = None

@@ -1,11 +1,15 @@
-"""``nn.Conv1d`` / ``nn.Conv2d``: per-sample weight gradients by unfold, chunk by chunk.
+"""``nn.Conv1d`` / ``nn.Conv2d``: per-sample weight gradients, chunk by chunk.
 
-g_i = Σ_positions δ_i[:, l] u_i[:, l]ᵀ with u = unfold(a) (the patches), per group.
+g_i = Σ_positions δ_i[:, l] u_i[:, l]ᵀ with u = unfold(a) (the patches), per group. Three ways to
+form it, whichever is fastest for the layer: unfold + batched matmul; one grouped convolution over
+the samples (large maps); and, on the CPU for layers with enough work per sample, the convolution
+library's own weight-gradient kernel called once per sample (batch 1).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,14 @@ GROUPED_MIN_POSITIONS = 256
 # Bytes of per-sample gradients and patches formed at once: a chunk holds at most this much (and
 # at least one sample), whatever the chunk size in samples.
 CHUNK_BYTES = 16 * 2 ** 20
+# Multiply-adds per sample from which a CPU layer takes its per-sample gradients from the weight-
+# gradient kernel, one call per sample. The CPU convolution kernels run about twice as fast as
+# unfold + bmm on ResNet-18's layers (3.7M-38M multiply-adds per sample); below about this size the
+# per-call cost wins (benchmarks/RESULTS.md, section 2c). On CUDA the batched paths are kept.
+PER_SAMPLE_CALL_MIN_MACS = 2_500_000
+# Input values of one sample above which ATen sends a batch-1 float32 convolution to the CPU
+# convolution library (below it, to im2col + GEMM).
+KERNEL_MIN_INPUT = 20480
 
 
 def _step(m, a, d, chunk, k=None) -> int:
@@ -30,19 +42,23 @@ def _step(m, a, d, chunk, k=None) -> int:
     return max(1, min(step, CHUNK_BYTES // max(per_sample, 1)))
 
 
-def _unfold_args(m):
-    k, stride, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
+def _padding(m):
+    """(numeric padding, or zeros with ``pre_pad`` for ``F.pad`` when the module says 'same')."""
+    k, dil = tuple(m.kernel_size), tuple(m.dilation)
     pad, pre_pad = m.padding, None
     if isinstance(pad, str):
-        if pad == "valid":
-            pad = (0,) * len(k)
-        else:  # 'same': left = total // 2, right = total - left (as ATen does)
+        if pad == "same":  # left = total // 2, right = total - left (as ATen does)
             tot = [di * (ki - 1) for di, ki in zip(dil, k)]
             pre_pad = []
             for t in reversed(tot):
                 pre_pad += [t // 2, t - t // 2]
-            pad = (0,) * len(k)
-    pad = tuple(pad)
+        pad = (0,) * len(k)
+    return tuple(pad), pre_pad
+
+
+def _unfold_args(m):
+    k, stride, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
+    pad, pre_pad = _padding(m)
     if isinstance(m, nn.Conv1d):
         k, stride, dil, pad = (1,) + k, (1,) + stride, (1,) + dil, (0,) + pad
     return k, stride, dil, pad, pre_pad
@@ -65,20 +81,26 @@ class ConvRule(Rule):
     def supports(self, module, x):
         return x.is_floating_point() and x.dim() == self.ndim + 2 and module.padding_mode == "zeros"
 
-    def _weight_chunks(self, m, a, d, chunk, k=None):
+    def _weight_chunks(self, m, a, d, chunk, k=None, reuse=True):
         """Per-sample weight gradients chunk by chunk: [c, *w.shape], or [k, c, *w.shape] when
-        ``d`` has K cotangents per sample in front (the patches are unfolded once for all K)."""
+        ``d`` has K cotangents per sample in front (the patches are unfolded once for all K).
+        With ``reuse``, a chunk may be a buffer that the next one overwrites."""
         n = a.shape[0]
         kk, stride, dil, pad, pre_pad = _unfold_args(m)
         groups, cout = m.groups, m.out_channels
         lead = () if k is None else (k,)
         dg = d.reshape(*lead, n, groups, cout // groups, -1)  # [(K,) N, G, o, L]
         step = _step(m, a, d, chunk, k)
+        path = _per_sample_path(m, a, d, k)
+        if path == "kernel":
+            yield from _kernel_per_sample(m, a, d, k)
+            return
         # Large feature maps, stride 1: per-sample weight gradients as one grouped convolution
         # over the samples (input channels as the batch, the samples' δ as the filters) -- the
         # convolution kernels beat unfold + bmm there; unfold + bmm elsewhere.
-        grouped = (k is None and isinstance(m, nn.Conv2d) and groups == 1 and stride == (1, 1)
+        grouped = (path is None and k is None and isinstance(m, nn.Conv2d) and groups == 1 and stride == (1, 1)
                    and dil == (1, 1) and d.shape[-1] * d.shape[-2] >= GROUPED_MIN_POSITIONS)
+        buf = None
         for s, e in _chunks(n, step):
             c = e - s
             if grouped:
@@ -88,16 +110,23 @@ class ConvRule(Rule):
                 yield g.reshape(m.in_channels, c, cout, *kk).permute(1, 2, 0, 3, 4)
                 continue
             u = _patches(m, a[s:e])  # [c, Cin*K, L]
-            if k is None:
-                u = u.reshape(c * groups, -1, u.shape[-1]).transpose(1, 2)  # [c*G, L, i]
-                g = torch.bmm(dg[s:e].reshape(c * groups, cout // groups, -1), u)  # [c*G, o, i]
+            u = u.reshape(c, groups, -1, u.shape[-1]).transpose(2, 3)  # [c, G, L, i]
+            if path == "matmul":  # one sample (and column) at a time, into one buffer
+                one = (1,) * (len(lead) + 1) + tuple(m.weight.shape)  # [(1,) 1, *w.shape]
+                for i in range(c):
+                    for j in range(k or 1):
+                        if buf is None or not reuse:
+                            buf = torch.empty(groups, cout // groups, u.shape[-1], dtype=a.dtype, device=a.device)
+                        torch.bmm(dg[s + i] if k is None else dg[j, s + i], u[i], out=buf)
+                        yield buf.view(one)
+            elif k is None:
+                g = torch.bmm(dg[s:e].reshape(c * groups, cout // groups, -1), u.reshape(c * groups, *u.shape[2:]))
                 yield g.reshape(c, *m.weight.shape)
             else:
-                u = u.reshape(c, groups, -1, u.shape[-1])
-                yield torch.einsum("jngol,ngkl->jngok", dg[:, s:e], u).reshape(k, c, *m.weight.shape)
+                yield torch.einsum("jngol,ngli->jngoi", dg[:, s:e], u).reshape(k, c, *m.weight.shape)
 
     def per_sample(self, module, a, d):
-        w = torch.cat(list(self._weight_chunks(module, a, d, a.shape[0])))
+        w = torch.cat(list(self._weight_chunks(module, a, d, a.shape[0], reuse=False)))
         return {"weight": w, "bias": d.reshape(d.shape[0], d.shape[1], -1).sum(-1)}
 
     def _sums(self, module, a, d, want, power, chunk, total, k):
@@ -106,12 +135,11 @@ class ConvRule(Rule):
         red = (0,) if k is None else (0, 1)
         if "weight" in want:
             pw = torch.zeros(module.weight.shape, dtype=a.dtype, device=a.device)
-            tw = None
+            tw = torch.zeros_like(pw) if total else None
             for g in self._weight_chunks(module, a, d, chunk, k):
-                if total:
-                    ts = g.sum(red)
-                    tw = ts if tw is None else tw + ts
                 g = g.reshape(-1, *module.weight.shape)
+                if total:
+                    tw += g[0] if g.shape[0] == 1 else g.sum(0)
                 if power == 1:
                     pw += g.abs_().sum(0)  # g is ours: in place
                 else:  # one sample at a time into the sum: a read of g, no squared copy
@@ -141,11 +169,43 @@ class ConvRule(Rule):
         return acc if acc.nbytes <= max_bytes else None
 
 
+def _per_sample_path(m, a, d, k) -> Optional[str]:
+    """How a CPU layer with at least :data:`PER_SAMPLE_CALL_MIN_MACS` multiply-adds per sample
+    forms its per-sample gradients, one sample at a time: "kernel" (the weight-gradient kernel
+    of the CPU convolution library, which ATen uses for a batch of one float32 sample above
+    :data:`KERNEL_MIN_INPUT` input values) or "matmul" (unfold + one matmul into a reused buffer:
+    what ATen's own fallback does, without a fresh zero-filled result per call); None elsewhere
+    (CUDA, small layers: the batched paths)."""
+    positions = d[0, 0].numel() if k is None else d[0, 0, 0].numel()
+    if a.device.type != "cpu" or m.weight.numel() * positions < PER_SAMPLE_CALL_MIN_MACS:
+        return None
+    return "kernel" if a.dtype == torch.float32 and a[0].numel() > KERNEL_MIN_INPUT else "matmul"
+
+
+def _kernel_per_sample(m, a, d, k):
+    """Per-sample weight gradients from ``aten.convolution_backward`` (weight only) on one sample
+    at a time: [1, *w.shape] per sample, or [k, 1, *w.shape] with K cotangent columns."""
+    pad, pre_pad = _padding(m)
+    x = a if pre_pad is None else F.pad(a, pre_pad)
+    w = torch.empty(m.weight.shape, dtype=a.dtype, device=a.device)  # its shape is what is read
+    geometry = (tuple(m.stride), pad, tuple(m.dilation), False, (0,) * len(pad), m.groups, (False, True, False))
+
+    def grad(di, xi):
+        return torch.ops.aten.convolution_backward(di, xi, w, None, *geometry)[1]
+
+    for i in range(a.shape[0]):
+        xi = x[i:i + 1]
+        if k is None:
+            yield grad(d[i:i + 1], xi).unsqueeze(0)
+        else:
+            yield torch.stack([grad(d[j, i:i + 1], xi) for j in range(k)]).unsqueeze(1)
+
+
 def _use_gram(positions: int, k: int) -> bool:
     """Whether K cotangent columns at L output positions take the Gram form: its GEMM depth per
     sample is L(L+1)/2, against K·L for the direct products (which also write K·|w| values per
-    sample); measured on ResNet-18's layers, the Gram form wins from (L+1)/2 ≤ K."""
-    return positions + 1 <= 2 * k
+    sample); measured on ResNet-18's layers, the Gram form wins from L/2 ≤ K."""
+    return positions <= 2 * k
 
 
 class _GramSquares:
@@ -170,7 +230,7 @@ class _GramSquares:
         self.rows, self.cols = iu[0], iu[1]
         self.flat = iu[0] * positions + iu[1]
         self.pairs = iu.shape[1]
-        self.group = max(1, min(k, self.GROUP))
+        self.group = -(-k // -(-k // self.GROUP))  # K in equal folds of at most GROUP columns
         self.nbytes = cout * n * (self.pairs + self.group * positions) * a.element_size()
         self.g = None  # [o, N, P]
         self.buf = None  # [o, N, group, L]
