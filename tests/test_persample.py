@@ -606,6 +606,9 @@ def test_conv_one_sample_at_a_time_paths_exact(path, power, monkeypatch):
                 torch.testing.assert_close(tots[n].double(), ref_t[n], **tol)
             if k is None:
                 torch.testing.assert_close(rule.per_sample(conv, a, d)["weight"].double(), ref_first, **tol)
+            with monkeypatch.context() as mp:  # no CPU convolution library: matmul
+                mp.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+                assert C._per_sample_path(conv, a, d, k) == "matmul"
         # elsewhere the batched paths: another device, or too little work per sample
         assert C._per_sample_path(conv, a.to("meta"), d.to("meta"), k) is None
         monkeypatch.setattr(C, "PER_SAMPLE_CALL_MIN_MACS", 10 ** 9)

@@ -545,7 +545,7 @@ class PerSampleGradNorms:
                 # K cotangents: the check runs once, streamed, on their sum <root, Σ_k cot_k> (a
                 # per-sample loss too): it finds the sample axes and compares every rule's Σ_n g_n
                 # with the true gradient. With power 2 its sums count 1/K (see _sum_first); with
-                # power 1 they are not the wanted ones: weight 0.
+                # power 1 they are not the wanted ones: dropped.
                 plans = {m: self._plan_module(m, n) for m in self._modules}
                 for plan in plans.values():
                     model_names.update(plan["model"])

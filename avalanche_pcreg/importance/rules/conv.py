@@ -23,10 +23,10 @@ GROUPED_MIN_POSITIONS = 256
 # Bytes of per-sample gradients and patches formed at once: a chunk holds at most this much (and
 # at least one sample), whatever the chunk size in samples.
 CHUNK_BYTES = 16 * 2 ** 20
-# Multiply-adds per sample from which a CPU layer takes its per-sample gradients from the weight-
-# gradient kernel, one call per sample. The CPU convolution kernels run about twice as fast as
-# unfold + bmm on ResNet-18's layers (3.7M-38M multiply-adds per sample); below about this size the
-# per-call cost wins (benchmarks/RESULTS.md, section 2c). On CUDA the batched paths are kept.
+# Multiply-adds per sample from which a CPU layer forms its per-sample gradients one sample at a
+# time (_per_sample_path): 1.2-3.4x faster than the batched paths on ResNet-18's layers (19M-38M
+# multiply-adds per sample), and still ahead at 3.6M; below about this size the per-call cost wins
+# (docs/persample-rules.md, "Convolution speed"). On CUDA the batched paths are kept.
 PER_SAMPLE_CALL_MIN_MACS = 2_500_000
 # Input values of one sample above which ATen sends a batch-1 float32 convolution to the CPU
 # convolution library (below it, to im2col + GEMM).
@@ -179,7 +179,8 @@ def _per_sample_path(m, a, d, k) -> Optional[str]:
     positions = d[0, 0].numel() if k is None else d[0, 0, 0].numel()
     if a.device.type != "cpu" or m.weight.numel() * positions < PER_SAMPLE_CALL_MIN_MACS:
         return None
-    return "kernel" if a.dtype == torch.float32 and a[0].numel() > KERNEL_MIN_INPUT else "matmul"
+    library = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return "kernel" if library and a.dtype == torch.float32 and a[0].numel() > KERNEL_MIN_INPUT else "matmul"
 
 
 def _kernel_per_sample(m, a, d, k):
