@@ -1,9 +1,10 @@
 """``nn.Conv1d`` / ``nn.Conv2d``: per-sample weight gradients, chunk by chunk.
 
-g_i = Σ_positions δ_i[:, l] u_i[:, l]ᵀ with u = unfold(a) (the patches), per group. Three ways to
-form it, whichever is fastest for the layer: unfold + batched matmul; one grouped convolution over
-the samples (large maps); and, on the CPU for layers with enough work per sample, the convolution
-library's own weight-gradient kernel called once per sample (batch 1).
+g_i = Σ_positions δ_i[:, l] u_i[:, l]ᵀ with u = unfold(a) (the patches), per group. Formed whichever
+way is fastest for the layer: unfold + batched matmul; one grouped convolution over the samples
+(large maps); or, on the CPU for layers with enough work per sample, one sample at a time, with the
+convolution library's own weight-gradient kernel or one matmul into a reused buffer. With K
+cotangent columns and small maps, the squares are summed in Gram form (:class:`_GramSquares`).
 """
 
 from __future__ import annotations
