@@ -519,52 +519,39 @@ class PerSampleGradNorms:
         self._n_hint = n
         sig = self._signature(n, k)
         check = self.check_mode == "always" or sig not in self._plans
-        piece_batched, all_cot = batched, cot
-        first = None  # a K-column check's cotangent Σ_k cot_k, and the weight of its sums
+        all_cot = cot
+        # pieces: (cotangent, whether it holds several columns, the weight of its sums)
+        pieces: list = []
         if check and batched:
-            first = (cot.sum(0), 0.0)
-            if self.power == 2 and k > 1:
-                # The check's Σ_k cot_k is a column of an orthogonal change of the columns (times
-                # √K): its sums count 1/K, and K - 1 columns are left.
-                first, cot = (first[0], 1.0 / k), _sum_first(cot)
-                k -= 1
+            # K cotangents: the check runs once, streamed, on their sum <root, Σ_k cot_k> (a
+            # per-sample loss too): it finds the sample axes and compares every rule's Σ_n g_n
+            # with the true gradient. With power 2, Σ_k cot_k is a column of an orthogonal change
+            # of the columns (times √K): its sums count 1/K and K - 1 columns are left
+            # (_sum_first). With power 1 its sums are not the wanted ones: weight 0, dropped.
+            weight = 1.0 / k if self.power == 2 and k > 1 else 0.0
+            pieces.append((cot.sum(0), False, weight))
+            if weight:
+                cot, k = _sum_first(cot), k - 1
         if batched:
             step = self._col_step(k, root.element_size())
             if step > 1:
-                pieces = [cot[s:s + step] for s in range(0, k, step)]
+                pieces += [(cot[s:s + step], True, 1.0) for s in range(0, k, step)]
             else:  # one column's δ at every layer fills the budget: one column at a time, streamed
-                pieces, piece_batched = list(cot.unbind(0)), False
+                pieces += [(c, False, 1.0) for c in cot.unbind(0)]
         else:
-            pieces = [cot]
+            pieces.append((cot, False, 1.0))
         model_names: set[str] = set(self._static_fallback) | set(self._failed)
         layer_names: set[str] = set()
         out: dict[str, Tensor] = {}
         try:
             self._busy = True
-            if first is not None:
-                # K cotangents: the check runs once, streamed, on their sum <root, Σ_k cot_k> (a
-                # per-sample loss too): it finds the sample axes and compares every rule's Σ_n g_n
-                # with the true gradient. With power 2 its sums count 1/K (see _sum_first); with
-                # power 1 they are not the wanted ones: dropped.
-                plans = {m: self._plan_module(m, n) for m in self._modules}
-                for plan in plans.values():
-                    model_names.update(plan["model"])
-                    layer_names.update(plan["layer"])
-                keep = set(self.names) if fallback is None else {
-                    nm for p in plans.values() if p["layer"] for nm in p["rule"] + p["layer"]}
-                part = _AddInto(self.sums, keep, self._touched, first[1]) if first[1] else _Discard()
-                self.checked_batches += 1
-                model_names.update(self._checked_pass(root, first[0], plans, part))
-                self._plans[sig] = {m: p["axes"] for m, p in plans.items() if p["axes"] is not None}
-                for nm, v in part.items():
-                    out[nm] = v
-                check = False
             # Column accumulators (rules that sum K columns better together than piece by piece)
             # share as much state as one column's δ at every layer, or _ACC_MIN_BYTES if that is
             # more, and at most max_bytes; granted in the order the backward reaches the layers.
+            # (The check's piece forms totals too, which the accumulators do not: it uses none.)
             left = min(self.max_bytes, max(self._col_bytes(root.element_size()), _ACC_MIN_BYTES))
             self._cols = {"k": k, "left": left, "acc": {}} if batched else None
-            for i, piece in enumerate(pieces):
+            for i, (piece, piece_batched, weight) in enumerate(pieces):
                 plans = {m: self._plan_module(m, n) for m in self._modules}
                 for plan in plans.values():
                     model_names.update(plan["model"])
@@ -574,11 +561,12 @@ class PerSampleGradNorms:
                 # Kept per batch: modules with per-layer-fallback names (that fallback may fail
                 # on a later column piece and move the module), and everything without a
                 # fallback (a failing call must leave the sums untouched).
-                if fallback is not None:
-                    keep = {nm for p in plans.values() if p["layer"] for nm in p["rule"] + p["layer"]}
-                    part: dict[str, Tensor] = _AddInto(self.sums, keep, self._touched)
+                if weight:
+                    keep = set(self.names) if fallback is None else {
+                        nm for p in plans.values() if p["layer"] for nm in p["rule"] + p["layer"]}
+                    part: dict[str, Tensor] = _AddInto(self.sums, keep, self._touched, weight)
                 else:
-                    part = {}
+                    part = _Discard()
                 if check and i == 0:
                     self.checked_batches += 1
                     moved = self._checked_pass(root, piece, plans, part)
