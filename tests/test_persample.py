@@ -491,13 +491,28 @@ class _ColumnsNet(nn.Module):
         return self.head(h.flatten(1))
 
 
+class _Scale(nn.Module):
+    """A layer without a rule: its parameter goes to the per-layer fallback."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return x * self.weight
+
+
 @POWERS
 @pytest.mark.parametrize("accumulators", [True, False])
 @pytest.mark.parametrize("step", [5, 2, 1])
-def test_backward_batched_any_cotangents_exact(power, step, accumulators, monkeypatch):
+@pytest.mark.parametrize("model_fallback", [True, False])
+def test_backward_batched_any_cotangents_exact(power, step, accumulators, model_fallback, monkeypatch):
     """K = 5 arbitrary cotangents per sample, backpropagated in one piece, in pieces of 2 or one
     streamed column at a time, with the rules' column accumulators or without them (each piece
-    through ``sums_multi``), against a loop over (column, sample) in float64."""
+    through ``sums_multi``), with a whole-model fallback given or not (then every sum is held to
+    the end of the batch), and with a layer that takes the per-layer fallback, against a loop over
+    (column, sample) in float64. The first batch is checked (its check's sums count 1/5 with
+    power 2), the second is not."""
     from avalanche_pcreg.importance.rules.conv import ConvRule
     from avalanche_pcreg.importance.rules.linear import LinearRule
 
@@ -505,25 +520,29 @@ def test_backward_batched_any_cotangents_exact(power, step, accumulators, monkey
         for cls in (ConvRule, LinearRule):
             monkeypatch.setattr(cls, "column_accumulator", lambda self, *a, **k: None)
     torch.manual_seed(5)
-    model = _ColumnsNet().double().eval()
+    model = nn.Sequential(_ColumnsNet(), _Scale(4)).double().eval()
     with torch.no_grad():
-        model.bn.running_mean.normal_(0, 0.3)
-        model.bn.running_var.uniform_(0.5, 1.5)
-    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
-    cot = torch.randn(5, 6, 4, dtype=torch.float64)
+        model[0].bn.running_mean.normal_(0, 0.3)
+        model[0].bn.running_var.uniform_(0.5, 1.5)
+    xs = [torch.randn(6, 2, 5, 5, dtype=torch.float64) for _ in range(2)]
+    cots = [torch.randn(5, 6, 4, dtype=torch.float64) for _ in range(2)]
     names = [n for n, _ in model.named_parameters()]
     params = dict(model.named_parameters())
     ref = {n: torch.zeros_like(p) for n, p in params.items()}
-    out = model(x)
-    for k in range(5):
-        for i in range(6):
-            gs = torch.autograd.grad(out[i] @ cot[k, i], list(params.values()), retain_graph=True)
-            for n, g in zip(names, gs):
-                ref[n] += g.abs() if power == 1 else g * g
+    for x, cot in zip(xs, cots):
+        out = model(x)
+        for k in range(5):
+            for i in range(6):
+                gs = torch.autograd.grad(out[i] @ cot[k, i], list(params.values()), retain_graph=True)
+                for n, g in zip(names, gs):
+                    ref[n] += g.abs() if power == 1 else g * g
     monkeypatch.setattr(PerSampleGradNorms, "_col_step", lambda self, k, elem: step)
     with PerSampleGradNorms(model, names, power=power, chunk_size=4) as acc:
-        acc.backward_batched(model(x), cot, fallback=lambda p: functional_call(model, p, (x,)))
-        assert acc.fallback_names == []
+        for x, cot in zip(xs, cots):
+            fb = (lambda p, x=x: functional_call(model, p, (x,))) if model_fallback else None
+            acc.backward_batched(model(x), cot, fallback=fb)
+        assert acc.fallback_names == ["1.weight"] and acc.model_fallback_names == []
+        assert acc.checked_batches == 1
     for n in names:
         assert ref[n].abs().sum() > 0, n
         torch.testing.assert_close(acc.sums[n], ref[n], **TOL, msg=lambda m: f"{n}: {m}")
