@@ -63,7 +63,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .rules import rule_for
-from .rules._registry import _pow
+from .rules._registry import _even_size, _pow
 
 __all__ = ["PerSampleGradNorms", "DEFAULT_CHUNK", "acc_dtype"]
 
@@ -510,8 +510,7 @@ class PerSampleGradNorms:
         all held at the end of that backward, stay within the size of the running sums (one
         copy of the parameters) and ``max_bytes``, at least one column; pieces of equal size."""
         budget = min(self.max_bytes, sum(t.numel() * t.element_size() for t in self.sums.values()))
-        step = max(1, min(k, budget // max(self._col_bytes(elem), 1)))
-        return -(-k // -(-k // step))  # ceil(k / number of pieces)
+        return _even_size(k, budget // max(self._col_bytes(elem), 1))
 
     def _run(self, root: Tensor, cot: Tensor, batched: bool, retain_graph: bool, fallback) -> None:
         n = int(root.shape[0])

@@ -21,6 +21,13 @@ def _pow(x: Tensor, p: int) -> Tensor:
     return x.abs() if p == 1 else x * x
 
 
+def _even_size(n: int, most: int) -> int:
+    """The size of the equal pieces that split ``n`` into as few pieces of at most ``most`` as
+    possible (ceil(n / number of pieces))."""
+    most = max(1, int(most))
+    return -(-n // -(-n // most))
+
+
 def _chunks(n: int, size: int):
     size = max(1, int(size))
     for s in range(0, n, size):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Rule, _chunks, _pow, register_rule
+from ._registry import Rule, _chunks, _even_size, _pow, register_rule
 
 
 # Output positions from which a stride-1 Conv2d forms per-sample gradients by grouped convolution.
@@ -34,10 +34,15 @@ PER_SAMPLE_CALL_MIN_MACS = 2_500_000
 KERNEL_MIN_INPUT = 20480
 
 
+def _positions(d, k) -> int:
+    """Output positions of ``d`` ([N, C, *spatial], or [K, N, C, *spatial] with K columns)."""
+    return d[0, 0].numel() if k is None else d[0, 0, 0].numel()
+
+
 def _step(m, a, d, chunk, k=None) -> int:
     """Samples per chunk: ``chunk`` (per cotangent column), capped by :data:`CHUNK_BYTES`."""
     kk = _unfold_args(m)[0]
-    positions = d[0, 0].numel() if k is None else d[0, 0, 0].numel()
+    positions = _positions(d, k)
     per_sample = (m.weight.numel() * (k or 1) + m.in_channels * math.prod(kk) * positions) * a.element_size()
     step = chunk if k is None else chunk // k
     return max(1, min(step, CHUNK_BYTES // max(per_sample, 1)))
@@ -86,16 +91,16 @@ class ConvRule(Rule):
         """Per-sample weight gradients chunk by chunk: [c, *w.shape], or [k, c, *w.shape] when
         ``d`` has K cotangents per sample in front (the patches are unfolded once for all K).
         With ``reuse``, a chunk may be a buffer that the next one overwrites."""
+        path = _per_sample_path(m, a, d, k)
+        if path == "kernel":
+            yield from _kernel_per_sample(m, a, d, k)
+            return
         n = a.shape[0]
         kk, stride, dil, pad, pre_pad = _unfold_args(m)
         groups, cout = m.groups, m.out_channels
         lead = () if k is None else (k,)
         dg = d.reshape(*lead, n, groups, cout // groups, -1)  # [(K,) N, G, o, L]
         step = _step(m, a, d, chunk, k)
-        path = _per_sample_path(m, a, d, k)
-        if path == "kernel":
-            yield from _kernel_per_sample(m, a, d, k)
-            return
         # Large feature maps, stride 1: per-sample weight gradients as one grouped convolution
         # over the samples (input channels as the batch, the samples' δ as the filters) -- the
         # convolution kernels beat unfold + bmm there; unfold + bmm elsewhere.
@@ -177,8 +182,7 @@ def _per_sample_path(m, a, d, k) -> Optional[str]:
     :data:`KERNEL_MIN_INPUT` input values) or "matmul" (unfold + one matmul into a reused buffer:
     what ATen's own fallback does, without a fresh zero-filled result per call); None elsewhere
     (CUDA, small layers: the batched paths)."""
-    positions = d[0, 0].numel() if k is None else d[0, 0, 0].numel()
-    if a.device.type != "cpu" or m.weight.numel() * positions < PER_SAMPLE_CALL_MIN_MACS:
+    if a.device.type != "cpu" or m.weight.numel() * _positions(d, k) < PER_SAMPLE_CALL_MIN_MACS:
         return None
     library = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
     return "kernel" if library and a.dtype == torch.float32 and a[0].numel() > KERNEL_MIN_INPUT else "matmul"
@@ -232,7 +236,7 @@ class _GramSquares:
         self.rows, self.cols = iu[0], iu[1]
         self.flat = iu[0] * positions + iu[1]
         self.pairs = iu.shape[1]
-        self.group = -(-k // -(-k // self.GROUP))  # K in equal folds of at most GROUP columns
+        self.group = _even_size(k, self.GROUP)  # K in equal folds of at most GROUP columns
         self.nbytes = cout * n * (self.pairs + self.group * positions) * a.element_size()
         self.g = None  # [o, N, P]
         self.buf = None  # [o, N, group, L]
