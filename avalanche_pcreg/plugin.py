@@ -40,7 +40,6 @@ from ._guards import capped, penalty_ratio_message, sgd_instability
 from ._stats import importance_stats
 from .importance import TrajectoryEstimator, compute_importance, resolve_estimator
 from .importance._common import check_output_transform, eval_mode, model_forward
-from .importance._persample import DEFAULT_CHUNK
 from .selection import ParameterSelection, canonical_name, named_parameters, raw_names, unwrap
 from .state import ConsolidatedState
 
@@ -128,7 +127,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         xi: float = 0.1,
         seed: int = 0,
         impl: Optional[str] = None,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: Optional[int] = None,
         estimator_options: Optional[dict] = None,
         importance_scale: float = 1.0,
         running_average: bool = False,
@@ -190,7 +189,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             raise TypeError(f"strict must be a bool, got {type(strict).__name__} {strict!r}")
         self.strict = strict
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
-        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size, allow_none=True)
         self.output_transform = check_output_transform(output_transform)
         self.xi = xi
         self._ratio_checked = True  # the penalty/loss check runs once per experience

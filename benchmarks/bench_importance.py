@@ -114,7 +114,8 @@ def interleaved_times(names, run, rounds, device, log) -> dict:
             run(k)
             sync(device)
             times[k].append(time.perf_counter() - t)
-        log(f"  round {r + 1}/{rounds} done ({time.time() - t0:.0f} s)")
+        log(f"  round {r + 1}/{rounds} done ({time.time() - t0:.0f} s): "
+            + ", ".join(f"{k} {times[k][-1]:.3g} s" for k in names))
     return times
 
 

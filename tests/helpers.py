@@ -59,12 +59,13 @@ class LossRecorder(SupervisedPlugin):
         self.exp_of_loss.append(strategy.clock.train_exp_counter)
 
 
-def run_naive(benchmark, model, plugins, *, epochs=2, mb=32, lr=0.05, seed=0, momentum=0.0, eval_every=-1):
+def run_naive(benchmark, model, plugins, *, epochs=2, mb=32, lr=0.05, seed=0, momentum=0.0, eval_every=-1,
+              device="cpu"):
     torch.manual_seed(seed)
     rec = LossRecorder()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     strategy = Naive(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), train_mb_size=mb,
-                     train_epochs=epochs, eval_mb_size=64, device="cpu", plugins=[*plugins, rec],
+                     train_epochs=epochs, eval_mb_size=64, device=device, plugins=[*plugins, rec],
                      evaluator=None, eval_every=eval_every)
     for exp in benchmark.train_stream:
         strategy.train(exp)

@@ -448,6 +448,9 @@ def test_error_bad_arguments():
     for ns in (0, -1, 1.5):
         with pytest.raises(ValueError, match="num_samples"):
             compute_importance(model, ds, num_samples=ns)
+    for cs in (0, -2, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+            compute_importance(model, ds, "empirical_fisher", chunk_size=cs)
     with pytest.raises(ValueError, match=r"'9\.weight'"):
         compute_importance(model, ds, names=["9.weight"])
     with pytest.raises(TypeError, match="model"):

@@ -589,6 +589,41 @@ def _conv_brute(conv, a, d, power):
     return pows, tots, torch.stack(first)
 
 
+def _conv_cases():
+    """Convolutions with stride, dilation, groups and 'same' padding, and their input shapes."""
+    return [(nn.Conv2d(4, 6, (3, 2), stride=2, padding=1, dilation=2, groups=2), (6, 4, 9, 8)),
+            (nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(1, 2)), (4, 2, 5, 6)),
+            (nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (7, 4, 11)),
+            (nn.Conv1d(3, 4, 4, padding="same"), (5, 3, 9))]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("chunk", [2, 16])
+@POWERS
+def test_conv_grouped_weight_gradient_path_exact(chunk, power, monkeypatch):
+    """The GPU path -- one weight-gradient call per chunk, the chunk's samples as the groups of
+    one convolution -- forced on the CPU, against float64 loops: the cases above, one cotangent
+    or K = 3 per sample, chunks of 2 samples (several per batch, the last one short) or all."""
+    from avalanche_pcreg.importance.rules import conv as C
+
+    monkeypatch.setattr(C, "_per_sample_path", lambda m, a, d, k: "wgrad")
+    torch.manual_seed(43)
+    for conv, shape in _conv_cases():
+        rule = C.Conv1dRule() if isinstance(conv, nn.Conv1d) else C.Conv2dRule()
+        conv = conv.double()
+        a = torch.randn(shape, dtype=torch.float64)
+        out_shape = tuple(conv(a).shape)
+        for k in (None, 3):
+            d = torch.randn(((k,) if k else ()) + out_shape, dtype=torch.float64)
+            pows, tots = rule._sums(conv, a, d, {"weight", "bias"}, power, chunk, True, k)
+            ref_p, ref_t, ref_first = _conv_brute(conv, a, d, power)
+            for n in ("weight", "bias"):
+                torch.testing.assert_close(pows[n], ref_p[n], **TOL)
+                torch.testing.assert_close(tots[n], ref_t[n], **TOL)
+            if k is None:
+                torch.testing.assert_close(rule.per_sample(conv, a, d)["weight"], ref_first, **TOL)
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 @pytest.mark.parametrize("path", ["kernel", "matmul"])
 @POWERS
@@ -605,11 +640,7 @@ def test_conv_one_sample_at_a_time_paths_exact(path, power, monkeypatch):
     dt = torch.float32 if path == "kernel" else torch.float64
     tol = dict(rtol=2e-5, atol=1e-5) if dt == torch.float32 else TOL
     torch.manual_seed(41)
-    cases = [(nn.Conv2d(4, 6, (3, 2), stride=2, padding=1, dilation=2, groups=2), (6, 4, 9, 8)),
-             (nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(1, 2)), (4, 2, 5, 6)),
-             (nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (7, 4, 11)),
-             (nn.Conv1d(3, 4, 4, padding="same"), (5, 3, 9))]
-    for conv, shape in cases:
+    for conv, shape in _conv_cases():
         rule = C.Conv1dRule() if isinstance(conv, nn.Conv1d) else C.Conv2dRule()
         conv = conv.to(dt)
         a = torch.randn(shape, dtype=dt)
@@ -628,8 +659,8 @@ def test_conv_one_sample_at_a_time_paths_exact(path, power, monkeypatch):
             with monkeypatch.context() as mp:  # no CPU convolution library: matmul
                 mp.setattr(torch.backends.mkldnn, "is_available", lambda: False)
                 assert C._per_sample_path(conv, a, d, k) == "matmul"
-        # elsewhere the batched paths: another device, or too little work per sample
-        assert C._per_sample_path(conv, a.to("meta"), d.to("meta"), k) is None
+        # another device: one weight-gradient call per chunk; too little work per sample: batched
+        assert C._per_sample_path(conv, a.to("meta"), d.to("meta"), k) == "wgrad"
         monkeypatch.setattr(C, "PER_SAMPLE_CALL_MIN_MACS", 10 ** 9)
         assert C._per_sample_path(conv, a, d, k) is None
         monkeypatch.setattr(C, "PER_SAMPLE_CALL_MIN_MACS", 0)
@@ -650,3 +681,44 @@ def test_sum_first_is_an_orthogonal_change_of_the_columns(k):
     torch.testing.assert_close(got, torch.einsum("kni,knj->nij", c, c), rtol=1e-12, atol=1e-12)
     c32 = c.float()
     assert _sum_first(c32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_gpu_chunking_exact_on_the_cpu(chunk_size, monkeypatch):
+    """What a GPU changes, forced on the CPU: chunks of 256 samples under a 256 MiB budget when
+    chunk_size is None, and a chunk's squares summed in one launch. Every estimator through the
+    conv paths (unfold + bmm, grouped, Gram with the expected Fisher's columns) and sequences
+    against the float64 loop."""
+    from torch.utils.data import TensorDataset
+
+    from avalanche_pcreg import compute_importance
+    from avalanche_pcreg.importance import _persample
+    from avalanche_pcreg.importance.rules import _registry, conv, linear
+    from test_importance import assert_matches, brute_force
+
+    calls = []
+
+    def squares_at_once(device):
+        calls.append(device.type)
+        return True
+
+    monkeypatch.setattr(conv, "_squares_at_once", squares_at_once)
+    for mod in (conv, linear):
+        monkeypatch.setattr(mod, "chunk_bytes", lambda device: _registry.GPU_CHUNK_BYTES)
+    monkeypatch.setattr(_persample, "default_chunk", lambda device: _persample.GPU_DEFAULT_CHUNK)
+    torch.manual_seed(3)
+    seq = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(1), nn.Unflatten(1, (4, 6)),
+                        nn.Linear(6, 5), nn.Tanh(), nn.Flatten(1), nn.Linear(20, 6)).double()
+    cases = [
+        (_ColumnsNet().double(), torch.randn(9, 2, 5, 5, dtype=torch.float64), 4),  # Gram, sequences
+        (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                       nn.Linear(16, 5)).double(), torch.randn(7, 3, 17, 18, dtype=torch.float64), 5),  # grouped
+        (seq, torch.randn(8, 3, 6, dtype=torch.float64), 6),  # Conv1d (unfold + bmm), Linear on [N, T, D]
+    ]
+    for model, x, classes in cases:
+        y = torch.randint(0, classes, (x.shape[0],))
+        for method in ("empirical_fisher", "expected_fisher", "mas"):
+            ref = brute_force(model, x, y, method, batch_size=4)
+            got = compute_importance(model, TensorDataset(x, y), method, batch_size=4, chunk_size=chunk_size)
+            assert_matches(got, ref)
+    assert calls  # the one-launch squares ran

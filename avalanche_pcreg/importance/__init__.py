@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._checks import check_importance_tensor, check_positive_int
 from ._common import check_output_transform, dist_rank_world, eval_mode, model_device, resolve_names, using_output_transform
-from ._persample import DEFAULT_CHUNK
 from .avalanche_mas import avalanche_mas
 from .fisher import empirical_fisher, expected_fisher, fisher
 from .mas import mas
@@ -304,7 +303,7 @@ def compute_importance(
     device=None,
     names: Optional[Sequence[str]] = None,
     seed: int = 0,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: Optional[int] = None,
     output_transform: Optional[Callable] = None,
 ) -> Dict[str, Tensor]:
     """Per-parameter importances ``{name: Tensor}`` of ``model`` on ``data``.
@@ -319,6 +318,9 @@ def compute_importance(
     :param num_samples: a seeded random subset of this many samples; None means all.
     :param names: parameters to estimate; default every parameter with requires_grad.
     :param seed: seeds the subset and the labels drawn by ``fisher``.
+    :param chunk_size: samples whose per-sample gradients are formed at once (convolutions,
+        sequences, fallbacks), which bounds the pass's extra memory; None: 16 on the CPU, 256 on
+        a GPU, each also capped by bytes (16 MiB on the CPU, 256 MiB on a GPU).
     :param output_transform: a callable ``model_output -> logits Tensor`` for models that return
         a tuple, a dict or an object (e.g. ``lambda out: out[0]``); every registered estimator,
         and the ``criterion``, then sees the logits (a user callable gets the model as it is).
@@ -341,6 +343,7 @@ def compute_importance(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_positive_int("batch_size", batch_size)
     check_positive_int("num_samples", num_samples, allow_none=True)
+    check_positive_int("chunk_size", chunk_size, allow_none=True)
     names = resolve_names(model, names)
     frozen = [n for n, p in model.named_parameters() if n in set(names) and not p.requires_grad]
     if frozen and name != "uniform":

@@ -67,10 +67,17 @@ from .rules._registry import _even_size, _pow
 
 __all__ = ["PerSampleGradNorms", "DEFAULT_CHUNK", "acc_dtype"]
 
-# Samples per chunk for the rules that materialise per-sample gradients (conv, sequences) and for
-# the fallbacks. 16 measured best for ResNet-18 on the CPU (benchmarks/RESULTS.md); convolutions
-# also cap a chunk at ``rules.conv.CHUNK_BYTES``.
+# Samples per chunk (``chunk_size=None``) for the rules that materialise per-sample gradients (conv,
+# sequences) and for the fallbacks: 16 on the CPU, measured best for ResNet-18 there
+# (benchmarks/RESULTS.md); 256 on a GPU, where small chunks leave it idle between launches. The
+# rules also cap a chunk by bytes (``rules._registry.chunk_bytes``: 16 MiB on the CPU, 256 MiB on a GPU).
 DEFAULT_CHUNK = 16
+GPU_DEFAULT_CHUNK = 256
+
+
+def default_chunk(device) -> int:
+    """Samples per chunk when ``chunk_size`` is None, on ``device`` (a ``torch.device``)."""
+    return DEFAULT_CHUNK if device.type == "cpu" else GPU_DEFAULT_CHUNK
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -231,22 +238,23 @@ class PerSampleGradNorms:
     several ``backward(retain_graph=True)`` calls can share one forward), and on exit.
     """
 
-    def __init__(self, model: nn.Module, names: Iterable[str], power: int = 2, chunk_size: int = DEFAULT_CHUNK,
+    def __init__(self, model: nn.Module, names: Iterable[str], power: int = 2, chunk_size: Optional[int] = None,
                  check: str = "signature", max_bytes: int = 64 * 2 ** 20):
         if isinstance(power, bool) or power not in (1, 2):
             raise ValueError(f"power must be 1 or 2, got {power!r}")
-        try:
-            ok = not isinstance(chunk_size, bool) and operator.index(chunk_size) >= 1
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        chunk_size = operator.index(chunk_size)
+        if chunk_size is not None:
+            try:
+                ok = not isinstance(chunk_size, bool) and operator.index(chunk_size) >= 1
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+            chunk_size = int(operator.index(chunk_size))
         if check not in ("signature", "always"):
             raise ValueError(f"check must be 'signature' or 'always', got {check!r}")
         self.model = model
         self.power = int(power)
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = chunk_size  # None: default_chunk of the tensors' device
         self.check_mode = check
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
             raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
@@ -943,7 +951,7 @@ class PerSampleGradNorms:
                     acc.add(d if batched else d.unsqueeze(0))  # its names come at the run's end
                     want = {attr: nm for attr, nm in want.items() if attr not in acc.covers}
                 fn = rule.sums_multi if batched else rule.sums
-                p, t = fn(m, a, d, set(want), self.power, self.chunk_size, total) if want else ({}, {})
+                p, t = fn(m, a, d, set(want), self.power, self._chunk(d), total) if want else ({}, {})
                 for attr, nm in want.items():
                     if attr in p:
                         pows[nm] = p[attr]
@@ -963,6 +971,10 @@ class PerSampleGradNorms:
             tots.update(t)
         return pows, (tots if total else None)
 
+    def _chunk(self, t: Tensor) -> int:
+        """Samples per chunk for tensors like ``t``: ``chunk_size``, or the default of its device."""
+        return self.chunk_size or default_chunk(t.device)
+
     def _column_acc(self, m, rule, a, d, want, batched):
         """The rule's accumulator for module m in this K-column run (created at its first piece
         within what is left of the state budget), or None."""
@@ -971,7 +983,7 @@ class PerSampleGradNorms:
             return None
         if m not in cols["acc"]:
             shape = tuple(d.shape[1:] if batched else d.shape)
-            acc = rule.column_accumulator(m, a, shape, want, self.power, self.chunk_size, cols["k"], cols["left"])
+            acc = rule.column_accumulator(m, a, shape, want, self.power, self._chunk(d), cols["k"], cols["left"])
             if acc is not None:
                 cols["left"] -= acc.nbytes
             cols["acc"][m] = acc
@@ -1011,7 +1023,7 @@ class PerSampleGradNorms:
         tots = {nm: torch.zeros_like(pows[nm]) for nm in names}
         if not live:
             return pows, tots
-        step = max(1, self.chunk_size // (deltas[live[0]].shape[0] if batched else 1))
+        step = max(1, self._chunk(deltas[live[0]]) // (deltas[live[0]].shape[0] if batched else 1))
         for s in range(0, n, step):
             e = min(n, s + step)
             xs = [x if a is None else x.narrow(a, s, e - s) for x, a in zip(leaves, in_axes)]
@@ -1081,8 +1093,9 @@ class PerSampleGradNorms:
         # one cotangent per (column, sample): rows of the one-hot basis, scaled by the column
         pairs = [(None, i) for i in range(n)] if cot is None else [(c, i) for c in range(cot.shape[0]) for i in range(n)]
         use_vmap = True
-        for s in range(0, len(pairs), self.chunk_size):
-            chunk = pairs[s:s + self.chunk_size]
+        size = self._chunk(vals)
+        for s in range(0, len(pairs), size):
+            chunk = pairs[s:s + size]
             basis = torch.zeros(len(chunk), *vals.shape, dtype=vals.dtype, device=vals.device)
             for j, (c, i) in enumerate(chunk):
                 basis[j, i] = 1 if c is None else cot[c, i]

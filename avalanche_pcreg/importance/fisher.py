@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import all_reduce_sums, batches, functional_forward, model_forward, per_sample_criterion
-from ._persample import DEFAULT_CHUNK, PerSampleGradNorms
+from ._persample import PerSampleGradNorms
 
 __all__ = ["empirical_fisher", "fisher", "expected_fisher", "per_sample_mean", "sample_labels",
            "softmax_sqrt_hessian", "LossTerm"]
@@ -60,7 +60,7 @@ def per_sample_mean(
     need_labels: bool,
     estimator: str,
     limit: Optional[int] = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: Optional[int] = None,
 ) -> Dict[str, Tensor]:
     """Mean over samples n of ``sum_k |grad l_k(x_n)|**power``.
 
@@ -136,7 +136,7 @@ def _empirical_losses(criterion: Optional[Callable]) -> Callable[[Tensor, Tensor
     return losses
 
 
-def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=DEFAULT_CHUNK, **_):
+def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=None, **_):
     """Empirical Fisher: mean over samples of the squared per-sample gradient at the true label.
 
     ``criterion`` (default cross-entropy; for ``[N, 1]`` logits, BCE with logits) is used per
@@ -151,7 +151,7 @@ def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=N
                            estimator="empirical_fisher", limit=limit, chunk_size=chunk_size)
 
 
-def fisher(model, data, *, names, device=None, seed=0, limit=None, chunk_size=DEFAULT_CHUNK, uniforms=None, **_):
+def fisher(model, data, *, names, device=None, seed=0, limit=None, chunk_size=None, uniforms=None, **_):
     """Fisher at one label per sample drawn from the model's p(.|x).
 
     Sample n's label is the inverse CDF of p(.|x_n) at a uniform u_n (one logit: classes
@@ -214,7 +214,7 @@ def softmax_sqrt_hessian(logits: Tensor) -> Tensor:
     return (rp.unsqueeze(2) * q).permute(2, 0, 1).to(z.dtype)
 
 
-def expected_fisher(model, data, *, names, device=None, limit=None, chunk_size=DEFAULT_CHUNK, **_):
+def expected_fisher(model, data, *, names, device=None, limit=None, chunk_size=None, **_):
     """Exact expected Fisher: mean over samples of ``sum_c p(c|x) g_c**2``.
 
     One forward and one (vmapped) backward a batch for the C - 1 columns of the Hessian's

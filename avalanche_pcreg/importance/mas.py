@@ -6,7 +6,6 @@ Per-sample absolute gradients, at minibatch cost: the same per-layer rules as th
 
 from __future__ import annotations
 
-from ._persample import DEFAULT_CHUNK
 from .fisher import per_sample_mean
 
 __all__ = ["mas"]
@@ -16,7 +15,7 @@ def _sq_norm(out):
     return out.pow(2).flatten(1).sum(1)
 
 
-def mas(model, data, *, names, device=None, limit=None, chunk_size=DEFAULT_CHUNK, **_):
+def mas(model, data, *, names, device=None, limit=None, chunk_size=None, **_):
     """MAS importance: mean over samples of the absolute per-sample gradient of ||f(x)||_2^2."""
 
     def terms(out, _y):

@@ -28,6 +28,17 @@ def _even_size(n: int, most: int) -> int:
     return -(-n // -(-n // most))
 
 
+# Bytes of per-sample gradients (and patches) formed at once by the rules that form them: on the
+# CPU a chunk that stays in cache; on a GPU, launches large enough to keep it busy.
+CHUNK_BYTES = 16 * 2 ** 20
+GPU_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def chunk_bytes(device) -> int:
+    """The byte budget of one chunk on ``device`` (a ``torch.device``)."""
+    return CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
+
+
 def _chunks(n: int, size: int):
     size = max(1, int(size))
     for s in range(0, n, size):

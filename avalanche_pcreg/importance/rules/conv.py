@@ -1,10 +1,11 @@
 """``nn.Conv1d`` / ``nn.Conv2d``: per-sample weight gradients, chunk by chunk.
 
 g_i = Σ_positions δ_i[:, l] u_i[:, l]ᵀ with u = unfold(a) (the patches), per group. Formed whichever
-way is fastest for the layer: unfold + batched matmul; one grouped convolution over the samples
-(large maps); or, on the CPU for layers with enough work per sample, one sample at a time, with the
-convolution library's own weight-gradient kernel or one matmul into a reused buffer. With K
-cotangent columns and small maps, the squares are summed in Gram form (:class:`_GramSquares`).
+way is fastest for the layer. On a GPU: one weight-gradient call per chunk, the samples as groups.
+On the CPU: unfold + batched matmul; one grouped convolution over the samples (large maps); or, for
+layers with enough work per sample, one sample at a time, with the convolution library's own
+weight-gradient kernel or one matmul into a reused buffer. With K cotangent columns and small maps,
+the squares are summed in Gram form (:class:`_GramSquares`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Rule, _chunks, _even_size, _pow, register_rule
+from ._registry import Rule, _chunks, _even_size, _pow, chunk_bytes, register_rule
 
 
 # Output positions from which a stride-1 Conv2d forms per-sample gradients by grouped convolution.
 GROUPED_MIN_POSITIONS = 256
-# Bytes of per-sample gradients and patches formed at once: a chunk holds at most this much (and
-# at least one sample), whatever the chunk size in samples.
-CHUNK_BYTES = 16 * 2 ** 20
 # Multiply-adds per sample from which a CPU layer forms its per-sample gradients one sample at a
 # time (_per_sample_path): 1.2-3.4x faster than the batched paths on ResNet-18's layers (19M-38M
 # multiply-adds per sample), and still ahead at 3.6M; below about this size the per-call cost wins
@@ -40,12 +38,19 @@ def _positions(d, k) -> int:
 
 
 def _step(m, a, d, chunk, k=None) -> int:
-    """Samples per chunk: ``chunk`` (per cotangent column), capped by :data:`CHUNK_BYTES`."""
+    """Samples per chunk: ``chunk`` (per cotangent column), capped by the device's byte budget
+    (``chunk_bytes``: per-sample gradients and patches formed at once)."""
     kk = _unfold_args(m)[0]
     positions = _positions(d, k)
     per_sample = (m.weight.numel() * (k or 1) + m.in_channels * math.prod(kk) * positions) * a.element_size()
     step = chunk if k is None else chunk // k
-    return max(1, min(step, CHUNK_BYTES // max(per_sample, 1)))
+    return max(1, min(step, chunk_bytes(a.device) // max(per_sample, 1)))
+
+
+def _squares_at_once(device) -> bool:
+    """Whether a chunk's squared per-sample gradients go into the sum in one launch (a GPU, where a
+    launch per sample leaves it idle) rather than one sample at a time (the CPU: no squared copy)."""
+    return device.type != "cpu"
 
 
 def _padding(m):
@@ -94,6 +99,9 @@ class ConvRule(Rule):
         path = _per_sample_path(m, a, d, k)
         if path == "kernel":
             yield from _kernel_per_sample(m, a, d, k)
+            return
+        if path == "wgrad":
+            yield from _wgrad_chunks(m, a, d, chunk, k)
             return
         n = a.shape[0]
         kk, stride, dil, pad, pre_pad = _unfold_args(m)
@@ -148,6 +156,8 @@ class ConvRule(Rule):
                     tw += g[0] if g.shape[0] == 1 else g.sum(0)
                 if power == 1:
                     pw += g.abs_().sum(0)  # g is ours: in place
+                elif _squares_at_once(a.device):  # g is ours: in place
+                    pw += g.square_().sum(0)
                 else:  # one sample at a time into the sum: a read of g, no squared copy
                     for gi in g:
                         pw.addcmul_(gi, gi)
@@ -176,13 +186,16 @@ class ConvRule(Rule):
 
 
 def _per_sample_path(m, a, d, k) -> Optional[str]:
-    """How a CPU layer with at least :data:`PER_SAMPLE_CALL_MIN_MACS` multiply-adds per sample
-    forms its per-sample gradients, one sample at a time: "kernel" (the weight-gradient kernel
-    of the CPU convolution library, which ATen uses for a batch of one float32 sample above
-    :data:`KERNEL_MIN_INPUT` input values) or "matmul" (unfold + one matmul into a reused buffer:
-    what ATen's own fallback does, without a fresh zero-filled result per call); None elsewhere
-    (CUDA, small layers: the batched paths)."""
-    if a.device.type != "cpu" or m.weight.numel() * _positions(d, k) < PER_SAMPLE_CALL_MIN_MACS:
+    """How a layer forms its per-sample gradients. On a GPU, "wgrad": one weight-gradient call per
+    chunk with the samples as groups (:func:`_wgrad_chunks`). On the CPU, a layer with at least
+    :data:`PER_SAMPLE_CALL_MIN_MACS` multiply-adds per sample goes one sample at a time: "kernel"
+    (the weight-gradient kernel of the CPU convolution library, which ATen uses for a batch of
+    one float32 sample above :data:`KERNEL_MIN_INPUT` input values) or "matmul" (unfold + one
+    matmul into a reused buffer: what ATen's own fallback does, without a fresh zero-filled
+    result per call); smaller CPU layers get None (the batched paths)."""
+    if a.device.type != "cpu":
+        return "wgrad"
+    if m.weight.numel() * _positions(d, k) < PER_SAMPLE_CALL_MIN_MACS:
         return None
     library = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
     return "kernel" if library and a.dtype == torch.float32 and a[0].numel() > KERNEL_MIN_INPUT else "matmul"
@@ -205,6 +218,29 @@ def _kernel_per_sample(m, a, d, k):
             yield grad(d[i:i + 1], xi).unsqueeze(0)
         else:
             yield torch.stack([grad(d[j, i:i + 1], xi) for j in range(k)]).unsqueeze(1)
+
+
+def _wgrad_chunks(m, a, d, chunk, k):
+    """Per-sample weight gradients from one ``aten.convolution_backward`` (weight only) per chunk
+    of c samples and per cotangent column: the chunk's samples are the groups of one convolution
+    (input [1, c·Cin, ...], δ [1, c·Cout, ...], c·G groups), the form ``vmap`` gives that call.
+    Yields [c, *w.shape], or [1, c, *w.shape] per column with K cotangent columns."""
+    pad, pre_pad = _padding(m)
+    x = a if pre_pad is None else F.pad(a, pre_pad)
+    cin, cout, w_shape = m.in_channels, m.out_channels, tuple(m.weight.shape)
+    # the call's result and the weight it reads the shape of: two per-sample gradients a sample
+    per_sample = 2 * m.weight.numel() * a.element_size()
+    step = max(1, min(chunk, chunk_bytes(a.device) // per_sample))
+    for s, e in _chunks(a.shape[0], step):
+        c = e - s
+        xc = x[s:e].reshape(1, c * cin, *x.shape[2:])
+        w = torch.empty((c * cout,) + w_shape[1:], dtype=a.dtype, device=a.device)  # its shape is read
+        geometry = (tuple(m.stride), pad, tuple(m.dilation), False, (0,) * len(pad), c * m.groups,
+                    (False, True, False))
+        for dj in ([d[s:e]] if k is None else [d[j, s:e] for j in range(k)]):
+            g = torch.ops.aten.convolution_backward(dj.reshape(1, c * cout, *dj.shape[2:]), xc, w, None, *geometry)[1]
+            g = g.reshape(c, *w_shape)
+            yield g if k is None else g.unsqueeze(0)
 
 
 def _use_gram(positions: int, k: int) -> bool:
@@ -262,7 +298,7 @@ class _GramSquares:
         """G += Σ over the buffered columns of δ δᵀ (pairs l ≤ l' only)."""
         cout, n, f, positions = self.buf.shape[0], self.buf.shape[1], self.filled, self.positions
         per_sample = cout * positions * positions * self.buf.element_size()
-        for s, e in _chunks(n, max(1, CHUNK_BYTES // max(per_sample, 1))):
+        for s, e in _chunks(n, max(1, chunk_bytes(self.buf.device) // max(per_sample, 1))):
             x = self.buf[:, s:e, :f].reshape(cout * (e - s), f, positions)  # [(o c), f, L]
             gc = torch.bmm(x.transpose(1, 2), x).reshape(cout, e - s, positions * positions)
             self.g[:, s:e] += gc.index_select(2, self.flat)
@@ -280,7 +316,7 @@ class _GramSquares:
         self.buf = None
         self.g[:, :, self.rows != self.cols] *= 2
         per_sample = (self.pairs + 2 * self.positions) * width * a.element_size()
-        for s, e in _chunks(a.shape[0], max(1, min(self.chunk, CHUNK_BYTES // max(per_sample, 1)))):
+        for s, e in _chunks(a.shape[0], max(1, min(self.chunk, chunk_bytes(a.device) // max(per_sample, 1)))):
             u = _patches(m, a[s:e]).transpose(1, 2)  # [c, L, I]
             uu = u.index_select(1, self.rows).mul_(u.index_select(1, self.cols))  # [c, P, I]
             acc.addmm_(self.g[:, s:e].reshape(cout, -1), uu.reshape(-1, width))

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ._registry import Rule, _chunks, _pow, register_rule
+from ._registry import Rule, _chunks, _pow, chunk_bytes, register_rule
 
 
 @register_rule(nn.Linear)
@@ -42,7 +42,8 @@ class LinearRule(Rule):
             d3 = d.reshape(n, -1, d.shape[-1])
             if "weight" in want:
                 acc = torch.zeros(d3.shape[-1], a3.shape[-1], dtype=d.dtype, device=d.device)
-                for s, e in _chunks(n, chunk):
+                step = min(chunk, chunk_bytes(d.device) // max(acc.numel() * acc.element_size(), 1))
+                for s, e in _chunks(n, step):
                     acc += _pow(torch.bmm(d3[s:e].transpose(1, 2), a3[s:e]), power).sum(0)
                 pows["weight"] = acc
             if "bias" in want:
