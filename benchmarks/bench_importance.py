@@ -6,6 +6,8 @@ Variants, all over the same Avalanche tensor dataset and DataLoader batch size:
   minibatch gradients, criterion + optimizer + dataset);
 * ``ours <method>``: ``compute_importance(model, data, method)`` for ``empirical_fisher``,
   ``fisher``, ``expected_fisher``, ``mas``, ``minibatch_fisher``;
+* ``ours <method>, batched conv paths`` (ResNet-18 on a GPU): the same with the convolutions'
+  batched paths instead of the GPU's one weight-gradient call per chunk;
 * ``naive per-sample loop``: batch-size-1 forward + ``autograd.grad`` per sample, squared, summed;
 * ``vmap(grad)``: ``torch.func.vmap(grad(loss))`` over each batch (``functional_call``), squared,
   summed (chunks of ``--vmap-chunk`` samples for ResNet-18, the whole batch for the MLP);
@@ -136,6 +138,28 @@ def v_ours(method):
     return run
 
 
+def v_ours_batched_conv(method):
+    """``ours <method>`` with the convolutions' batched paths (unfold + bmm, a grouped convolution
+    on large maps) where a GPU takes one weight-gradient call per chunk: the A/B of that choice."""
+    inner = v_ours(method)
+
+    def run(*args, **kw):
+        from avalanche_pcreg.importance.rules import conv
+
+        chosen = conv._per_sample_path
+        conv._per_sample_path = lambda m, a, d, k: None if a.device.type != "cpu" else chosen(m, a, d, k)
+        try:
+            return inner(*args, **kw)
+        finally:
+            conv._per_sample_path = chosen
+
+    return run
+
+
+# variants that only differ from ``ours <method>`` on a GPU
+GPU_ONLY = tuple(f"ours {m}, batched conv paths" for m in ("empirical_fisher", "expected_fisher"))
+
+
 def _per_sample_loop(model, data, batch, device, add):
     """Mean over samples of what ``add(x_i, y_i, params, sums)`` adds per sample (eval mode,
     trainable parameters), one sample at a time: the brute-force references."""
@@ -214,6 +238,8 @@ def variants():
     out = {"avalanche EWCPlugin (minibatch)": v_avalanche}
     for m in OURS:
         out[f"ours {m}"] = v_ours(m)
+    for m in ("empirical_fisher", "expected_fisher"):
+        out[f"ours {m}, batched conv paths"] = v_ours_batched_conv(m)
     out["naive per-sample loop"] = v_naive_loop
     out["vmap(grad)"] = v_vmap
     out["loader only"] = v_loader_only
@@ -722,7 +748,8 @@ def main():
         all_names = list(variants())
         if a.variants is None:
             # ResNet-18 on the CPU: the expected Fisher is 100 backward passes a batch; leave it to the GPU run
-            a.variants = [k for k in all_names if not (cpu_resnet and k == "ours expected_fisher")]
+            a.variants = [k for k in all_names if not (cpu_resnet and k == "ours expected_fisher")
+                          and not ((device.type == "cpu" or model_name == "mlp") and k in GPU_ONLY)]
         run_model(model_name, a, device, print)
     print(load_note("at end"))
 

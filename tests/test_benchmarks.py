@@ -184,3 +184,54 @@ def test_peer_table_regeneration_replaces_its_block(tmp_path):
     md.write_text(text + "\n## after\n")
     bi.write_between_markers(str(md), "table three")
     assert md.read_text().endswith(f"{bi.PEERS_MD_BEGIN}\ntable three\n{bi.PEERS_MD_END}\n\n## after\n")
+
+
+def test_cuda_figures_script_calls_real_options_and_variants(tmp_path):
+    """benchmarks/cuda_figures.sh, run with a stand-in interpreter that records its arguments:
+    every step runs, each benchmark option it passes exists in that script (or in common.py's
+    base parser), and each --variants name is one of bench_importance.py's variants."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> {calls}\nprintf "\\n" >> {calls}\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", os.path.join(BENCH, "cuda_figures.sh"), str(tmp_path / "logs")], cwd=ROOT,
+                       env=dict(os.environ, PYTHON=str(fake)), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    commands = [line.split("\0")[:-1] for line in calls.read_text().splitlines() if line]
+    assert len(commands) == 6 and commands[0][:2] == ["-m", "pytest"] and commands[0][-1] == "tests/test_cuda.py"
+    assert os.path.exists(os.path.join(ROOT, "tests", "test_cuda.py"))
+    sources = {s: open(os.path.join(BENCH, s)).read() for s in SCRIPTS}
+    common = open(os.path.join(BENCH, "common.py")).read()
+    names = set(load_script("bench_importance.py").variants())
+    for cmd in commands[1:]:
+        script = os.path.basename(cmd[0])
+        assert cmd[0] == f"benchmarks/{script}" and script in sources, cmd
+        for i, tok in enumerate(cmd):
+            if tok.startswith("--"):
+                assert f'"{tok}"' in sources[script] or f'"{tok}"' in common, (script, tok)
+            if tok == "--variants":
+                chosen = [v for v in cmd[i + 1:] if not v.startswith("--")]
+                assert chosen and set(chosen) <= names, chosen
+        assert cmd[cmd.index("--device") + 1] == "cuda"
+
+
+def test_batched_conv_variant_switches_the_gpu_path_for_its_call_only():
+    """The A/B variant of bench_importance.py: during its call a non-CPU convolution takes the
+    batched paths (None) instead of the weight-gradient call; before and after, "wgrad"."""
+    from torch import nn
+
+    from avalanche_pcreg.importance.rules import conv
+
+    bench = load_script("bench_importance.py")
+    m = nn.Conv2d(2, 3, 3)
+    a, d = torch.empty(4, 2, 5, 5, device="meta"), torch.empty(4, 3, 3, 3, device="meta")
+    seen = []
+    orig = bench.v_ours
+    try:
+        bench.v_ours = lambda method: (lambda *args, **kw: seen.append((method, conv._per_sample_path(m, a, d, None))))
+        bench.v_ours_batched_conv("expected_fisher")()
+    finally:
+        bench.v_ours = orig
+    assert seen == [("expected_fisher", None)]
+    assert conv._per_sample_path(m, a, d, None) == "wgrad"
+    assert set(bench.GPU_ONLY) <= set(bench.variants())
