@@ -95,6 +95,8 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         non-zero, it exceeds the task loss by this factor (None: never).
     :param seed: seeds the importance subset and ``fisher``'s sampled labels.
     :param impl: penalty kernel, ``"foreach"`` or ``"forloop"``; None picks per device.
+    :param chunk_size: samples whose per-sample gradients the importance pass forms at once
+        (see :func:`~avalanche_pcreg.compute_importance`); None: 16 on the CPU, 256 on a GPU.
     :param strict: stored parameter names missing from the model at the start of an experience
         raise ValueError (True) or warn (False; those entries then add nothing to the penalty).
     :param on_nonfinite: a non-finite penalty raises FloatingPointError (``"raise"``) or warns

@@ -687,7 +687,7 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--vmap-chunk", type=int, default=None)
-    p.add_argument("--chunk", type=int, default=None, help="our chunk_size (default: the library's, 16 samples)")
+    p.add_argument("--chunk", type=int, default=None, help="our chunk_size (default: the library's, 16 samples on the CPU, 256 on a GPU)")
     p.add_argument("--profile", action="store_true", help="torch.profiler of one pass of ours empirical_fisher "
                    "and of Avalanche's pass")
     p.add_argument("--variants", nargs="+", default=None, help="subset of variant names")
