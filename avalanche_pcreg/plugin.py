@@ -301,9 +301,10 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         """Per-epoch counters and the epoch's running penalty sum."""
         self._iterations = 0
         self._backwards = 0
-        self._pen_sum: Optional[Tensor] = None
-        self._pen_count = 0
-        self._first_nonfinite: Optional[Tensor] = None  # device-side (no host sync), off the CPU
+        # The epoch's penalties, one float64 entry per backward, kept where they were computed (off
+        # the CPU: no host synchronisation per step, one copy into the log), and their iterations.
+        self._pen_log: Optional[Tensor] = None
+        self._pen_iters: list = []
 
     def before_training(self, strategy, *args, **kwargs):
         owner = self._owner() if self._owner is not None else None
@@ -373,18 +374,23 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             self._check_ratio(strategy, pen)
         strategy.loss += pen
         detached = pen.detach()
-        self._pen_sum = detached if self._pen_sum is None else self._pen_sum + detached
-        self._pen_count += 1
+        self._log_penalty(detached)
         if detached.device.type in self._check_every_step_on:
             if not bool(torch.isfinite(detached)):  # free on the CPU
                 self._nonfinite(strategy, float(detached), self._iterations)
-        else:
-            # No host synchronisation per step: the first non-finite iteration of the epoch is
-            # kept on the device and read once, at the end of the epoch.
-            first = self._first_nonfinite
-            if first is None:
-                first = torch.full((), -1, dtype=torch.long, device=detached.device)
-            self._first_nonfinite = torch.where(~torch.isfinite(detached) & (first < 0), self._iterations, first)
+        # elsewhere the log is read once, at the end of the epoch (first non-finite iteration, mean)
+
+    def _log_penalty(self, value: Tensor) -> None:
+        """Append ``value`` to the epoch's penalty log: one copy into a float64 buffer on its device
+        (grown by doubling), and the iteration on the host."""
+        i, log = len(self._pen_iters), self._pen_log
+        if log is None or i == log.numel() or log.device != value.device:
+            grown = torch.empty(max(64, 2 * i), dtype=torch.float64, device=value.device)
+            if i:
+                grown[:i].copy_(log[:i])
+            self._pen_log = log = grown
+        log[i].copy_(value)
+        self._pen_iters.append(self._iterations)
 
     def _nonfinite(self, strategy, value: Optional[float], iteration: int) -> None:
         exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
@@ -457,12 +463,14 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
                 "templates such as MER/LaMAML and StreamingLDA work this way). Refusing to train silently "
                 "without the regularizer."
             )
-        if self._first_nonfinite is not None:
-            first = int(self._first_nonfinite)
-            if first >= 0:
-                self._nonfinite(strategy, None, first)
-        if self._pen_count:
-            mean = (self._pen_sum / self._pen_count).item()
+        count = len(self._pen_iters)
+        if count:
+            values = self._pen_log[:count]
+            if values.device.type not in self._check_every_step_on:
+                bad = torch.nonzero(~torch.isfinite(values))  # the epoch's one host synchronisation
+                if bad.numel():
+                    self._nonfinite(strategy, None, self._pen_iters[int(bad[0, 0])])
+            mean = float(values.sum()) / count
             self._publish(strategy, "penalty_epoch", mean, strategy.clock.train_iterations)
         self._reset_counters()
 

@@ -512,6 +512,26 @@ def test_interrupted_epoch_leaks_nothing_into_the_next_epoch_metric():
     assert pen[0][1] == pytest.approx(sum(retried) / len(retried), rel=1e-6)
 
 
+@pytest.mark.parametrize("per_step_check", [True, False])
+def test_penalty_epoch_is_the_mean_of_a_long_epoch(per_step_check):
+    """penalty_epoch over 120 iterations (the penalty log grows past its first 64 entries), with
+    the per-step finiteness check (the CPU) and without it (other devices): the mean of the
+    penalties the model had at each backward."""
+    logger = RecordingLogger()
+    plugin = ParameterChangePlugin(2.0, "uniform")
+    if not per_step_check:
+        plugin._check_every_step_on = ()
+    probe = PenaltyProbe(plugin)
+    strategy = make_strategy(mlp(), [plugin, probe], evaluator=EvaluationPlugin(loggers=[logger]), lr=0.1, mb=1)
+    bench = tiny_nc(2)
+    for exp in bench.train_stream:
+        strategy.train(exp)
+    (pen,) = logger.of("ParameterChange/penalty_epoch")
+    seen = probe.per_epoch[-1]
+    assert len(seen) == len(bench.train_stream[1].dataset) > 100 and max(seen) > 0
+    assert pen[1] == pytest.approx(sum(seen) / len(seen), rel=1e-6)
+
+
 def test_supports_distributed_declared_and_seen_by_avalanche(monkeypatch):
     assert ParameterChangePlugin.supports_distributed is True
     assert ParameterChangePlugin(1.0).supports_distributed is True

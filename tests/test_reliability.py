@@ -545,6 +545,21 @@ def test_nonfinite_penalty_without_per_step_sync_raises_at_epoch_end():
     assert n_iter == 3 and strategy.clock.train_exp_iterations == n_iter  # the whole epoch ran
 
 
+def test_nonfinite_penalty_late_in_a_long_epoch_without_per_step_sync():
+    """The device-side penalty log grows past its first 64 entries (120 samples, one a batch:
+    120 iterations); a non-finite penalty at iteration 97 is reported with that iteration once
+    the epoch is over."""
+    plugin = ParameterChangePlugin(7.5, "uniform")
+    plugin._check_every_step_on = ()
+    strategy = make_strategy(mlp(), [PoisonAt(exp=1, iteration=97), plugin], mb=1)
+    bench = tiny_nc(2)
+    strategy.train(bench.train_stream[0])
+    with pytest.raises(FloatingPointError, match=r"epoch 0, iteration 97 of the epoch"):
+        strategy.train(bench.train_stream[1])
+    n_iter = len(bench.train_stream[1].dataset)
+    assert n_iter > 100 and strategy.clock.train_exp_iterations == n_iter
+
+
 def test_nonfinite_penalty_warns_once_when_asked():
     plugin = ParameterChangePlugin(7.5, "uniform", on_nonfinite="warn")
     strategy = make_strategy(mlp(), [PoisonAt(exp=1, iteration=2), plugin], epochs=2)

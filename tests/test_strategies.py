@@ -772,7 +772,7 @@ def test_strategy(name, record_property):
 
     if case.expect == "joint":
         assert plugin.num_consolidations == 1
-        assert plugin._pen_count == 0 and all(r[1] == 0.0 for r in post_w.records)
+        assert plugin._pen_iters == [] and all(r[1] == 0.0 for r in post_w.records)
         assert post_w.records and all(r[0] == 0 for r in post_w.records)
         assert diff == 0.0
         record_property("result", "one consolidation at the end; penalty never applied")
