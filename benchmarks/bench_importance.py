@@ -156,8 +156,9 @@ def v_ours_batched_conv(method):
     return run
 
 
-# variants that only differ from ``ours <method>`` on a GPU
-GPU_ONLY = tuple(f"ours {m}, batched conv paths" for m in ("empirical_fisher", "expected_fisher"))
+# the estimators with an A/B variant, and those variants (they only differ from ``ours <method>`` on a GPU)
+BATCHED_CONV_AB = ("empirical_fisher", "expected_fisher")
+GPU_ONLY = tuple(f"ours {m}, batched conv paths" for m in BATCHED_CONV_AB)
 
 
 def _per_sample_loop(model, data, batch, device, add):
@@ -238,8 +239,8 @@ def variants():
     out = {"avalanche EWCPlugin (minibatch)": v_avalanche}
     for m in OURS:
         out[f"ours {m}"] = v_ours(m)
-    for m in ("empirical_fisher", "expected_fisher"):
-        out[f"ours {m}, batched conv paths"] = v_ours_batched_conv(m)
+    for m, name in zip(BATCHED_CONV_AB, GPU_ONLY):
+        out[name] = v_ours_batched_conv(m)
     out["naive per-sample loop"] = v_naive_loop
     out["vmap(grad)"] = v_vmap
     out["loader only"] = v_loader_only

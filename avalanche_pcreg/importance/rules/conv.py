@@ -230,11 +230,12 @@ def _wgrad_chunks(m, a, d, chunk, k):
     cin, cout, w_shape = m.in_channels, m.out_channels, tuple(m.weight.shape)
     # the call's result and the weight it reads the shape of: two per-sample gradients a sample
     per_sample = 2 * m.weight.numel() * a.element_size()
-    step = max(1, min(chunk, chunk_bytes(a.device) // per_sample))
+    step = max(1, min(chunk, a.shape[0], chunk_bytes(a.device) // per_sample))
+    w_all = torch.empty((step * cout,) + w_shape[1:], dtype=a.dtype, device=a.device)  # its shape is read
     for s, e in _chunks(a.shape[0], step):
         c = e - s
         xc = x[s:e].reshape(1, c * cin, *x.shape[2:])
-        w = torch.empty((c * cout,) + w_shape[1:], dtype=a.dtype, device=a.device)  # its shape is read
+        w = w_all[:c * cout]
         geometry = (tuple(m.stride), pad, tuple(m.dilation), False, (0,) * len(pad), c * m.groups,
                     (False, True, False))
         for dj in ([d[s:e]] if k is None else [d[j, s:e] for j in range(k)]):
