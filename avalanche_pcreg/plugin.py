@@ -10,7 +10,7 @@ Where it lives in Avalanche's loop (0.6):
 * ``before_backward``: ``strategy.loss += penalty``; a non-finite penalty is reported at once
   (on CUDA, at the end of the epoch, without a per-step host synchronisation).
 * ``before_training_epoch`` / ``after_training_epoch``: the epoch's mean penalty, from a clean
-  running sum, is published.
+  log of its penalties (one float64 entry per step, on their device), is published.
 * ``after_training_exp``: at a real task boundary, importances are estimated, merged with the
   current parameters as anchors, and swapped in only once everything succeeded.
 

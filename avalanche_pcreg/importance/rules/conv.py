@@ -25,7 +25,7 @@ GROUPED_MIN_POSITIONS = 256
 # Multiply-adds per sample from which a CPU layer forms its per-sample gradients one sample at a
 # time (_per_sample_path): 1.2-3.4x faster than the batched paths on ResNet-18's layers (19M-38M
 # multiply-adds per sample), and still ahead at 3.6M; below about this size the per-call cost wins
-# (docs/persample-rules.md, "Convolution speed"). On CUDA the batched paths are kept.
+# (docs/persample-rules.md, "Convolution speed"). A GPU takes one weight-gradient call per chunk instead.
 PER_SAMPLE_CALL_MIN_MACS = 2_500_000
 # Input values of one sample above which ATen sends a batch-1 float32 convolution to the CPU
 # convolution library (below it, to im2col + GEMM).
