@@ -22,6 +22,7 @@ torch.set_num_threads(1)
 # Modules that are slow as a whole.
 SLOW_MODULES = {
     "test_notebooks.py",  # runs both notebooks in a Jupyter kernel
+    "test_gpu_paths_on_cpu.py",  # reruns the rule and estimator suites in a subprocess
 }
 # (module, fixture): every test using this expensive module-scoped fixture is slow (the fixture's cost is
 # charged to whichever of its tests runs first).
