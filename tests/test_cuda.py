@@ -229,7 +229,7 @@ def test_conv_weight_gradient_path_on_cuda(power):
     """The GPU conv path (one weight-gradient call per chunk, the samples as groups) chosen on the
     device and exact in float64: stride, dilation, groups, 'same' padding, K = 1 and 3 columns."""
     from avalanche_pcreg.importance.rules import conv as C
-    from test_persample import _conv_brute, _conv_cases
+    from test_persample import _assert_conv_sums, _conv_cases
 
     torch.manual_seed(44)
     for conv, shape in _conv_cases():
@@ -237,11 +237,7 @@ def test_conv_weight_gradient_path_on_cuda(power):
         conv = conv.double()
         a = torch.randn(shape, dtype=F64)
         out_shape = tuple(conv(a).shape)
-        dev = copy.deepcopy(conv).to(CUDA)
         for k in (None, 3):
             d = torch.randn(((k,) if k else ()) + out_shape, dtype=F64)
-            assert C._per_sample_path(dev, a.to(CUDA), d.to(CUDA), k) == "wgrad"
-            pows, tots = rule._sums(dev, a.to(CUDA), d.to(CUDA), {"weight", "bias"}, power, 2, True, k)
-            ref_p, ref_t, _ = _conv_brute(conv, a, d, power)
-            assert_matches(_cpu(pows), ref_p, tol=TOL64)
-            assert_matches(_cpu(tots), ref_t, tol=TOL64)
+            assert C._per_sample_path(conv, a.to(CUDA), d.to(CUDA), k) == "wgrad"
+            _assert_conv_sums(rule, conv, a, d, power, 2, k, TOL64, to=lambda t: copy.deepcopy(t).to(CUDA))

@@ -589,6 +589,21 @@ def _conv_brute(conv, a, d, power):
     return pows, tots, torch.stack(first)
 
 
+def _assert_conv_sums(rule, conv, a, d, power, chunk, k, tol, to=None):
+    """The rule's power sums and totals (and, with one cotangent, per_sample()) of ``conv`` on
+    ``a``, ``d`` -- moved by ``to`` first, e.g. to a GPU -- against :func:`_conv_brute`."""
+    dev = conv if to is None else to(conv)
+    da, dd = (a, d) if to is None else (to(a), to(d))
+    pows, tots = rule._sums(dev, da, dd, {"weight", "bias"}, power, chunk, True, k)
+    ref_p, ref_t, ref_first = _conv_brute(conv, a, d, power)
+    for n in ("weight", "bias"):
+        assert pows[n].dtype == a.dtype and pows[n].device == da.device and ref_p[n].abs().sum() > 0
+        torch.testing.assert_close(pows[n].cpu().double(), ref_p[n], **tol)
+        torch.testing.assert_close(tots[n].cpu().double(), ref_t[n], **tol)
+    if k is None:
+        torch.testing.assert_close(rule.per_sample(dev, da, dd)["weight"].cpu().double(), ref_first, **tol)
+
+
 def _conv_cases():
     """Convolutions with stride, dilation, groups and 'same' padding, and their input shapes."""
     return [(nn.Conv2d(4, 6, (3, 2), stride=2, padding=1, dilation=2, groups=2), (6, 4, 9, 8)),
@@ -615,13 +630,7 @@ def test_conv_grouped_weight_gradient_path_exact(chunk, power, monkeypatch):
         out_shape = tuple(conv(a).shape)
         for k in (None, 3):
             d = torch.randn(((k,) if k else ()) + out_shape, dtype=torch.float64)
-            pows, tots = rule._sums(conv, a, d, {"weight", "bias"}, power, chunk, True, k)
-            ref_p, ref_t, ref_first = _conv_brute(conv, a, d, power)
-            for n in ("weight", "bias"):
-                torch.testing.assert_close(pows[n], ref_p[n], **TOL)
-                torch.testing.assert_close(tots[n], ref_t[n], **TOL)
-            if k is None:
-                torch.testing.assert_close(rule.per_sample(conv, a, d)["weight"], ref_first, **TOL)
+            _assert_conv_sums(rule, conv, a, d, power, chunk, k, TOL)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -648,14 +657,7 @@ def test_conv_one_sample_at_a_time_paths_exact(path, power, monkeypatch):
         for k in (None, 3):
             d = torch.randn(((k,) if k else ()) + out_shape, dtype=dt)
             assert C._per_sample_path(conv, a, d, k) == path
-            pows, tots = rule._sums(conv, a, d, {"weight", "bias"}, power, 2, True, k)
-            ref_p, ref_t, ref_first = _conv_brute(conv, a, d, power)
-            for n in ("weight", "bias"):
-                assert pows[n].dtype == dt
-                torch.testing.assert_close(pows[n].double(), ref_p[n], **tol)
-                torch.testing.assert_close(tots[n].double(), ref_t[n], **tol)
-            if k is None:
-                torch.testing.assert_close(rule.per_sample(conv, a, d)["weight"].double(), ref_first, **tol)
+            _assert_conv_sums(rule, conv, a, d, power, 2, k, tol)
             with monkeypatch.context() as mp:  # no CPU convolution library: matmul
                 mp.setattr(torch.backends.mkldnn, "is_available", lambda: False)
                 assert C._per_sample_path(conv, a, d, k) == "matmul"

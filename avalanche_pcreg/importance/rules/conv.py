@@ -201,16 +201,29 @@ def _per_sample_path(m, a, d, k) -> Optional[str]:
     return "kernel" if library and a.dtype == torch.float32 and a[0].numel() > KERNEL_MIN_INPUT else "matmul"
 
 
+def _weight_grad_call(m, a):
+    """``(x, grad)``: the layer's input as it convolves it (``a``, pre-padded for 'same'), and
+    ``grad(δ, x_part, w, groups)``, the weight gradient of ``aten.convolution_backward`` (weight
+    only, ``w`` read for its shape) with the layer's stride, padding and dilation."""
+    pad, pre_pad = _padding(m)
+    x = a if pre_pad is None else F.pad(a, pre_pad)
+    stride, dil, out_pad = tuple(m.stride), tuple(m.dilation), (0,) * len(pad)
+
+    def grad(di, xi, w, groups):
+        return torch.ops.aten.convolution_backward(di, xi, w, None, stride, pad, dil, False, out_pad, groups,
+                                                   (False, True, False))[1]
+
+    return x, grad
+
+
 def _kernel_per_sample(m, a, d, k):
     """Per-sample weight gradients from ``aten.convolution_backward`` (weight only) on one sample
     at a time: [1, *w.shape] per sample, or [k, 1, *w.shape] with K cotangent columns."""
-    pad, pre_pad = _padding(m)
-    x = a if pre_pad is None else F.pad(a, pre_pad)
+    x, weight_grad = _weight_grad_call(m, a)
     w = torch.empty(m.weight.shape, dtype=a.dtype, device=a.device)  # its shape is what is read
-    geometry = (tuple(m.stride), pad, tuple(m.dilation), False, (0,) * len(pad), m.groups, (False, True, False))
 
     def grad(di, xi):
-        return torch.ops.aten.convolution_backward(di, xi, w, None, *geometry)[1]
+        return weight_grad(di, xi, w, m.groups)
 
     for i in range(a.shape[0]):
         xi = x[i:i + 1]
@@ -225,8 +238,7 @@ def _wgrad_chunks(m, a, d, chunk, k):
     of c samples and per cotangent column: the chunk's samples are the groups of one convolution
     (input [1, c·Cin, ...], δ [1, c·Cout, ...], c·G groups), the form ``vmap`` gives that call.
     Yields [c, *w.shape], or [1, c, *w.shape] per column with K cotangent columns."""
-    pad, pre_pad = _padding(m)
-    x = a if pre_pad is None else F.pad(a, pre_pad)
+    x, weight_grad = _weight_grad_call(m, a)
     cin, cout, w_shape = m.in_channels, m.out_channels, tuple(m.weight.shape)
     # the call's result and the weight it reads the shape of: two per-sample gradients a sample
     per_sample = 2 * m.weight.numel() * a.element_size()
@@ -236,11 +248,8 @@ def _wgrad_chunks(m, a, d, chunk, k):
         c = e - s
         xc = x[s:e].reshape(1, c * cin, *x.shape[2:])
         w = w_all[:c * cout]
-        geometry = (tuple(m.stride), pad, tuple(m.dilation), False, (0,) * len(pad), c * m.groups,
-                    (False, True, False))
         for dj in ([d[s:e]] if k is None else [d[j, s:e] for j in range(k)]):
-            g = torch.ops.aten.convolution_backward(dj.reshape(1, c * cout, *dj.shape[2:]), xc, w, None, *geometry)[1]
-            g = g.reshape(c, *w_shape)
+            g = weight_grad(dj.reshape(1, c * cout, *dj.shape[2:]), xc, w, c * m.groups).reshape(c, *w_shape)
             yield g if k is None else g.unsqueeze(0)
 
 
