@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -52,23 +52,35 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
 
 def check_importance_tensor(name: str, tensor: Tensor, estimator: str) -> None:
     """Importances must be finite and >= 0; never silently fixed."""
-    if not isinstance(tensor, Tensor):
-        raise TypeError(
-            f"importance of parameter {name!r} from estimator {estimator!r} must be a Tensor, "
-            f"got {type(tensor).__name__}"
-        )
-    bad_finite = ~torch.isfinite(tensor)
-    if bool(bad_finite.any()):
-        raise ValueError(
-            f"importance of parameter {name!r} from estimator {estimator!r} has "
-            f"{int(bad_finite.sum())} NaN/inf entries"
-        )
-    if bool((tensor < 0).any()):
-        raise ValueError(
-            f"importance of parameter {name!r} from estimator {estimator!r} has "
-            f"{int((tensor < 0).sum())} negative entries (min {tensor.min().item():.3g}); "
-            "importances must be >= 0"
-        )
+    check_importance_tensors({name: tensor}, estimator)
+
+
+def check_importance_tensors(tensors: Mapping[str, Tensor], estimator: str) -> None:
+    """:func:`check_importance_tensor` of every item, with one read back to the host per device
+    (on a GPU, not two synchronisations a parameter)."""
+    flags: dict = {}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"importance of parameter {name!r} from estimator {estimator!r} must be a Tensor, "
+                f"got {type(tensor).__name__}"
+            )
+        bad = torch.stack([(~torch.isfinite(tensor)).any(), (tensor < 0).any()])
+        flags.setdefault(tensor.device, []).append((name, bad))
+    for items in flags.values():
+        for (name, _), (non_finite, negative) in zip(items, torch.stack([b for _, b in items]).tolist()):
+            tensor = tensors[name]
+            if non_finite:
+                raise ValueError(
+                    f"importance of parameter {name!r} from estimator {estimator!r} has "
+                    f"{int((~torch.isfinite(tensor)).sum())} NaN/inf entries"
+                )
+            if negative:
+                raise ValueError(
+                    f"importance of parameter {name!r} from estimator {estimator!r} has "
+                    f"{int((tensor < 0).sum())} negative entries (min {tensor.min().item():.3g}); "
+                    "importances must be >= 0"
+                )
 
 
 def check_finite_parameter(name: str, tensor: Tensor, what: str = "parameter") -> None:

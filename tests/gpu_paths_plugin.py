@@ -1,7 +1,7 @@
 """A pytest plugin (``-p gpu_paths_plugin``, with ``tests/`` on the path) that makes the per-sample
 engine take, on the CPU, the code paths it takes on a GPU: every convolution through one
 weight-gradient call per chunk, a chunk's squares summed at once, 256-sample chunks under a
-256 MiB budget. ``test_gpu_paths_on_cpu.py`` reruns the rule and estimator suites under it, so
+256 MiB budget, the self-check's float64 reductions in pieces of that budget. ``test_gpu_paths_on_cpu.py`` reruns the rule and estimator suites under it, so
 the GPU paths meet every model those suites hold (tied weights, hooks, bf16, torch.compile, ...)
 on a machine without a GPU. At the end it prints how often each forced path ran."""
 
@@ -37,6 +37,7 @@ def pytest_configure(config):
     conv._squares_at_once = _squares
     conv.chunk_bytes = linear.chunk_bytes = lambda device: _registry.GPU_CHUNK_BYTES
     _persample.default_chunk = lambda device: _persample.GPU_DEFAULT_CHUNK
+    _persample._piece = lambda x: _registry.GPU_CHUNK_BYTES // 8
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -548,23 +548,56 @@ def test_backward_batched_any_cotangents_exact(power, step, accumulators, model_
         torch.testing.assert_close(acc.sums[n], ref[n], **TOL, msg=lambda m: f"{n}: {m}")
 
 
-def test_float64_reductions_in_pieces():
+@pytest.mark.parametrize("piece", [None, 1000, "gpu"])
+def test_float64_reductions_in_pieces(monkeypatch, piece):
     """The check's reductions run piece by piece (no float64 copy of a large tensor) and equal
-    the one-shot float64 reductions, across piece boundaries."""
+    the one-shot float64 reductions, across piece boundaries; a GPU's pieces (its chunk budget)
+    make one reduction of a tensor this size, CPU pieces several."""
     from avalanche_pcreg.importance import _persample as ps
+    from avalanche_pcreg.importance.rules import _registry
 
+    if piece == "gpu":
+        gpu_piece = ps._piece(torch.empty(0, device="meta"))  # not the CPU: the GPU's rule
+        assert gpu_piece == _registry.GPU_CHUNK_BYTES // 8
+        monkeypatch.setattr(ps, "_piece", lambda x: gpu_piece)
+    elif piece is not None:
+        monkeypatch.setattr(ps, "_piece", lambda x: piece)
     torch.manual_seed(6)
     g = torch.randn(7, 33, 21, 19)  # > 2**16 elements, no dimension a multiple of the piece
     h = g + 1e-3 * torch.randn_like(g)
     g64 = g.double()
     for axis in range(4):
         want = g64.abs().sum([d for d in range(4) if d != axis])
-        torch.testing.assert_close(ps._abs_sums64(g, axis), want, rtol=1e-12, atol=0)
-    torch.testing.assert_close(ps._sum64(g), float(g64.sum()), rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(ps._diff_norm(g, h), float((g64 - h.double()).norm()), rtol=1e-6, atol=0)
-    assert ps._all_finite(g)
-    g.view(-1)[-1] = float("nan")
-    assert not ps._all_finite(g)
+        with _OpCounter() as ops:
+            got = ps._abs_sums64(g, axis)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        n_pieces = ops.counts["abs"]
+        if piece == 1000:  # one slice along the split dimension a piece (7 or 33 of them)
+            assert n_pieces >= 7, n_pieces
+        else:
+            # the CPU's pieces: 2 (1 where the GPU paths are forced on the CPU)
+            assert n_pieces == (1 if piece == "gpu" or ps._piece(g) >= g.numel() else 2), (piece, axis, n_pieces)
+    torch.testing.assert_close(float(ps._sum64(g)), float(g64.sum()), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(float(ps._diff_norm(g, h)), float((g64 - h.double()).norm()), rtol=1e-6, atol=0)
+    assert bool(ps._all_finite(g))
+    for at in (0, -1):  # a non-finite value in the first piece and in the last
+        bad = g.clone()
+        bad.view(-1)[at] = float("nan")
+        assert not bool(ps._all_finite(bad)), at
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops run inside it, by name without overload (``counts["abs"]``)."""
+
+    def __enter__(self):
+        import collections
+
+        self.counts = collections.Counter()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _conv_brute(conv, a, d, power):

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._checks import check_importance_tensor, check_positive_int
+from .._checks import check_importance_tensors, check_positive_int
 from ._common import check_output_transform, dist_rank_world, eval_mode, model_device, resolve_names, using_output_transform
 from .avalanche_mas import avalanche_mas
 from .fisher import empirical_fisher, expected_fisher, fisher
@@ -367,10 +367,11 @@ def compute_importance(
         raise TypeError(f"importance estimator {name!r} must return a dict name -> Tensor, got {type(result).__name__}")
     result = {n: imp.detach() if isinstance(imp, Tensor) else imp for n, imp in result.items()}
     params = dict(model.named_parameters())
-    for n, imp in result.items():
+    for n in result:
         if n not in params:
             raise ValueError(f"importance estimator {name!r} returned parameter {n!r}, which the model does not have")
-        check_importance_tensor(n, imp, name)
+    check_importance_tensors(result, name)
+    for n, imp in result.items():
         if tuple(imp.shape) != tuple(params[n].shape):
             raise ValueError(
                 f"importance estimator {name!r} returned shape {tuple(imp.shape)} for parameter {n!r}, "
