@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md (section 5) in one command, on the first CUDA device:
-# the library's CUDA tests, then both benchmark scripts at sizes that take about 9 minutes on an
+# the library's CUDA tests, then both benchmark scripts at sizes that take about 10 minutes on an
 # H200, and where a penalized MLP step's time goes on the device (torch.profiler). Each step has a time limit; a step that fails or runs out leaves its log and the next runs.
 #
 #   bash benchmarks/cuda_figures.sh [LOG_DIR]      # default LOG_DIR: results/cuda
@@ -22,6 +22,8 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND into LOGS/NAME.log, show i
 
 step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step importance_resnet18 300 "$PY" benchmarks/bench_importance.py --device cuda --models resnet18 --n 256 --rounds 3 --no-memory
+step importance_resnet18_n1024 120 "$PY" benchmarks/bench_importance.py --device cuda --models resnet18 --n 1024 --rounds 3 --no-memory \
+    --variants "avalanche EWCPlugin (minibatch)" "ours empirical_fisher" "vmap(grad)"
 step importance_mlp 90 "$PY" benchmarks/bench_importance.py --device cuda --models mlp --rounds 3 --no-memory
 step penalty_mlp 150 "$PY" benchmarks/bench_penalty.py --device cuda --models mlp --rounds 3 --budget 1.0 --plot "$LOGS/step_time_vs_T.png"
 step penalty_profile_mlp 120 "$PY" benchmarks/bench_penalty.py --device cuda --models mlp --T 1 --rounds 1 --budget 0.5 --profile \

@@ -198,7 +198,7 @@ def test_cuda_figures_script_calls_real_options_and_variants(tmp_path):
                        env=dict(os.environ, PYTHON=str(fake)), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     commands = [line.split("\0")[:-1] for line in calls.read_text().splitlines() if line]
-    assert len(commands) == 7 and commands[0][:2] == ["-m", "pytest"] and commands[0][-1] == "tests/test_cuda.py"
+    assert len(commands) == 8 and commands[0][:2] == ["-m", "pytest"] and commands[0][-1] == "tests/test_cuda.py"
     assert os.path.exists(os.path.join(ROOT, "tests", "test_cuda.py"))
     sources = {s: open(os.path.join(BENCH, s)).read() for s in SCRIPTS}
     common = open(os.path.join(BENCH, "common.py")).read()
