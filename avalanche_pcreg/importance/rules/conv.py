@@ -4,8 +4,8 @@ g_i = Σ_positions δ_i[:, l] u_i[:, l]ᵀ with u = unfold(a) (the patches), per
 way is fastest for the layer. On a GPU: one weight-gradient call per chunk, the samples as groups.
 On the CPU: unfold + batched matmul; one grouped convolution over the samples (large maps); or, for
 layers with enough work per sample, one sample at a time, with the convolution library's own
-weight-gradient kernel or one matmul into a reused buffer. With K cotangent columns and small maps,
-the squares are summed in Gram form (:class:`_GramSquares`).
+weight-gradient kernel or one matmul (oneDNN's where it applies, :mod:`._gemm`). With K cotangent
+columns and small maps, the squares are summed in Gram form (:class:`_GramSquares`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._gemm import mm, onednn_applies
 from ._registry import Rule, _chunks, _even_size, _pow, chunk_bytes, register_rule
 
 
@@ -131,8 +132,12 @@ class ConvRule(Rule):
                     for j in range(k or 1):
                         if buf is None or not reuse:
                             buf = torch.empty(groups, cout // groups, u.shape[-1], dtype=a.dtype, device=a.device)
-                        torch.bmm(dg[s + i] if k is None else dg[j, s + i], u[i], out=buf)
-                        yield buf.view(one)
+                        di = dg[s + i] if k is None else dg[j, s + i]
+                        if groups == 1:  # oneDNN's matmul where it applies (_gemm)
+                            yield mm(di[0], u[i, 0], out=buf[0]).view(one)
+                        else:
+                            torch.bmm(di, u[i], out=buf)
+                            yield buf.view(one)
             elif k is None:
                 g = torch.bmm(dg[s:e].reshape(c * groups, cout // groups, -1), u.reshape(c * groups, *u.shape[2:]))
                 yield g.reshape(c, *m.weight.shape)
@@ -191,8 +196,9 @@ def _per_sample_path(m, a, d, k) -> Optional[str]:
     :data:`PER_SAMPLE_CALL_MIN_MACS` multiply-adds per sample goes one sample at a time: "kernel"
     (the weight-gradient kernel of the CPU convolution library, which ATen uses for a batch of
     one float32 sample above :data:`KERNEL_MIN_INPUT` input values) or "matmul" (unfold + one
-    matmul into a reused buffer: what ATen's own fallback does, without a fresh zero-filled
-    result per call); smaller CPU layers get None (the batched paths)."""
+    matmul: oneDNN's for float32 where it applies, else into a reused buffer -- what ATen's own
+    fallback does, without a fresh zero-filled result per call); smaller CPU layers get None
+    (the batched paths)."""
     if a.device.type != "cpu":
         return "wgrad"
     if m.weight.numel() * _positions(d, k) < PER_SAMPLE_CALL_MIN_MACS:
@@ -329,7 +335,11 @@ class _GramSquares:
         for s, e in _chunks(a.shape[0], max(1, min(self.chunk, chunk_bytes(a.device) // max(per_sample, 1)))):
             u = _patches(m, a[s:e]).transpose(1, 2)  # [c, L, I]
             uu = u.index_select(1, self.rows).mul_(u.index_select(1, self.cols))  # [c, P, I]
-            acc.addmm_(self.g[:, s:e].reshape(cout, -1), uu.reshape(-1, width))
+            g, uu = self.g[:, s:e].reshape(cout, -1), uu.reshape(-1, width)
+            if onednn_applies(g, uu):
+                acc += mm(g, uu)
+            else:
+                acc.addmm_(g, uu)
         self.g = None
         return {"weight": acc.reshape(m.weight.shape)}
 

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ._gemm import mm
 from ._registry import Rule, _chunks, _pow, chunk_bytes, register_rule
 
 
@@ -30,10 +31,10 @@ class LinearRule(Rule):
         want = set(want)
         pows, tots = {}, {}
         if a.dim() == 2:
-            # Σ_i |δ_i a_iᵀ|^p = (|δ|^p)ᵀ |a|^p: one matmul, no per-sample tensor.
+            # Σ_i |δ_i a_iᵀ|^p = (|δ|^p)ᵀ |a|^p: one matmul (oneDNN's where it applies, _gemm), no per-sample tensor.
             dp = _pow(d, power)
             if "weight" in want:
-                pows["weight"] = dp.t() @ _pow(a, power)
+                pows["weight"] = mm(dp.t(), _pow(a, power))
             if "bias" in want:
                 pows["bias"] = dp.sum(0)
         else:
@@ -51,7 +52,7 @@ class LinearRule(Rule):
         if total:
             d2 = d.reshape(-1, d.shape[-1])
             if "weight" in want:
-                tots["weight"] = d2.t() @ a.reshape(-1, a.shape[-1])
+                tots["weight"] = mm(d2.t(), a.reshape(-1, a.shape[-1]))
             if "bias" in want:
                 tots["bias"] = d2.sum(0)
         return pows, (tots if total else None)
@@ -67,7 +68,7 @@ class LinearRule(Rule):
         if total:
             ds = d.sum(0)
             if "weight" in want:
-                tots["weight"] = ds.t() @ a
+                tots["weight"] = mm(ds.t(), a)
             if "bias" in want:
                 tots["bias"] = ds.sum(0)
         return pows, (tots if total else None)
@@ -103,7 +104,7 @@ class _ColumnPowers:
         out = {}
         if self.dp is not None:
             if "weight" in self.covers:
-                out["weight"] = self.dp.t() @ _pow(self.a, self.power)
+                out["weight"] = mm(self.dp.t(), _pow(self.a, self.power))
             if "bias" in self.covers:
                 out["bias"] = self.dp.sum(0)
         return out
