@@ -31,7 +31,8 @@ class LinearRule(Rule):
         want = set(want)
         pows, tots = {}, {}
         if a.dim() == 2:
-            # Σ_i |δ_i a_iᵀ|^p = (|δ|^p)ᵀ |a|^p: one matmul (oneDNN's where it applies, _gemm), no per-sample tensor.
+            # Σ_i |δ_i a_iᵀ|^p = (|δ|^p)ᵀ |a|^p: one matmul (oneDNN's where it applies, _gemm), no
+            # per-sample tensor.
             dp = _pow(d, power)
             if "weight" in want:
                 pows["weight"] = mm(dp.t(), _pow(a, power))
