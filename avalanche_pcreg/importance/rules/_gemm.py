@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["mm", "onednn_applies", "MIN_MACS"]
+__all__ = ["mm", "addmm_", "onednn_applies", "MIN_MACS"]
 
 # Multiply-adds from which a product goes to oneDNN.
 MIN_MACS = 1 << 20
@@ -86,3 +86,10 @@ def mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
         with torch.no_grad():
             return _linear()(a, b.t(), None, "none", [], "")
     return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
+
+def addmm_(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``c += a @ b`` in place: oneDNN's product added where it applies, else ``c.addmm_``."""
+    if onednn_applies(a, b):
+        return c.add_(mm(a, b))
+    return c.addmm_(a, b)

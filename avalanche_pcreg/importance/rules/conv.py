@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._gemm import mm, onednn_applies
+from ._gemm import addmm_, mm
 from ._registry import Rule, _chunks, _even_size, _pow, chunk_bytes, register_rule
 
 
@@ -335,11 +335,7 @@ class _GramSquares:
         for s, e in _chunks(a.shape[0], max(1, min(self.chunk, chunk_bytes(a.device) // max(per_sample, 1)))):
             u = _patches(m, a[s:e]).transpose(1, 2)  # [c, L, I]
             uu = u.index_select(1, self.rows).mul_(u.index_select(1, self.cols))  # [c, P, I]
-            g, uu = self.g[:, s:e].reshape(cout, -1), uu.reshape(-1, width)
-            if onednn_applies(g, uu):
-                acc += mm(g, uu)
-            else:
-                acc.addmm_(g, uu)
+            addmm_(acc, self.g[:, s:e].reshape(cout, -1), uu.reshape(-1, width))
         self.g = None
         return {"weight": acc.reshape(m.weight.shape)}
 
