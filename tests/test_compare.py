@@ -661,3 +661,103 @@ def test_stop_flag_ends_the_sweep_before_the_next_run(tmp_path):
         runner.STOP.clear()
     assert len(rows) == 1
     assert len(runner.execute(specs[:1], workers=1, progress=False)) == 1  # cleared: runs again
+
+
+# --------------------------------------------------------------------------- failures and cells
+
+
+CELL = Settings(epochs=1, max_train_per_class=8, max_test_per_class=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", runner.SCENARIOS)
+def test_every_method_trains_in_every_scenario_or_is_left_out_for_a_true_reason(scenario):
+    """Every method of the catalog (the default set among them) trains one tiny run in every
+    scenario; a method left out of a scenario really fails there (so the note stays true)."""
+    from avalanche_pcreg.experiments.catalog import DEFAULT_METHODS, quick_grid, supported
+
+    assert set(DEFAULT_METHODS) <= set(METHODS)
+    for name in METHODS:
+        row = runner.run_guarded(RunSpec(scenario, name, 0, quick_grid(name)[0], CELL))
+        if supported(scenario, name) is None:
+            assert row["status"] == "ok", f"{scenario}/{name}: {row.get('error')}"
+            assert 0.0 <= row["avg_accuracy"] <= 1.0
+        else:
+            assert row["status"] == "failed", f"{scenario}/{name} no longer fails: drop it from unsupported"
+
+
+def test_default_sweep_is_the_named_comparison_and_its_size(tmp_path):
+    from avalanche_pcreg.experiments.catalog import DEFAULT_METHODS, PRESETS, STUDIES
+
+    assert PRESETS["default"]["methods"] == DEFAULT_METHODS == STUDIES["compare"].methods
+    assert not any(m.startswith(("fv-", "avl-rwalk", "pc-rwalk")) for m in DEFAULT_METHODS)
+    a = compare.parse_args(["--out", str(tmp_path)])
+    plan = runner.plan_runs(a.scenarios, a.methods, a.seeds, Settings(), grids=a.grids)
+    assert a.methods == list(DEFAULT_METHODS) and len(plan) == 585
+
+
+def test_left_out_cells_are_not_planned_and_are_named_in_the_tables(tmp_path):
+    plan = runner.plan_runs(["split-task", "split-class"], ["naive", "avl-rwalk"], [0], CELL,
+                            grids={"avl-rwalk": [1.0]})
+    assert [(p.scenario, p.method) for p in plan] == [
+        ("split-task", "naive"), ("split-class", "naive"), ("split-class", "avl-rwalk")]
+    left = runner.left_out(["split-task", "split-class"], ["naive", "avl-rwalk"])
+    assert left == [{"scenario": "split-task", "method": "avl-rwalk",
+                     "reason": METHODS["avl-rwalk"].unsupported["split-task"]}]
+    res = runner.run_comparison(["split-task", "split-class"], ["naive", "avl-rwalk"], [0], CELL,
+                                grids={"avl-rwalk": [1.0]}, workers=1, progress=False, out=tmp_path, plots=True)
+    assert res.config["left_out"] == left and len(res.rows) == 3
+    md = (tmp_path / "summary.md").read_text()
+    assert "left out: split-task/avl-rwalk: Avalanche 0.6's RWalkPlugin raises KeyError" in md
+    assert (tmp_path / "acc_matrix_split-task.png").is_file()
+
+
+def test_a_failing_method_is_recorded_with_its_error_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(METHODS, "broken", runner.Method(
+        "broken", "broken", "avalanche", (0, 1), {"no_such_option": 1}, "an Avalanche plugin given a bad option"))
+    args = (["permuted"], ["naive", "broken", "pc-ewc"], [0, 1], CELL)
+    grids = {"broken": [1.0, 10.0], "pc-ewc": [1.0]}
+    res = runner.run_comparison(*args, grids=grids, workers=1, progress=False, out=tmp_path, plots=True)
+    bad = [r for r in res.rows if r["method"] == "broken"]
+    assert len(bad) == 4 and all(r["status"] == "failed" for r in bad)
+    assert all(r["error"].startswith("TypeError:") and "no_such_option" in r["error"] for r in bad)
+    good = [r for r in res.rows if r["method"] != "broken"]
+    assert len(good) == 4 and all(r["status"] == "ok" and 0 <= r["avg_accuracy"] <= 1 for r in good)
+    cell = next(s for s in res.summary if s["method"] == "broken")
+    assert cell["all_failed"] and cell["n_failed"] == 4 and math.isnan(cell["acc_mean"])
+    assert len(cell["errors"]) == 1 and "no_such_option" in cell["errors"][0]
+    assert {s["method"] for s in res.summary if not s["all_failed"]} == {"naive", "pc-ewc"}
+    assert res.config["n_runs_failed"] == 4
+    assert not any(r["method"] == "broken" for r in res.chosen)
+    table = runner.format_summary(res.summary)
+    assert "broken!" in table and "failed" in table
+    md = (tmp_path / "summary.md").read_text()
+    assert "! permuted/broken: every run failed: TypeError:" in md
+    doc = json.loads((tmp_path / "results.json").read_text(), parse_constant=_reject_nan)
+    assert sum(r["status"] == "failed" for r in doc["sweep"]) == 4
+    for name in ("final_accuracy.png", "acc_over_experiences.png", "lambda_sweep.png", "acc_matrix_permuted.png"):
+        assert (tmp_path / name).is_file()
+    # failed runs are kept in the results file, and a rerun trains them again (the rest is reused)
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 8
+    msgs = []
+    again = runner.run_comparison(*args, grids=grids, workers=1, progress=False, out=tmp_path, plots=False,
+                                  log=msgs.append)
+    assert "4 of 8 runs already done" in msgs[0] and again.config["n_runs_resumed"] == 4
+    assert [r["avg_accuracy"] for r in again.rows if r["method"] != "broken"] == [r["avg_accuracy"] for r in good]
+
+
+def test_a_cell_with_some_failed_runs_chooses_among_the_finished_ones():
+    ok = dict(scenario="permuted", method="pc-ewc", status="ok", avg_accuracy=0.5, avg_forgetting=0.1, bwt=-0.1,
+              mean_step_time_s=0.001, importance_time_s=0.01, error=None)
+    rows = [{**ok, "seed": 0, "factor": 1.0, "valid_accuracy": 0.4},
+            {**ok, "seed": 1, "factor": 1.0, "valid_accuracy": 0.6},
+            {**ok, "seed": 0, "factor": 10.0, "valid_accuracy": 0.9, "status": "failed", "error": "E: x"},
+            {**ok, "seed": 1, "factor": 10.0, "valid_accuracy": 0.45}]
+    sel = runner.select_factors(rows)[("permuted", "pc-ewc")]
+    assert sel["factor"] == 1.0 and sel["valid_by_factor"] == [0.5, 0.45]
+    assert sel["n_failed"] == 1 and sel["errors"] == ["E: x"] and not sel["all_failed"]
+    chosen = runner.chosen_rows(rows, {("permuted", "pc-ewc"): sel})
+    assert [r["seed"] for r in chosen] == [0, 1]
+    summary = runner.summarize(chosen, {("permuted", "pc-ewc"): sel})
+    assert runner.format_notes(summary) == ["! permuted/pc-ewc: 1 run(s) failed: E: x"]
+    assert "pc-ewc!" in runner.format_summary(summary)

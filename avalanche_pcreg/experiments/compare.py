@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence
 
 from .catalog import (
     DATASETS, DEVICES, METHODS, MODELS, PRESETS, QUICK_SUBSAMPLE, SCENARIOS, STUDIES,
-    method_grid, quick_grid,
+    method_grid, quick_grid, supported,
 )
 
 
@@ -284,7 +284,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
     warnings.filterwarnings("ignore")  # Avalanche's import-time notices
-    from .runner import Settings, format_summary, run_comparison
+    from .runner import Settings, format_notes, format_summary, run_comparison
 
     settings = Settings(
         dataset=a.dataset, data_root=a.data_root, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
@@ -293,7 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     s = settings.resolved()
     grids = {m: (a.grids or {}).get(m) or method_grid(m, a.points_per_decade) for m in a.methods}
-    n_runs = len(a.scenarios) * len(a.seeds) * sum(len(grids[m]) for m in a.methods)
+    n_runs = len(a.seeds) * sum(len(grids[m]) for sc in a.scenarios for m in a.methods
+                                if supported(sc, m) is None)
     net = f"MLP 2x{s.hidden}" if s.model == "mlp" else f"CNN 4 conv + {s.hidden}"
     sub = ""
     if s.max_train_per_class or s.max_test_per_class:
@@ -307,6 +308,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if METHODS[m].tuned:
             g = grids[m]
             print(f"  {m:16s} factor grid {g[0]:.3g} .. {g[-1]:.3g} ({len(g)} points)")
+    for sc in a.scenarios:
+        for m in a.methods:
+            if supported(sc, m) is not None:
+                print(f"  left out: {sc}/{m}: {supported(sc, m)}")
     t0 = time.perf_counter()
     import signal
 
@@ -325,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res = run_comparison(
             a.scenarios, a.methods, a.seeds, settings, points_per_decade=a.points_per_decade, grids=a.grids,
             workers=a.workers, progress=not a.no_progress, out=a.out, plots=not a.no_plots,
-            resume=not a.fresh, study=a.study, log=lambda msg: print(msg, flush=True),
+            resume=not a.fresh, study=a.study, log=lambda msg: print(msg, flush=True), restart_hint="--fresh",
         )
     except KeyboardInterrupt:
         interrupted = True
@@ -335,8 +340,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     if interrupted:
-        print(f"\ninterrupted: the finished runs are kept in {a.out}/runs.jsonl; rerun the same command "
-              "to train only the rest", file=sys.stderr)
+        runs = Path(a.out) / "runs.jsonl"
+        if runs.is_file() and runs.stat().st_size:
+            print(f"\ninterrupted: the finished runs are kept in {runs}; rerun the same command "
+                  "to train only the rest", file=sys.stderr)
+        else:
+            print("\ninterrupted before any run finished: nothing was kept", file=sys.stderr)
         return 130
     wall = time.perf_counter() - t0
     print()
@@ -344,6 +353,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           "(StreamForgetting) and BWT (StreamBWT), mean ± std over seeds at each method's factor chosen "
           "on validation accuracy:")
     print(format_summary(res.summary))
+    notes = format_notes(res.summary, res.config["left_out"])
+    if notes:
+        print("\n" + "\n".join(notes))
     from .catalog import STUDIES as _S
 
     if _S[a.study].report != "comparison":
@@ -359,7 +371,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ties:
         print("~ validation accuracy ties at several factors, the smallest is taken: "
               + ", ".join(f"{s['scenario']}/{s['method']} ({s['ties']})" for s in ties))
-    print(f"\n{len(res.rows)} runs ({res.config['n_runs_resumed']} from {a.out}/runs.jsonl) in {wall:.1f} s; wrote "
+    failed = res.config["n_runs_failed"]
+    print(f"\n{len(res.rows)} runs ({res.config['n_runs_resumed']} from {a.out}/runs.jsonl"
+          + (f"; {failed} failed, see above" if failed else "") + f") in {wall:.1f} s; wrote "
           + ", ".join(Path(f).name for f in res.files))
     return 0
 

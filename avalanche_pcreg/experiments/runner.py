@@ -26,6 +26,10 @@ Every finished run is appended to ``<out>/runs.jsonl`` as it ends (:class:`Resul
 skips the runs already there (matched by :func:`run_key`), so an interrupted sweep resumes and ends
 with the same tables. ``Settings.device`` runs on a GPU (``"cuda"``) or picks one (``"auto"``).
 
+A run that raises is recorded as failed, with its error (:func:`run_guarded`), and the sweep goes
+on; the tables and figures name the failed cells. Methods known to fail in a scenario
+(:attr:`Method.unsupported`) are left out of it with a note (:func:`left_out`).
+
 The library functions are :func:`run_one` (one training run -> one row), :func:`plan_runs`,
 :func:`execute` (optionally over a process pool), :func:`select_factor` /
 :func:`select_factors`, :func:`summarize`, :func:`write_outputs`, :func:`make_plots` and the
@@ -50,7 +54,7 @@ import numpy as np
 
 from .catalog import (  # noqa: F401  (re-exported: the method table lives in catalog)
     DATASETS, DEFAULT_METHODS, DEVICES, METHODS, MODELS, ONLINE_DECAY, PRESETS, QUICK_METHODS, SCENARIOS,
-    Method, method_grid, quick_grid,
+    Method, method_grid, quick_grid, supported,
 )
 
 __all__ = [
@@ -66,7 +70,9 @@ __all__ = [
     "method_grid",
     "make_plugins",
     "run_one",
+    "run_guarded",
     "plan_runs",
+    "left_out",
     "execute",
     "select_factor",
     "select_factors",
@@ -453,7 +459,8 @@ def plan_runs(
 ) -> List[RunSpec]:
     """Every (scenario, method, factor, seed) to train, the longest (permuted) first.
 
-    ``grids`` overrides the factor grid of some methods (``{name: [factors]}``).
+    ``grids`` overrides the factor grid of some methods (``{name: [factors]}``). A method is not
+    planned in the scenarios it is known to fail in (:func:`left_out` lists them).
     """
     check_names(scenarios, methods)
     if not seeds:
@@ -467,12 +474,20 @@ def plan_runs(
     for sc in order:
         for seed in seeds:
             for meth in methods:
+                if supported(sc, meth) is not None:
+                    continue
                 grid = grids.get(meth) if meth in grids else method_grid(meth, points_per_decade)
                 if METHODS[meth].tuned and (not grid or any(f is None for f in grid)):
                     raise ValueError(f"grids[{meth!r}] must be a non-empty list of factors")
                 for f in grid:
                     plan.append(RunSpec(sc, meth, int(seed), None if f is None else float(f), settings))
     return plan
+
+
+def left_out(scenarios: Sequence[str], methods: Sequence[str]) -> List[Dict[str, str]]:
+    """The (scenario, method) cells :func:`plan_runs` leaves out, each with the reason."""
+    return [{"scenario": sc, "method": me, "reason": supported(sc, me)}
+            for sc in scenarios for me in methods if supported(sc, me) is not None]
 
 
 def check_names(scenarios: Sequence[str], methods: Sequence[str]) -> None:
@@ -504,11 +519,36 @@ _PROGRESS_QUEUE = None
 STOP = threading.Event()
 
 
+def failed(row: Mapping[str, Any]) -> bool:
+    """Whether ``row`` records a run that raised (see :func:`run_guarded`)."""
+    return row.get("status") == "failed"
+
+
+def run_guarded(spec: RunSpec, report=None) -> Dict[str, Any]:
+    """:func:`run_one`, with a run that raises recorded as a failed row instead of ending the sweep:
+    ``status`` ``"failed"``, ``error`` (the exception's type and message), NaN figures. An interrupt
+    (KeyboardInterrupt) still ends the sweep."""
+    t0 = time.perf_counter()
+    try:
+        return {**run_one(spec, report=report), "status": "ok"}
+    except Exception as e:  # any failure of one run: record it, go on with the others
+        msg = " ".join(str(e).split())
+        return {
+            "scenario": spec.scenario, "dataset": spec.settings.dataset, "method": spec.method,
+            "seed": int(spec.seed), "factor": None if spec.factor is None else float(spec.factor),
+            "chosen_factor": None, "status": "failed",
+            "error": f"{type(e).__name__}: {msg}"[:500],
+            **{k: float("nan") for k in ("avg_accuracy", "avg_forgetting", "bwt", "valid_accuracy",
+                                         "mean_step_time_s", "importance_time_s")},
+            "wall_time_s": time.perf_counter() - t0,
+        }
+
+
 def _run_indexed(item):
     i, spec = item
     q = _PROGRESS_QUEUE
     report = None if q is None else (lambda text: q.put((i, text)))
-    return i, run_one(spec, report=report)
+    return i, run_guarded(spec, report=report)
 
 
 def _describe(spec: RunSpec) -> str:
@@ -525,7 +565,8 @@ def execute(plan: Sequence[RunSpec], workers: Optional[int] = None, progress: bo
     in this process (``workers`` is ignored: one GPU is shared, not split). ``progress`` shows a
     tqdm bar over runs and, under it, the experience and epoch of the runs in progress.
     ``on_row(spec, row)`` is called as each run finishes (the results file appends it there), so
-    an interrupted sweep keeps every finished run.
+    an interrupted sweep keeps every finished run. A run that raises gives a failed row
+    (:func:`run_guarded`) and the others go on.
     """
     from tqdm.auto import tqdm
 
@@ -567,7 +608,7 @@ def execute(plan: Sequence[RunSpec], workers: Optional[int] = None, progress: bo
                         if STOP.is_set():
                             raise KeyboardInterrupt
                         show(i, "starting")
-                        done(i, run_one(spec, report=(lambda t, i=i: show(i, t)) if progress else None))
+                        done(i, run_guarded(spec, report=(lambda t, i=i: show(i, t)) if progress else None))
             finally:
                 torch.set_num_threads(threads)
         else:
@@ -715,16 +756,24 @@ def select_factors(rows: Sequence[Mapping[str, Any]]) -> Dict[Tuple[str, str], D
     test accuracy, for the plots only), ``ties`` (how many grid points share the best mean
     validation accuracy; the smallest factor among them is chosen) and ``at_edge`` (the
     unique best is the smallest or largest point of a grid of >= 3 points: widen the grid).
+    Failed runs (:func:`run_guarded`) take no part in the choice: ``n_failed`` counts them and
+    ``errors`` lists their distinct errors; ``all_failed`` marks a cell with no finished run.
     """
     groups: Dict[Tuple[str, str], Dict[Optional[float], List[Mapping]]] = {}
     for r in rows:
         groups.setdefault((r["scenario"], r["method"]), {}).setdefault(r["factor"], []).append(r)
     out = {}
-    for key, by_f in groups.items():
-        if None in by_f:
-            rs = by_f[None]
-            out[key] = {"factor": None, "valid_accuracy": float(np.mean([r["valid_accuracy"] for r in rs])),
-                        "grid": [], "valid_by_factor": [], "test_by_factor": [], "at_edge": False, "ties": 0}
+    for key, all_by_f in groups.items():
+        bad = [r for rs in all_by_f.values() for r in rs if failed(r)]
+        fails = {"n_failed": len(bad), "errors": sorted({r.get("error", "") for r in bad}),
+                 "all_failed": False}
+        by_f = {f: ok for f, rs in all_by_f.items() if (ok := [r for r in rs if not failed(r)])}
+        if not by_f or None in by_f:
+            rs = by_f.get(None, [])
+            out[key] = {"factor": None,
+                        "valid_accuracy": float(np.mean([r["valid_accuracy"] for r in rs])) if rs else float("nan"),
+                        "grid": [], "valid_by_factor": [], "test_by_factor": [], "at_edge": False, "ties": 0,
+                        **fails, "all_failed": not by_f}
             continue
         grid = sorted(by_f)
         f, k, v = select_factor(grid, [[r["valid_accuracy"] for r in by_f[g]] for g in grid])
@@ -738,16 +787,17 @@ def select_factors(rows: Sequence[Mapping[str, Any]]) -> Dict[Tuple[str, str], D
             "test_by_factor": [float(np.mean([r["avg_accuracy"] for r in by_f[g]])) for g in grid],
             "at_edge": len(grid) >= 3 and k in (0, len(grid) - 1) and ties == 1,
             "ties": ties,
+            **fails,
         }
     return out
 
 
 def chosen_rows(rows: Sequence[Mapping[str, Any]], selection: Mapping) -> List[Dict[str, Any]]:
-    """The rows at each (scenario, method)'s chosen factor, with ``chosen_factor`` filled in."""
+    """The finished rows at each (scenario, method)'s chosen factor, with ``chosen_factor`` filled in."""
     out = []
     for r in rows:
         sel = selection[(r["scenario"], r["method"])]
-        if r["factor"] == sel["factor"]:
+        if not failed(r) and not sel.get("all_failed") and r["factor"] == sel["factor"]:
             out.append({**r, "chosen_factor": sel["factor"]})
     return out
 
@@ -760,14 +810,17 @@ def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
+def _nanmean(vals: Sequence[float]) -> float:
+    a = np.asarray(vals, dtype=float)
+    a = a[~np.isnan(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
 def summarize(chosen: Sequence[Mapping[str, Any]], selection: Mapping) -> List[Dict[str, Any]]:
     """One dict per (scenario, method), in scenario then method order: test accuracy,
-    forgetting and BWT mean and std (sample std over seeds), chosen factor, edge flag, times."""
-    keys = []
-    for r in chosen:
-        k = (r["scenario"], r["method"])
-        if k not in keys:
-            keys.append(k)
+    forgetting and BWT mean and std (sample std over seeds), chosen factor, edge flag, times,
+    and the failed runs of the cell (``n_failed``, ``errors``, ``all_failed``: no run finished)."""
+    keys = [k for k in selection]
     keys.sort(key=lambda k: (list(SCENARIOS).index(k[0]), list(METHODS).index(k[1])))
     out = []
     for sc, me in keys:
@@ -783,9 +836,10 @@ def summarize(chosen: Sequence[Mapping[str, Any]], selection: Mapping) -> List[D
             "valid_accuracy": sel["valid_accuracy"], "at_edge": sel["at_edge"], "ties": sel.get("ties", 0),
             "grid_min": sel["grid"][0] if sel["grid"] else None,
             "grid_max": sel["grid"][-1] if sel["grid"] else None,
-            "mean_step_time_ms": 1e3 * float(np.nanmean([r["mean_step_time_s"] for r in rs])),
-            "importance_time_s": float(np.nanmean([r["importance_time_s"] for r in rs]))
-            if any(not math.isnan(r["importance_time_s"]) for r in rs) else float("nan"),
+            "mean_step_time_ms": 1e3 * _nanmean([r["mean_step_time_s"] for r in rs]),
+            "importance_time_s": _nanmean([r["importance_time_s"] for r in rs]),
+            "n_failed": sel.get("n_failed", 0), "errors": list(sel.get("errors", [])),
+            "all_failed": bool(sel.get("all_failed", False)),
         })
     return out
 
@@ -795,16 +849,21 @@ def _fmt_factor(f) -> str:
 
 
 def format_summary(summary: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:
-    """The summary as a text (or Markdown) table: scenario, method, test accuracy mean +- std,
-    forgetting, BWT, chosen factor (``*``: a unique best at a grid edge; ``~``: several factors
-    tie on validation accuracy, the smallest is taken), step time."""
+    """The summary as a text (or Markdown) table: scenario, method, test accuracy mean +- std
+    (the mean alone from one seed), forgetting, BWT, chosen factor (``*``: a unique best at a grid
+    edge; ``~``: several factors tie on validation accuracy, the smallest is taken), step time.
+    A cell where every run failed reads ``failed``; ``!`` after a method: some of its runs failed
+    (:func:`format_notes` says which and why)."""
     head = ["scenario", "method", "test acc", "forgetting", "BWT", "factor", "step ms"]
     lines = []
     for s in summary:
-        def pm(a, b):
-            return "n/a" if math.isnan(a) else f"{a:.3f} ± {b:.3f}"
+        def pm(a, b, n=s["n_seeds"]):
+            return "n/a" if math.isnan(a) else f"{a:.3f} ± {b:.3f}" if n > 1 else f"{a:.3f}"
+        if s.get("all_failed"):
+            lines.append([s["scenario"], s["method"] + "!", "failed", "-", "-", "-", "-"])
+            continue
         lines.append([
-            s["scenario"], s["method"], pm(s["acc_mean"], s["acc_std"]),
+            s["scenario"], s["method"] + ("!" if s.get("n_failed") else ""), pm(s["acc_mean"], s["acc_std"]),
             pm(s["forgetting_mean"], s["forgetting_std"]),
             "n/a" if math.isnan(s["bwt_mean"]) else f"{s['bwt_mean']:+.3f}",
             _fmt_factor(s["chosen_factor"]) + ("*" if s["at_edge"] else "") + ("~" if s.get("ties", 0) > 1 else ""),
@@ -825,6 +884,19 @@ def format_summary(summary: Sequence[Mapping[str, Any]], markdown: bool = False)
         out.append(row(l))
         prev = l[0]
     return "\n".join(out)
+
+
+def format_notes(summary: Sequence[Mapping[str, Any]], left: Sequence[Mapping[str, str]] = ()) -> List[str]:
+    """One line per cell with failed runs (how many, and each distinct error) and per cell left out
+    of the sweep (with the reason); empty when there are neither."""
+    out = []
+    for s in summary:
+        if s.get("n_failed"):
+            what = "every run failed" if s.get("all_failed") else f"{s['n_failed']} run(s) failed"
+            out.append(f"! {s['scenario']}/{s['method']}: {what}: " + "; ".join(s.get("errors", [])))
+    for c in left:
+        out.append(f"left out: {c['scenario']}/{c['method']}: {c['reason']}")
+    return out
 
 
 # --------------------------------------------------------------------------- outputs
@@ -900,6 +972,9 @@ def write_outputs(result: Comparison, out: str | os.PathLike) -> List[str]:
         json.dump(_clean(doc), f, indent=1)
     with open(out / "summary.md", "w") as f:
         f.write(format_summary(result.summary, markdown=True) + "\n")
+        notes = format_notes(result.summary, result.config.get("left_out", []))
+        if notes:
+            f.write("\n" + "\n".join(f"* {n}" for n in notes) + "\n")
     files += [str(out / n) for n in ("results.csv", "results.json", "sweep.csv", "summary.md")]
     return files
 
@@ -919,6 +994,8 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
     * ``acc_over_experiences.png``: stream accuracy over the seen experiences after each one;
     * ``lambda_sweep.png``: mean validation accuracy vs factor, chosen factor marked;
     * ``final_accuracy.png``: final test accuracy, mean +- std over seeds.
+
+    Cells with failed runs and cells left out of the sweep are named under the figures.
     """
     from .catalog import DATASET_TITLES, SCENARIO_TITLES
     from .studies import _experience_ticks, style
@@ -934,9 +1011,14 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
     cfg = result.config.get("settings", {})
     ds = DATASET_TITLES.get(cfg.get("dataset"), cfg.get("dataset", ""))
     n_seeds = len(result.config.get("seeds", [])) or len({r["seed"] for r in chosen})
+    seeds_txt = f"{n_seeds} seed" + ("s" if n_seeds != 1 else "")
     label = {m: METHODS[m].label for m in methods}
+    notes = format_notes(result.summary, result.config.get("left_out", []))
 
     def save(fig, name):
+        if notes:
+            fig.text(0.0, 0.0, "\n".join(notes), ha="left", va="top", fontsize=8, color="firebrick",
+                     wrap=True)
         p = out / name
         fig.savefig(p, dpi=dpi, bbox_inches="tight")
         plt.close(fig)
@@ -950,7 +1032,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
 
     # accuracy matrices
     for sc in scenarios:
-        ms = [m for m in methods if m != "joint"]
+        ms = [m for m in methods if m != "joint" and any(r["scenario"] == sc and r["method"] == m for r in chosen)]
         if not ms:
             continue
         ncol = min(4, len(ms))
@@ -977,7 +1059,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
             ax.set_ylim(mat.shape[0] + 0.5, 0.5)
         for ax in list(axes.flat)[len(ms):]:
             ax.axis("off")
-        fig.suptitle(f"{ds}, {SCENARIO_TITLES.get(sc, sc)}: accuracy matrix (%), mean over {n_seeds} seeds, "
+        fig.suptitle(f"{ds}, {SCENARIO_TITLES.get(sc, sc)}: accuracy matrix (%), mean over {seeds_txt}, "
                      "at the chosen factors", fontsize=11)
         save(fig, f"acc_matrix_{sc}.png")
 
@@ -1003,7 +1085,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(f"mean over {n_seeds} seeds, each method at its chosen factor", fontsize=11)
+    fig.suptitle(f"mean over {seeds_txt}, each method at its chosen factor", fontsize=11)
     fig.tight_layout()
     save(fig, "acc_over_experiences.png")
 
@@ -1029,7 +1111,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
             ax.set_ylabel("mean validation accuracy")
             ax.grid(alpha=0.3)
         axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-        fig.suptitle(f"factor sweep, mean over {n_seeds} seeds (★ = chosen)", fontsize=11)
+        fig.suptitle(f"factor sweep, mean over {seeds_txt} (★ = chosen)", fontsize=11)
         fig.tight_layout()
         save(fig, "lambda_sweep.png")
 
@@ -1050,7 +1132,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
     ax.set_ylabel("final test accuracy (mean ± std)")
     ax.set_ylim(0, 1.0)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"{ds}: final test accuracy, {n_seeds} seeds, each method at its chosen factor", fontsize=11)
+    ax.set_title(f"{ds}: final test accuracy, {seeds_txt}, each method at its chosen factor", fontsize=11)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     save(fig, "final_accuracy.png")
@@ -1074,6 +1156,7 @@ def run_comparison(
     resume: bool = True,
     study: str = "compare",
     log=None,
+    restart_hint: str = "resume=False",
 ) -> Comparison:
     """Sweep, select, summarize and (with ``out``) write results and plots.
 
@@ -1084,7 +1167,9 @@ def run_comparison(
     file afresh. ``study``: ``"compare"`` (the comparison's tables and figures), ``"long-stream"``
     or ``"fisher-variants"`` (their own tables and figures as well, see
     :mod:`avalanche_pcreg.experiments.studies`). ``log``: a callable for one-line messages
-    (default ``print``).
+    (default ``print``); ``restart_hint``: how the resume message says to train everything again.
+    A run that raises is recorded as failed and the sweep goes on (:func:`run_guarded`); methods
+    known to fail in a scenario are left out of it (:func:`left_out`). Both are in the tables.
     """
     from .catalog import STUDIES
 
@@ -1106,11 +1191,12 @@ def run_comparison(
         store = ResultStore(out / "runs.jsonl")
         if not resume:
             store.clear()
-        done = store.load()
+        # failed runs are trained again: the cause may be gone
+        done = {k: r for k, r in store.load().items() if not failed(r)}
         have = sum(k in done for k in keys)
         if have:
             log(f"{store.path}: {have} of {len(plan)} runs already done, skipping them "
-                f"(pass resume=False / --fresh to train them again)")
+                f"({restart_hint} trains them again)")
     todo = [i for i, k in enumerate(keys) if k not in done]
     new_rows = execute([plan[i] for i in todo], workers=workers, progress=progress,
                        on_row=(lambda spec, row: store.append(run_key(spec), row)) if store else None)
@@ -1126,7 +1212,8 @@ def run_comparison(
         "settings": asdict(res), "points_per_decade": points_per_decade,
         "grids": {m: list(grids[m]) if grids and m in grids else method_grid(m, points_per_decade) for m in methods},
         "optimizer": f"Adam(lr={res.lr})", "online_decay": ONLINE_DECAY, "n_runs": len(plan),
-        "n_runs_resumed": len(plan) - len(todo),
+        "n_runs_resumed": len(plan) - len(todo), "n_runs_failed": sum(failed(r) for r in rows),
+        "left_out": left_out(scenarios, methods),
         "workers": workers, "selection": "argmax of mean validation accuracy after the last experience",
         "methods_description": {m: METHODS[m].description for m in methods},
         "methods_label": {m: METHODS[m].label for m in methods},
