@@ -91,6 +91,8 @@ class _QuadraticPenalty(torch.autograd.Function):
                 grads = torch._foreach_mul(wdiffs, scale)
             else:
                 grads = [wd * scale for wd in wdiffs]
+            if grads[0].dtype != params[0].dtype:  # float32 state of bf16/fp16 parameters
+                grads = [g.to(p.dtype) for g, p in zip(grads, params)]
         return (None, None, None, None, None, *grads)
 
 
@@ -107,8 +109,9 @@ def quadratic_penalty(
     ``params``, ``weights`` and ``anchors`` are equally long sequences of same-shaped tensors
     (``weights`` >= 0). The gradient flows to ``params`` only. ``const`` is an optional 0-dim
     tensor that changes the value, not the gradient. ``impl`` is ``"foreach"``, ``"forloop"``
-    or None (automatic). Computed in the parameters' dtype with autocast disabled; a float64
-    ``const`` makes the value float64 (the gradient keeps the parameters' dtype).
+    or None (automatic). Computed in the promoted dtype of the parameters and the weights
+    (float32 state of bf16 parameters: float32) with autocast disabled; a float64 ``const``
+    makes the value float64. The gradient has the parameters' dtype.
     """
     if impl is None:
         impl = default_impl(params)

@@ -7,7 +7,9 @@ Separate mode: a sum of T quadratics is one quadratic,
     c = sum_t F_t theta*_t**2 - A mu**2  (>= 0, a scalar once summed)
 
 merged one experience at a time in float64, with the constant's increment in the
-cancellation-free form ``A F / (A + F) * (mu - theta*)**2``; A and mu are stored in the parameter's dtype.
+cancellation-free form ``A F / (A + F) * (mu - theta*)**2``; A and mu are stored in the parameter's dtype,
+or in float32 for a parameter of lower precision (bf16, fp16: rounding A and mu to 8 bits of mantissa
+would cost percents of the penalty's gradient).
 Online mode: A <- decay * A + F, mu <- theta_now, c = 0; the decay applies to every stored
 entry, also to one that got no importance this time (a parameter frozen or left out), as in
 Avalanche's ``EWCPlugin``.
@@ -41,6 +43,11 @@ __all__ = ["ConsolidatedState", "MODES", "STATE_VERSION"]
 
 MODES = ("separate", "online")
 STATE_VERSION = 1
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype A and mu are stored in for a parameter of ``dtype``: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _pad_to(old: Tensor, shape, fill: Tensor, name: str) -> Tensor:
@@ -126,7 +133,7 @@ class ConsolidatedState:
                     f"shape mismatch for parameter {name!r}: importance has {tuple(F.shape)}, "
                     f"parameter has {tuple(theta.shape)}"
                 )
-            dtype, device = theta.dtype, theta.device
+            dtype, device = state_dtype(theta.dtype), theta.device
             F64, t64 = F.detach().to(device=device, dtype=torch.float64), theta.to(torch.float64)
             if name in self.importances:
                 A64 = _pad_to(self.importances[name], theta.shape, torch.zeros_like(theta), name)
@@ -210,7 +217,8 @@ class ConsolidatedState:
             anchors.append(self.anchors[name])
         if not thetas:
             return torch.zeros(())
-        const = self._const_on(thetas[0].device, thetas[0].dtype, float(factor)) if self.mode == "separate" else None
+        dtype = torch.promote_types(thetas[0].dtype, weights[0].dtype)
+        const = self._const_on(thetas[0].device, dtype, float(factor)) if self.mode == "separate" else None
         return quadratic_penalty(thetas, weights, anchors, factor, const=const, impl=impl)
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -262,9 +270,10 @@ class ConsolidatedState:
                 )
             check_importance_tensor(name, A, "state_dict")
             check_finite_parameter(name, mu, what="anchor in state_dict")
-            # copies: the state never shares memory with the caller's tensors
-            new.importances[name] = (A.to(map_location) if map_location is not None else A).detach().clone()
-            new.anchors[name] = (mu.to(map_location) if map_location is not None else mu).detach().clone()
+            # copies: the state never shares memory with the caller's tensors (and at least float32)
+            for store, t in ((new.importances, A), (new.anchors, mu)):
+                t = t.to(map_location) if map_location is not None else t
+                store[name] = t.detach().to(state_dtype(t.dtype), copy=True)
         new.const = torch.as_tensor(sd["const"], dtype=torch.float64).cpu()
         new.num_consolidations = int(sd["num_consolidations"])
         return new

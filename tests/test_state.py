@@ -493,3 +493,35 @@ def test_online_decays_entries_without_new_importance():
     t1 = ConsolidatedState().consolidated({"b": torch.full((3,), 8.0, dtype=F64)}, {"b": torch.zeros(3, dtype=F64)})
     t2 = t1.consolidated({}, {"b": torch.full((3,), 2.0, dtype=F64)})
     assert torch.equal(t2.importances["b"], t1.importances["b"]) and torch.equal(t2.anchors["b"], t1.anchors["b"])
+
+
+def test_bf16_parameters_keep_a_float32_state_and_an_accurate_gradient():
+    """A and mu of bf16 parameters are stored in float32: after 5 consolidations they equal the
+    float64 merge to float32 rounding, and the penalty's gradient near the anchor is exact up to
+    the final bf16 rounding of the gradient itself (a bf16 mu was off by percents there)."""
+    g = torch.Generator().manual_seed(0)
+    thetas = [torch.randn(64, 32, generator=g, dtype=F64).to(torch.bfloat16) for _ in range(5)]
+    Fs = [torch.rand(64, 32, generator=g, dtype=F64) for _ in range(5)]
+    state = ConsolidatedState("separate")
+    for t, F in zip(thetas, Fs):
+        state = state.consolidated({"w": F}, {"w": t})
+    assert state.importances["w"].dtype == state.anchors["w"].dtype == torch.float32
+    A_ref = sum(Fs)
+    mu_ref = sum(F * F64_(t) for F, t in zip(Fs, thetas)) / A_ref
+    torch.testing.assert_close(F64_(state.importances["w"]), A_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(F64_(state.anchors["w"]), mu_ref, rtol=1e-6, atol=1e-7)
+    # the model near the anchor: theta - mu is small, so a bf16 mu would dominate the error
+    theta = (mu_ref + 0.05 * torch.randn(64, 32, generator=g, dtype=F64)).to(torch.bfloat16).requires_grad_()
+    state.penalty({"w": theta}, 2.0).backward()
+    assert theta.grad.dtype == torch.bfloat16
+    ref = 2 * 2.0 * A_ref * (F64_(theta.detach()) - mu_ref)
+    err = (F64_(theta.grad) - ref).abs() / ref.abs().clamp_min(1e-3)
+    assert float(err.max()) <= 2.0 ** -8, float(err.max())  # bf16's own rounding of the result
+    # the same merge stored in bf16 (the former behaviour) is visibly worse
+    mu_bf16 = F64_(state.anchors["w"].to(torch.bfloat16))
+    worst = ((F64_(theta.detach()) - mu_bf16) - (F64_(theta.detach()) - mu_ref)).abs() / (F64_(theta.detach()) - mu_ref).abs().clamp_min(1e-3)
+    assert float(worst.max()) > 2.0 ** -6
+    # a bf16 state read from a checkpoint is widened too
+    sd = state.state_dict()
+    sd["importances"]["w"] = sd["importances"]["w"].to(torch.bfloat16)
+    assert ConsolidatedState.from_state_dict(sd).importances["w"].dtype == torch.float32
