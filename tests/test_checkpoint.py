@@ -244,3 +244,69 @@ def test_resume_without_optimizer_state_differs(runs):
     full, fresh = runs["full"], runs["fresh_opt"]
     assert fresh["start"] == 2
     assert any(not torch.equal(full["params"][k], fresh["params"][k]) for k in full["params"])
+
+
+# --------------------------------------------------------------------------- the README's recipe, as written
+
+README_PRELUDE = textwrap.dedent(r'''
+    """The README's usage set-up (Adam, the plugin, 3 permuted-digits experiences), then its checkpoint
+    block verbatim. argv: the number of experiences this process may see (an interrupted run sees fewer)."""
+    import sys
+
+    import torch
+    from torch import nn
+    from avalanche.training.determinism.rng_manager import RNGManager
+    from avalanche.training.supervised import Naive
+    from avalanche_pcreg import ParameterChangePlugin
+    from avalanche_pcreg.experiments.data import make_benchmark
+
+    torch.set_num_threads(1)
+    RNGManager.set_random_seeds(0)
+    full = make_benchmark("permuted", n_experiences=3, max_train_per_class=30).benchmark
+
+    class Interrupted:  # the same benchmark, stopped after argv[1] experiences
+        train_stream = full.train_stream[: int(sys.argv[1])]
+
+    benchmark = Interrupted
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10))
+    ewc = ParameterChangePlugin(factor=10.0, importance="empirical_fisher", mode="separate")
+    strategy = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2, plugins=[ewc])
+''')
+
+
+@pytest.mark.slow
+def test_readme_checkpoint_recipe_resumes_bit_identically(tmp_path):
+    """The README's checkpoint block, pasted as it stands: a run interrupted after 2 experiences and
+    resumed in a fresh process ends with the parameters, Adam moments and plugin state of a run that
+    never stopped, bit for bit. Restoring the optimizer's state into the optimizer the strategy was
+    built with (still attached to the pre-checkpoint model) gave a different run."""
+    from test_readme import README, python_blocks
+
+    block = next(code for _, code in python_blocks(README) if "maybe_load_checkpoint(" in code)
+    epilogue = ('\ntorch.save({"params": strategy.model.state_dict(), "optim": strategy.optimizer.state_dict(),'
+                ' "plugin": strategy.plugins[0].state_dict(), "start": start}, "final.pt")\n')
+    script = tmp_path / "recipe.py"
+    script.write_text(README_PRELUDE + block + epilogue)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+    def run(workdir, n):
+        workdir.mkdir(exist_ok=True)
+        proc = subprocess.run([sys.executable, str(script), str(n)], cwd=workdir, env=env,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return torch.load(workdir / "final.pt", weights_only=False)
+
+    full = run(tmp_path / "full", 3)
+    assert run(tmp_path / "resumed", 2)["start"] == 0
+    resumed = run(tmp_path / "resumed", 3)
+    assert full["start"] == 0 and resumed["start"] == 2
+    for k, v in full["params"].items():
+        assert torch.equal(v, resumed["params"][k]), k
+    moments = [(s["exp_avg"], r["exp_avg"]) for s, r in zip(full["optim"]["state"].values(),
+                                                            resumed["optim"]["state"].values())]
+    assert moments and all(torch.equal(a, b) for a, b in moments)
+    a, b = full["plugin"]["state"], resumed["plugin"]["state"]
+    assert full["plugin"]["state"]["num_consolidations"] == 3
+    for n in a["importances"]:
+        assert torch.equal(a["importances"][n], b["importances"][n]) and torch.equal(a["anchors"][n], b["anchors"][n])
