@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Union
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 
 from ._checks import check_importance_tensor, check_nonneg_finite, leading_slice
 from .penalty import quadratic_penalty
+from .selection import named_parameters
 
 __all__ = ["ParameterChangeReg"]
 
@@ -17,10 +19,21 @@ RefLike = Union[nn.Module, Mapping[str, Tensor]]
 
 def _named_tensors(obj: RefLike, arg: str) -> Mapping[str, Tensor]:
     if isinstance(obj, nn.Module):
-        return dict(obj.named_parameters())
+        # The plain model's names (what the plugin and an unwrapped model give), and the module's
+        # own names as well: DDP / DataParallel / torch.compile wrappers are looked through.
+        named = dict(obj.named_parameters())
+        named.update(named_parameters(obj))
+        return named
     if isinstance(obj, Mapping):
         return obj
     raise TypeError(f"{arg} must be an nn.Module or a mapping from name to Tensor, got {type(obj).__name__}")
+
+
+def _shares_storage(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are views of one storage (``b`` then moves whenever ``a`` does)."""
+    if a.device != b.device or a.is_sparse or b.is_sparse:
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class ParameterChangeReg(nn.Module):
@@ -30,7 +43,8 @@ class ParameterChangeReg(nn.Module):
 
     ``forward(target_model, ref_model, weights)`` regularizes exactly the parameters named in
     ``weights`` (a dict name -> Tensor), looked up **by name** in both models, never by
-    position. ``ref_model`` may be an ``nn.Module`` or a mapping name -> Tensor. A target
+    position; a wrapped model (DDP, DataParallel, ``torch.compile``) answers to the plain
+    model's names as well as to its own. ``ref_model`` may be an ``nn.Module`` or a mapping name -> Tensor. A target
     parameter that grew (a dynamic head) is compared on the leading block that the reference
     and the weight cover; its new entries are free. Gradient flows to the target only.
 
@@ -67,6 +81,13 @@ class ParameterChangeReg(nn.Module):
                 )
             if self.check_weights:
                 check_importance_tensor(name, w, "weights")
+            if _shares_storage(theta, theta_ref):
+                warnings.warn(
+                    f"ref_model[{name!r}] shares storage with the target's parameter {name!r} (a reference "
+                    "taken as model.state_dict(), p.detach() or p.data moves with the model), so its penalty "
+                    "is 0 whatever the model does; take the reference as a copy: "
+                    "{n: p.detach().clone() for n, p in model.named_parameters()} or copy.deepcopy(model)",
+                    RuntimeWarning, stacklevel=4)  # the caller of model(...), past nn.Module.__call__
             index = leading_slice(name, theta.shape, theta_ref.shape, what="ref_model")
             params.append(theta if index is None else theta[index])
             ws.append(w.to(device=theta.device, dtype=theta.dtype))

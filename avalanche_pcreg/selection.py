@@ -6,7 +6,10 @@ the plain model: the wrappers that rename parameters are looked through.
 * ``torch.nn.parallel.DistributedDataParallel`` and ``torch.nn.DataParallel`` add ``module.``;
 * ``torch.compile`` adds ``_orig_mod.`` (also in the middle of a name, for a compiled submodule).
 
-:func:`canonical_name` and :func:`named_parameters` are the one place where this happens.
+:func:`canonical_name` and :func:`named_parameters` are the one place where this happens: a name
+that is compared with a stored or selected name comes from them (:func:`module_parameter_names`
+for parameters picked by the kind of module that holds them), never from a raw
+``named_modules()`` / ``named_parameters()`` of a possibly wrapped model.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
-__all__ = ["canonical_name", "unwrap", "named_parameters", "raw_names", "name_patterns", "ParameterSelection"]
+__all__ = ["canonical_name", "unwrap", "named_parameters", "raw_names", "module_parameter_names", "name_patterns",
+           "ParameterSelection"]
 
 _COMPILE_COMPONENT = "_orig_mod"
 
@@ -59,6 +63,19 @@ def named_parameters(model: nn.Module) -> Dict[str, Tensor]:
     inner = unwrap(model)
     params = dict(inner.named_parameters())
     return {name: params[raw] for name, raw in raw_names(inner).items()}
+
+
+def module_parameter_names(model: nn.Module, predicate: Callable[[nn.Module], bool]) -> Tuple[str, ...]:
+    """Canonical names of the parameters held (directly) by the modules of ``model`` for which
+    ``predicate(module)`` is true, e.g. ``lambda m: isinstance(m, nn.BatchNorm2d)``.
+
+    The parameters are found by identity and named by :func:`named_parameters`, so the names are
+    the plain model's whatever wraps it (DDP, DataParallel, ``torch.compile``, also around a
+    submodule) and a parameter shared between modules has its one name.
+    """
+    inner = unwrap(model)
+    held = {id(p) for m in inner.modules() if predicate(m) for p in m.parameters(recurse=False)}
+    return tuple(n for n, p in named_parameters(inner).items() if id(p) in held)
 
 
 def name_patterns(arg: str, value) -> Optional[Tuple[str, ...]]:

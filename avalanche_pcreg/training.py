@@ -34,6 +34,7 @@ from avalanche.training.templates.base_sgd import CriterionType
 
 from ._checks import check_nonneg_finite
 from .plugin import ParameterChangePlugin
+from .selection import module_parameter_names
 
 __all__ = ["EWC", "SynapticIntelligence", "MAS", "RWalk", "L2"]
 
@@ -118,13 +119,15 @@ class EWC(_PCRegStrategy):
         self._attach(plugin)
 
 
-def _norm_parameter_names(model: Module) -> set:
-    """Parameters of normalization layers (Avalanche's SI never regularizes them)."""
-    out = set()
-    for mname, m in model.named_modules():
-        if isinstance(m, _NormBase):
-            out.update(f"{mname}.{p}" if mname else p for p, _ in m.named_parameters(recurse=False))
-    return out
+def _is_norm(module: Module) -> bool:
+    return isinstance(module, _NormBase)
+
+
+def _norm_parameter_names(model: Module) -> frozenset:
+    """Canonical names of the parameters of normalization layers (Avalanche's SI never regularizes
+    them): the names the plugin selects by, whatever wraps ``model`` (DDP, DataParallel,
+    ``torch.compile``)."""
+    return frozenset(module_parameter_names(model, _is_norm))
 
 
 class _NotIn:
@@ -154,7 +157,9 @@ class SynapticIntelligence(_PCRegStrategy):
 
     Penalty ``si_lambda / 2 * sum_i W_i (theta_i - theta*_i)**2`` with one anchor, the parameters
     at the end of the last experience. Normalization-layer parameters are left out, as in
-    Avalanche. ``si_lambda`` may be a list: one value per experience, the last one repeated.
+    Avalanche, also when ``model`` is wrapped (DDP, DataParallel, ``torch.compile``): they are
+    found by module type and named as the plain model names them. ``si_lambda`` may be a list: one
+    value per experience, the last one repeated.
 
     :param importance:
 

@@ -4,7 +4,11 @@ Expected library behaviour: when ``torch.distributed`` is initialized, ``compute
 Dataset by rank (``rank::world_size``), all-reduces the sums and the sample counts, and returns on
 every rank what one process returns on the union of the data; ``ParameterChangePlugin`` on a
 ``DistributedDataParallel`` model stores names without DDP's ``module.`` prefix, and its anchors are
-identical on every rank.
+identical on every rank. The trajectory estimators hold one estimate on every rank too: ``rwalk``'s
+task gradient (an extra pass on the rank's own minibatch, which DDP does not reduce) is averaged
+over ranks, so RWalk (``rwalk`` and ``rwalk_fisher``) under DDP equals one process trained on the
+ranks' minibatches put together; ``SynapticIntelligence`` on a DDP model leaves BatchNorm out by the
+plain model's names.
 
 Both ranks run one script (written to tmp_path) with torchrun-style environment variables
 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free port) and save what they computed; the
@@ -31,6 +35,8 @@ from helpers import tiny_nc
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 METHODS = ["empirical_fisher", "fisher", "expected_fisher", "mas", "minibatch_fisher", "uniform"]
+RWALK_METHODS = ["rwalk", "rwalk_fisher"]
+RWALK_EXPS, RWALK_EPOCHS = 2, 2
 TIMEOUT = float(os.environ.get("PCREG_TEST_TIMEOUT", "600"))
 N_ODD = 101  # shards of 51 and 50 samples: different batch counts per rank
 
@@ -45,6 +51,21 @@ def make_data(n=N_ODD):
 def make_model():
     torch.manual_seed(3)
     return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 6))
+
+
+def make_rwalk_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6))
+
+
+def rwalk_strategy(model, method, plugins, cls=None):
+    """Our RWalk drop-in (or ``cls``, a subclass); the same arguments on the ranks and in the
+    single-process reference."""
+    from avalanche_pcreg.training import RWalk
+
+    return (cls or RWalk)(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                          criterion=nn.CrossEntropyLoss(), ewc_lambda=5.0, ewc_alpha=0.9, delta_t=2, train_mb_size=16,
+                          train_epochs=RWALK_EPOCHS, device="cpu", plugins=plugins, evaluator=None, importance=method)
 
 
 SCRIPT = textwrap.dedent(r'''
@@ -64,8 +85,9 @@ SCRIPT = textwrap.dedent(r'''
     from avalanche.training import Naive
     from avalanche_pcreg import ParameterChangePlugin
     from avalanche_pcreg.importance import compute_importance
+    from avalanche_pcreg.training import SynapticIntelligence
     from helpers import tiny_nc
-    from test_distributed import METHODS, make_data, make_model
+    from test_distributed import METHODS, RWALK_EXPS, RWALK_METHODS, make_data, make_model, make_rwalk_model, rwalk_strategy
 
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
 
@@ -102,6 +124,44 @@ SCRIPT = textwrap.dedent(r'''
     out["plugin"] = {"n": plugin.num_consolidations, "states": tap.states, "snapshots": snap.models,
                      "penalty": float(plugin.penalty(strategy.model).detach()),
                      "final": {k: v.detach().clone() for k, v in net.state_dict().items()}}
+
+    class Batches(SupervisedPlugin, supports_distributed=True):  # this rank's minibatches, epoch by epoch
+        def __init__(self):
+            super().__init__()
+            self.epochs = []
+        def before_training_epoch(self, strategy, **kw):
+            self.epochs.append([])
+        def before_training_iteration(self, strategy, **kw):
+            self.epochs[-1].append([t.detach().clone() for t in strategy.mbatch])
+
+    from avalanche_pcreg.importance.rwalk import mean_over_ranks
+    shapes = {"a": torch.zeros(3), "b": torch.zeros(2), "c": torch.zeros(1, dtype=torch.float64), "d": torch.zeros(2)}
+    out["mean"] = mean_over_ranks(shapes, {  # b: a gradient on rank 0 only; d: on no rank
+        "a": torch.full((3,), float(rank + 1)), "b": torch.ones(2) if rank == 0 else None,
+        "c": torch.full((1,), 2.0 * rank, dtype=torch.float64), "d": None})
+
+    out["rwalk"] = {}
+    for method in RWALK_METHODS:
+        torch.manual_seed(0)
+        ddp = DDP(make_rwalk_model())
+        batches = Batches()
+        strategy = rwalk_strategy(ddp, method, [batches])
+        states = []
+        for exp in list(tiny_nc(3).train_stream)[:RWALK_EXPS]:
+            strategy.train(exp)
+            states.append((strategy.pcreg.importances, strategy.pcreg.anchors))
+        out["rwalk"][method] = {"states": states, "batches": batches.epochs}
+
+    # SynapticIntelligence on a DDP model with BatchNorm: regularized names are the plain model's
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 6))
+    ddp = DDP(bn)
+    si = SynapticIntelligence(model=ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=0.1),
+                              criterion=nn.CrossEntropyLoss(), si_lambda=1.0, train_mb_size=16, device="cpu",
+                              evaluator=None, importance="si")
+    si.train(tiny_nc(3).train_stream[0])
+    out["si"] = {"selected": sorted(si.pcreg.selected_parameters(ddp)), "importances": si.pcreg.importances}
+
     torch.save(out, os.path.join(sys.argv[1], f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -192,3 +252,84 @@ def test_plugin_under_ddp(ranks):
     for n in p0["final"]:
         assert torch.equal(p0["final"][n], p1["final"][n]), n
     assert p0["penalty"] == p1["penalty"] > 0
+
+
+class _Epochs:
+    """A stand-in DataLoader that yields recorded minibatches, one recorded epoch per iteration."""
+
+    def __init__(self, epochs):
+        self.epochs, self.k = epochs, 0
+
+    def __len__(self):
+        return len(self.epochs[0])
+
+    def __iter__(self):
+        epoch = self.epochs[self.k]
+        self.k += 1
+        return iter(epoch)
+
+
+def _rwalk_single_process(method, union_epochs):
+    """One process, our RWalk, trained on the ranks' minibatches put together (the DDP step's
+    averaged gradient is this minibatch's gradient: every rank's minibatch has the same size)."""
+    from avalanche_pcreg.training import RWalk
+
+    class Replay(RWalk):
+        def make_train_dataloader(self, **kw):
+            k = int(self.clock.train_exp_counter)
+            self.dataloader = _Epochs(union_epochs[k * RWALK_EPOCHS:(k + 1) * RWALK_EPOCHS])
+
+    torch.manual_seed(0)
+    strategy = rwalk_strategy(make_rwalk_model(), method, [], cls=Replay)
+    states = []
+    for exp in list(tiny_nc(3).train_stream)[:RWALK_EXPS]:
+        strategy.train(exp)
+        states.append((strategy.pcreg.importances, strategy.pcreg.anchors))
+    return states
+
+
+@pytest.mark.parametrize("method", RWALK_METHODS)
+def test_rwalk_under_ddp_is_one_estimate_on_every_rank(ranks, method):
+    r0, r1 = ranks[0]["rwalk"][method], ranks[1]["rwalk"][method]
+    assert len(r0["states"]) == len(r1["states"]) == RWALK_EXPS
+    # each rank trained on its own shard
+    assert len(r0["batches"]) == len(r1["batches"]) == RWALK_EXPS * RWALK_EPOCHS
+    assert not torch.equal(r0["batches"][0][0][0], r1["batches"][0][0][0])
+    # every rank holds the same importances and anchors, bit for bit
+    for (imp0, mu0), (imp1, mu1) in zip(r0["states"], r1["states"]):
+        assert set(imp0) == set(imp1) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+        for n in imp0:
+            assert torch.equal(imp0[n], imp1[n]), n
+            assert torch.equal(mu0[n], mu1[n]), n
+    # ... and they are those of one process on the union of the ranks' minibatches
+    union = [[[torch.cat([a, b]) for a, b in zip(b0, b1)] for b0, b1 in zip(e0, e1)]
+             for e0, e1 in zip(r0["batches"], r1["batches"])]
+    for e0, e1 in zip(r0["batches"], r1["batches"]):
+        assert [b[0].shape[0] for b in e0] == [b[0].shape[0] for b in e1]
+    ref = _rwalk_single_process(method, union)
+    for k, ((imp, mu), (want_imp, want_mu)) in enumerate(zip(r0["states"], ref)):
+        for n in want_imp:
+            assert float(want_imp[n].max()) > 0
+            torch.testing.assert_close(imp[n], want_imp[n], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{method}, experience {k}, {n}: {m}")
+            torch.testing.assert_close(mu[n], want_mu[n], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{method}, experience {k}, anchor {n}: {m}")
+
+
+def test_si_under_ddp_leaves_batchnorm_out(ranks):
+    plain = {"0.weight", "0.bias", "3.weight", "3.bias"}  # BatchNorm (1.*) left out, as Avalanche's SI does
+    for r in ranks:
+        assert set(r["si"]["selected"]) == set(r["si"]["importances"]) == plain
+    for n in plain:
+        assert torch.equal(ranks[0]["si"]["importances"][n], ranks[1]["si"]["importances"][n]), n
+
+
+def test_mean_over_ranks(ranks):
+    """rwalk's task gradients averaged over ranks: missing on a rank counts as zeros there, missing
+    everywhere stays out; a float64 gradient is its own group."""
+    for r in ranks:
+        got = r["mean"]
+        assert set(got) == {"a", "b", "c"}
+        assert torch.equal(got["a"], torch.full((3,), 1.5))
+        assert torch.equal(got["b"], torch.full((2,), 0.5))
+        assert got["c"].dtype == torch.float64 and torch.equal(got["c"], torch.ones(1, dtype=torch.float64))

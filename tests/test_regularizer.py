@@ -1,5 +1,6 @@
 """ParameterChangeReg against float64 brute-force loops (the kernels themselves: test_penalty.py)."""
 
+import copy
 import math
 
 import pytest
@@ -118,7 +119,9 @@ def test_zero_factor_and_identical_models_give_zero():
     target, ref = Net(seed=0), Net(seed=1)
     w = random_weights(ref)
     assert ParameterChangeReg(0.0)(target, ref, w).item() == 0.0
-    assert ParameterChangeReg(5.0)(target, target, w).item() == 0.0
+    with pytest.warns(RuntimeWarning, match="shares storage"):  # the reference is the target itself
+        assert ParameterChangeReg(5.0)(target, target, w).item() == 0.0
+    assert ParameterChangeReg(5.0)(target, copy.deepcopy(target), w).item() == 0.0
     assert ParameterChangeReg(5.0)(target, ref, {}).item() == 0.0
 
 
@@ -275,3 +278,25 @@ def test_error_weights_not_mapping_or_not_tensor():
         ParameterChangeReg(1.0)(target, ref, {"fc1.bias": [1.0] * 5})
     with pytest.raises(TypeError, match="ref_model"):
         ParameterChangeReg(1.0)(target, 3, {})
+
+
+@pytest.mark.parametrize("how", ["state_dict", "detach", "data"])
+def test_reference_sharing_storage_with_the_target_warns_naming_the_parameter(how):
+    """A reference that is a view of the target's own parameters moves with them: the penalty
+    would be 0 forever. A warning names the parameter; a copy gives none."""
+    import warnings
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    views = {"state_dict": lambda: model.state_dict(),
+             "detach": lambda: {n: p.detach() for n, p in model.named_parameters()},
+             "data": lambda: {n: p.data for n, p in model.named_parameters()}}[how]()
+    weights = {"2.weight": torch.ones(2, 3)}
+    reg = ParameterChangeReg(1.0)
+    with pytest.warns(RuntimeWarning, match=r"ref_model\['2.weight'\] shares storage with the target"):
+        assert reg(model, views, weights).item() == 0.0
+    copies = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reg(model, copies, weights).item() == pytest.approx(6.0)

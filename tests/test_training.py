@@ -226,3 +226,143 @@ def test_penalty_to_loss_warning_names_factor_and_ratio():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         run_naive(tiny_nc(2), mlp(), [ParameterChangePlugin(1.0, "empirical_fisher")], epochs=1, lr=0.05)
+
+
+# ----------------------------------------------------------------------------- wrapped models
+
+class _BNNet(nn.Module):
+    """An MLP with a BatchNorm1d and a LayerNorm (normalization layers: SI leaves them out) and a
+    torch.compile'd submodule option (``_orig_mod.`` in the middle of its names)."""
+
+    def __init__(self, compiled_block=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Tanh())
+        self.head = nn.Linear(16, 6)
+        if compiled_block:
+            self.block = torch.compile(self.block, backend="eager")
+
+    def forward(self, x):
+        return self.head(self.block(self.body(x)))
+
+
+_PLAIN_NAMES = {"body.0.weight", "body.0.bias", "block.0.weight", "block.0.bias", "head.weight", "head.bias"}
+_NORM_NAMES = {"body.1.weight", "body.1.bias", "block.1.weight", "block.1.bias"}
+
+_WRAPPERS = {
+    "plain": lambda m: m,
+    "compile": lambda m: torch.compile(m, backend="eager"),
+    "data_parallel": nn.DataParallel,  # without GPUs it only wraps (adds "module.")
+    "compiled_data_parallel": lambda m: torch.compile(nn.DataParallel(m), backend="eager"),
+    "compiled_submodule": None,  # _BNNet(compiled_block=True)
+}
+
+
+def _wrapped(kind):
+    if kind == "compiled_submodule":
+        m = _BNNet(compiled_block=True)
+        return m, m
+    m = _BNNet()
+    return m, _WRAPPERS[kind](m)
+
+
+def _run_si(kind, importance, model_and_wrapped=None):
+    from avalanche_pcreg import ParameterChangePlugin
+
+    m, w = model_and_wrapped or _wrapped(kind)
+    torch.manual_seed(0)
+    rec = LossRecorder()
+    s = ours.SynapticIntelligence(model=w, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                                  criterion=nn.CrossEntropyLoss(), si_lambda=10.0, train_mb_size=32, train_epochs=1,
+                                  eval_mb_size=64, device="cpu", plugins=[rec], evaluator=None, importance=importance)
+    for exp in tiny_nc(2).train_stream:
+        s.train(exp)
+    assert isinstance(s.pcreg, ParameterChangePlugin)
+    return s, rec
+
+
+@pytest.mark.parametrize("kind", list(_WRAPPERS))
+def test_module_parameter_names_look_through_wrappers(kind):
+    from avalanche_pcreg.selection import module_parameter_names, named_parameters
+    from torch.nn.modules.batchnorm import _NormBase
+
+    _, w = _wrapped(kind)
+    assert set(named_parameters(w)) == _PLAIN_NAMES | _NORM_NAMES
+    norms = module_parameter_names(w, lambda mod: isinstance(mod, (_NormBase, nn.LayerNorm)))
+    assert set(norms) == _NORM_NAMES
+    assert set(module_parameter_names(w, lambda mod: isinstance(mod, _NormBase))) == {"body.1.weight", "body.1.bias"}
+
+
+@pytest.mark.parametrize("kind", [k for k in _WRAPPERS if k != "plain"])
+def test_si_on_wrapped_model_is_the_plain_run(kind):
+    """SynapticIntelligence regularizes the same parameters (BatchNorm left out, as Avalanche's SI
+    does) and gets the same importances, anchors and losses whatever wraps the model."""
+    for importance in ("avalanche_si", "si"):
+        ref, ref_rec = _run_si("plain", importance)
+        got, rec = _run_si(kind, importance)
+        want = {"body.0.weight", "body.0.bias", "block.0.weight", "block.0.bias", "block.1.weight", "block.1.bias",
+                "head.weight", "head.bias"}  # LayerNorm is not a _NormBase: Avalanche regularizes it too
+        assert set(ref.pcreg.selected_parameters(ref.model)) == want
+        assert set(got.pcreg.selected_parameters(got.model)) == want
+        assert set(got.pcreg.importances) == set(ref.pcreg.importances) == want
+        assert got.pcreg.num_consolidations == ref.pcreg.num_consolidations == 2
+        assert rec.losses == pytest.approx(ref_rec.losses, rel=1e-6, abs=0)
+        for n, a in ref.pcreg.importances.items():
+            torch.testing.assert_close(got.pcreg.importances[n], a, rtol=1e-6, atol=0, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(got.pcreg.anchors[n], ref.pcreg.anchors[n], rtol=1e-6, atol=0)
+        assert any(float(a.max()) > 0 for a in ref.pcreg.importances.values())
+
+
+@pytest.mark.parametrize("kind", [k for k in _WRAPPERS if k != "plain"])
+def test_plugin_selection_and_reg_look_through_wrappers(kind):
+    """include / exclude / parameters select by the plain model's names on a wrapped model, and
+    ParameterChangeReg finds the plain names in a wrapped target."""
+    from avalanche_pcreg import ParameterChangePlugin, ParameterChangeReg
+
+    plain = _BNNet()
+    _, w = _wrapped(kind)
+    for kw in (dict(exclude=["*.1.*"]), dict(include=["body.*", "head.*"]),
+               dict(parameters=lambda name, p: name.startswith("block."))):
+        plugin = ParameterChangePlugin(1.0, **kw)
+        assert set(plugin.selected_parameters(w)) == set(plugin.selected_parameters(plain)), kw
+    weights = {n: torch.rand_like(p) for n, p in plain.named_parameters()}
+    ref = {n: p.detach() + 0.5 for n, p in plain.named_parameters()}
+    reg = ParameterChangeReg(2.0)
+    assert float(reg(w, ref, weights)) == pytest.approx(float(reg(plain, ref, weights)), rel=1e-6)
+    # the wrapper's own names are still accepted
+    raw = {n: weights[canonical] for n, canonical in zip([n for n, _ in w.named_parameters()],
+                                                          [n for n, _ in plain.named_parameters()])}
+    own = {n: p.detach().clone() for n, p in w.named_parameters()}
+    assert float(reg(w, own, raw)) == 0.0
+
+
+@pytest.fixture
+def one_process_group():
+    """A 1-process gloo group in this process (an in-memory store), destroyed afterwards."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialised")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_si_on_ddp_model_is_the_plain_run(one_process_group):
+    """Under a 1-process group, SI on a DDP-wrapped model equals SI on the plain model (both under
+    the group, so both get Avalanche's distributed sampler)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for importance in ("avalanche_si", "si"):
+        ref, ref_rec = _run_si("plain", importance)
+        m = _BNNet()
+        got, rec = _run_si("ddp", importance, (m, DDP(m)))
+        assert set(got.pcreg.selected_parameters(got.model)) == set(ref.pcreg.selected_parameters(ref.model))
+        assert not set(got.pcreg.importances) & {"body.1.weight", "body.1.bias"}
+        assert set(got.pcreg.importances) == set(ref.pcreg.importances)
+        assert rec.losses == pytest.approx(ref_rec.losses, rel=1e-6, abs=0)
+        for n, a in ref.pcreg.importances.items():
+            torch.testing.assert_close(got.pcreg.importances[n], a, rtol=1e-6, atol=0, msg=lambda m: f"{n}: {m}")

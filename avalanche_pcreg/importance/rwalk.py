@@ -25,6 +25,17 @@ Two trajectory estimators (see :mod:`.trajectory`):
   relu(s)/max s`` is a separate quadratic of the consolidated state (``mode="separate"``).
 
 All per-step work is multi-tensor ops on the parameters' device; the step counter is a Python int.
+
+Under ``torch.distributed`` every rank must hold the same path statistics. The training gradient
+of a ``DistributedDataParallel`` model (``rwalk_fisher``) is already averaged over ranks and the
+parameters are replicas, so its statistics agree as they are. The task gradient of ``rwalk``
+comes from an extra pass on the unwrapped model over the rank's own minibatch, which DDP does not
+reduce: :class:`RWalkTracker` averages it over ranks (as DDP averages gradients, and as
+Avalanche's ``RWalkPlugin`` gets it from a backward through DDP): per iteration, one collective
+for which gradients exist (read on the host: the one host round trip of the step, only under
+``torch.distributed``) and one per dtype of the gradients. With equal minibatch sizes on every rank (Avalanche's ``DistributedSampler`` pads
+shards to equal size) that is the gradient of the criterion on the ranks' minibatches together,
+so the estimate is the one of a single process trained on those union minibatches.
 """
 
 from __future__ import annotations
@@ -35,9 +46,45 @@ import torch
 from torch import Tensor
 
 from .._checks import check_nonneg_finite, check_positive_int
+from ._common import dist_rank_world
 from .trajectory import TrajectoryEstimator, grow
 
-__all__ = ["RWalkTracker", "RWalkFisherTracker"]
+__all__ = ["RWalkTracker", "RWalkFisherTracker", "mean_over_ranks"]
+
+
+def mean_over_ranks(params: Mapping[str, Tensor], grads: Mapping[str, Optional[Tensor]]) -> Dict[str, Tensor]:
+    """``grads`` averaged over the ranks of an initialised ``torch.distributed`` group (the
+    gradients that are not None, as they are, otherwise).
+
+    A gradient that is None on some ranks (a parameter their minibatch did not use: a head of
+    another task) counts as zeros there, as DDP counts it; one that is None on every rank stays
+    out. Every rank makes the same collectives: one for which gradients exist, then one per
+    (dtype, device) group of flattened gradients.
+    """
+    _, world = dist_rank_world()
+    if world == 1:
+        return {n: g for n, g in grads.items() if g is not None}
+    dist = torch.distributed
+    names = sorted(grads)
+    if not names:
+        return {}
+    device = params[names[0]].device
+    present = torch.tensor([0.0 if grads[n] is None else 1.0 for n in names], dtype=torch.float32, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.SUM)
+    names = [n for n, k in zip(names, present.tolist()) if k > 0]
+    groups: Dict[tuple, List[str]] = {}
+    for n in names:
+        groups.setdefault((params[n].dtype, params[n].device), []).append(n)
+    out: Dict[str, Tensor] = {}
+    for (dtype, dev), members in groups.items():
+        parts = [(grads[n] if grads[n] is not None else torch.zeros_like(params[n])).detach().to(dtype).reshape(-1)
+                 for n in members]
+        flat = torch.cat(parts).to(dev)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+        for n, piece in zip(members, torch.split(flat, [t.numel() for t in parts])):
+            out[n] = piece.view(params[n].shape)
+    return out
 
 
 def _normalized_sum(fisher: Mapping[str, Tensor], score: Mapping[str, Tensor], names) -> Dict[str, Tensor]:
@@ -144,7 +191,9 @@ class RWalkTracker(_PathScore):
         self.exp_score: Optional[Dict[str, Tensor]] = None  # averaged over experiences
 
     def task_gradient(self, params, grads) -> None:
-        self._record_gradient({n: g.detach() for n, g in grads.items() if g is not None})
+        # Under torch.distributed the ranks' gradients (each of its own minibatch) are averaged.
+        self._record_gradient(mean_over_ranks(params, {n: (g.detach() if g is not None else None)
+                                                       for n, g in grads.items()}))
 
     def importance(self, params, data_importance=None) -> Dict[str, Tensor]:
         self._sync(params)

@@ -4,7 +4,8 @@ A trajectory estimator is an object the plugin calls back during training; it ne
 at the boundary unless it names a ``data_estimator``. Every callback receives the selected
 parameters by name (``{name: Parameter}``, read from the model at each call); everything stays on
 the parameters' device as multi-tensor (``torch._foreach_*``) ops, so no callback makes a host
-round trip.
+round trip (but ``rwalk``'s task gradient under ``torch.distributed``: which gradients exist on
+some rank is read on the host, once per iteration).
 
 ==================== ======================================================================
 ``begin(params)``    a task starts (the model has adapted; heads have grown)
