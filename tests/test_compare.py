@@ -761,3 +761,58 @@ def test_a_cell_with_some_failed_runs_chooses_among_the_finished_ones():
     summary = runner.summarize(chosen, {("permuted", "pc-ewc"): sel})
     assert runner.format_notes(summary) == ["! permuted/pc-ewc: 1 run(s) failed: E: x"]
     assert "pc-ewc!" in runner.format_summary(summary)
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_cli_interrupt_says_what_was_kept(tmp_path, capsys, monkeypatch, kept):
+    def interrupted(*a, out=None, **kw):
+        if kept:
+            (tmp_path / "runs.jsonl").write_text('{"key": "k", "row": {}}\n')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_comparison", interrupted)
+    assert compare.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    if kept:
+        assert "interrupted: the finished runs are kept in" in err and "runs.jsonl" in err
+    else:
+        assert "interrupted before any run finished: nothing was kept" in err and "runs.jsonl" not in err
+
+
+def test_cli_decades_with_quick_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--quick", "--decades", "1,-1", "--out", str(tmp_path)])
+    assert "--decades is not used with --quick" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_ctrl_c_on_a_worker_pool_prints_no_worker_traceback(tmp_path):
+    """Ctrl-C at a terminal reaches every process of the group: the workers leave quietly and the
+    parent says what it kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    args = [*CLI_SWEEP, "--out", str(out)]
+    args[args.index("--workers") + 1] = "2"
+    p = subprocess.Popen([sys.executable, "-m", "avalanche_pcreg.experiments", *args],
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    runs, t0 = out / "runs.jsonl", time.time()
+    while not (runs.is_file() and runs.read_text().count("\n") >= 1) and time.time() - t0 < 240:
+        if p.poll() is not None:
+            pytest.fail("the sweep ended before it could be interrupted: " + p.stderr.read()[-2000:])
+        time.sleep(0.05)
+    # the workers first (a terminal delivers to all at once; this order makes the race certain)
+    children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert children
+    for pid in children:
+        os.kill(int(pid), signal.SIGINT)
+    time.sleep(1.0)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted: the finished runs are kept" in err
+    assert "SpawnPoolWorker" not in err and "Traceback" not in err, err[-3000:]

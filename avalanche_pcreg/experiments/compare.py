@@ -205,6 +205,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"--decades takes two numbers LO,HI, got {a.decades!r}")
         shift = (lo, hi)
     if preset["quick_grid"]:
+        if shift is not None:
+            p.error("--decades is not used with --quick (which trains 2 factors a method, a decade either side "
+                    "of the middle of its grid); drop one of them")
         a.grids = {m: quick_grid(m) for m in a.methods}
     elif shift is not None:
         a.grids = {}

@@ -504,7 +504,13 @@ def check_names(scenarios: Sequence[str], methods: Sequence[str]) -> None:
 
 
 def _worker_init(progress_queue=None):
+    import signal
+
     import torch
+
+    # Ctrl-C reaches the whole process group: the parent stops the pool; a worker that took the
+    # interrupt itself would print its traceback ("Process SpawnPoolWorker-N: ...") on the way out
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
