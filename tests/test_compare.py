@@ -816,3 +816,82 @@ def test_cli_ctrl_c_on_a_worker_pool_prints_no_worker_traceback(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "interrupted: the finished runs are kept" in err
     assert "SpawnPoolWorker" not in err and "Traceback" not in err, err[-3000:]
+
+
+# --------------------------------------------------------------------------- the user's own stream
+
+
+def _user_model():
+    from helpers import mlp
+
+    return mlp()  # seeded inside: the runner's seed decides nothing here, which the test checks
+
+
+def _user_model_seeded():
+    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))
+
+
+def test_run_comparison_on_a_user_built_benchmark(tmp_path):
+    """An Avalanche benchmark built from tensors and a model factory, through the same sweep, tables
+    and figures; the validation split is seeded per run and each run equals a hand-built Naive run."""
+    from avalanche.benchmarks.scenarios.validation_scenario import benchmark_with_validation_stream
+    from avalanche.training.supervised import Naive
+    from helpers import tiny_nc
+
+    stream = runner.UserStream("tensors", tiny_nc(3), _user_model_seeded)
+    grids = {"pc-ewc": [1.0, 100.0]}
+    res = runner.run_comparison([stream], ["naive", "pc-ewc"], [0, 1], TINY, grids=grids, workers=1,
+                                progress=False, out=tmp_path, plots=True)
+    assert {r["scenario"] for r in res.rows} == {"tensors"} and len(res.rows) == 6
+    assert all(r["status"] == "ok" and r["dataset"] == "tensors" and r["n_experiences"] == 3 for r in res.rows)
+    assert [s["scenario"] for s in res.summary] == ["tensors", "tensors"]
+    assert res.config["user_streams"] == ["tensors"]
+    assert (tmp_path / "acc_matrix_tensors.png").is_file() and (tmp_path / "final_accuracy.png").is_file()
+    # the naive run of seed 1, rebuilt by hand: the same validation split, initialisation and training
+    bm = benchmark_with_validation_stream(tiny_nc(3), validation_size=0.2, shuffle=True, seed=1)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    model = _user_model_seeded()
+    strategy = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=TINY.lr),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1, eval_mb_size=512)
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    valid = strategy.eval(bm.valid_stream)
+    acc = next(v for k, v in valid.items() if k.startswith("Top1_Acc_Stream/eval_phase/valid_stream"))
+    row = next(r for r in res.rows if r["method"] == "naive" and r["seed"] == 1)
+    assert row["valid_accuracy"] == pytest.approx(acc, abs=1e-6)
+    # rerun: the user's runs are found in the results file by the stream's name
+    msgs = []
+    runner.run_comparison([stream], ["naive", "pc-ewc"], [0, 1], TINY, grids=grids, workers=1, progress=False,
+                          out=tmp_path, plots=False, log=msgs.append)
+    assert "6 of 6 runs already done" in msgs[0]
+
+
+def test_user_stream_mixed_with_built_in_scenarios_and_through_the_cli(tmp_path, capsys):
+    from helpers import tiny_nc
+
+    stream = runner.UserStream("tensors", tiny_nc(3), _user_model)
+    code = compare.main(["--quick", "--scenarios", "permuted", "--methods", "naive,pc-ewc", "--max-train-per-class",
+                         "20", "--workers", "1", "--no-plots", "--no-progress", "--out", str(tmp_path)],
+                        streams=[stream])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "scenarios=permuted,tensors" in out and "tensors" in out.split("test accuracy")[-1]
+    doc = json.loads((tmp_path / "results.json").read_text(), parse_constant=_reject_nan)
+    assert {r["scenario"] for r in doc["results"]} == {"permuted", "tensors"}
+
+
+def test_user_stream_bad_input_names_what_is_wrong():
+    from helpers import tiny_nc
+
+    with pytest.raises(ValueError, match="other than the built-in scenarios"):
+        runner.UserStream("permuted", tiny_nc(3), _user_model)
+    with pytest.raises(TypeError, match="benchmark must be an Avalanche benchmark with train_stream"):
+        runner.UserStream("mine", [1, 2, 3], _user_model)
+    with pytest.raises(TypeError, match="model_factory must be a callable"):
+        runner.UserStream("mine", tiny_nc(3), "mlp")
+    with pytest.raises(ValueError, match="validation must be a fraction"):
+        runner.UserStream("mine", tiny_nc(3), _user_model, validation=1.5)
+    s = runner.UserStream("mine", tiny_nc(3), _user_model)
+    with pytest.raises(ValueError, match="scenario 'mine' given twice"):
+        runner.plan_runs([s, s], ["naive"], [0], TINY)

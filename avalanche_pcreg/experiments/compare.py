@@ -189,6 +189,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     study = STUDIES[a.study]
     preset = PRESETS["quick" if a.quick else "full" if a.full else "default"]
     a.preset = "quick" if a.quick else "full" if a.full else "default"
+    a.scenarios_given = bool(a.scenarios)
     a.scenarios = _flatten(a.scenarios) or list(study.scenarios if a.study != "compare" else preset["scenarios"])
     default_methods = study.methods if a.study != "compare" else preset["methods"]
     a.methods = _flatten(a.methods) or list(default_methods)
@@ -284,8 +285,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return a
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, streams: Sequence = ()) -> int:
+    """The CLI. From Python, ``streams`` (:class:`~avalanche_pcreg.experiments.runner.UserStream`
+    objects: your own Avalanche benchmark and model factory) are compared with the same tables and
+    figures, instead of the built-in scenarios (or next to those given with ``--scenarios``)::
+
+        from avalanche_pcreg.experiments import compare
+        from avalanche_pcreg.experiments.runner import UserStream
+        compare.main(["--methods", "naive,avl-ewc,pc-ewc", "--out", "results/mine"],
+                     streams=[UserStream("my-stream", benchmark, make_model)])
+    """
     a = parse_args(argv)
+    if streams:
+        a.scenarios = [*(a.scenarios if a.scenarios_given else []), *streams]
     warnings.filterwarnings("ignore")  # Avalanche's import-time notices
     from .runner import Settings, format_notes, format_summary, run_comparison
 
@@ -296,14 +308,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     s = settings.resolved()
     grids = {m: (a.grids or {}).get(m) or method_grid(m, a.points_per_decade) for m in a.methods}
-    n_runs = len(a.seeds) * sum(len(grids[m]) for sc in a.scenarios for m in a.methods
-                                if supported(sc, m) is None)
+    names = [getattr(sc, "name", sc) for sc in a.scenarios]
+    n_runs = len(a.seeds) * sum(len(grids[m]) for sc in names for m in a.methods if supported(sc, m) is None)
     net = f"MLP 2x{s.hidden}" if s.model == "mlp" else f"CNN 4 conv + {s.hidden}"
     sub = ""
     if s.max_train_per_class or s.max_test_per_class:
         sub = (f", subsampled to {s.max_train_per_class or 'all'} train / {s.max_test_per_class or 'all'} "
                "test images a class")
-    print(f"pcreg-compare ({a.study}, {a.preset}): dataset={s.dataset}{sub}, scenarios={','.join(a.scenarios)}, "
+    print(f"pcreg-compare ({a.study}, {a.preset}): dataset={s.dataset}{sub}, scenarios={','.join(names)}, "
           f"{s.n_experiences} experiences, seeds={a.seeds}, epochs={s.epochs}, {net}, Adam lr={s.lr}, "
           f"batch={s.batch_size}, device={s.device}, validation=20% of train; {n_runs} runs -> {a.out}/",
           flush=True)
@@ -311,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if METHODS[m].tuned:
             g = grids[m]
             print(f"  {m:16s} factor grid {g[0]:.3g} .. {g[-1]:.3g} ({len(g)} points)")
-    for sc in a.scenarios:
+    for sc in names:
         for m in a.methods:
             if supported(sc, m) is not None:
                 print(f"  left out: {sc}/{m}: {supported(sc, m)}")

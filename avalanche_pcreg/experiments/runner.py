@@ -48,7 +48,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -65,6 +65,7 @@ __all__ = [
     "Method",
     "Settings",
     "RunSpec",
+    "UserStream",
     "Comparison",
     "PRESETS",
     "method_grid",
@@ -180,6 +181,57 @@ def resolve_device(device: str) -> str:
     return d
 
 
+@dataclass(frozen=True, eq=False)
+class UserStream:
+    """Your own Avalanche benchmark as a scenario of :func:`run_comparison` (next to or instead of
+    the built-in scenario names).
+
+    ``benchmark``: any Avalanche benchmark with ``train_stream`` and ``test_stream``; its
+    ``valid_stream`` chooses the factors, or, where it has none, ``validation`` (a fraction) of each
+    training experience is held out, seeded per run (Avalanche's ``benchmark_with_validation_stream``).
+    ``model_factory()`` returns a fresh model; it is called after the run's seed is set, so each
+    seed gets its own initialisation and every method the same one. ``name`` labels the tables and
+    figures. With ``workers > 1`` the stream travels to worker processes: ``model_factory`` must
+    then be picklable (a module-level function, not a lambda), or pass ``workers=1``.
+    """
+
+    name: str
+    benchmark: Any
+    model_factory: Callable[[], Any]
+    validation: float = 0.2
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name or self.name in SCENARIOS:
+            raise ValueError(f"UserStream name must be a non-empty str other than the built-in scenarios "
+                             f"{', '.join(SCENARIOS)}; got {self.name!r}")
+        for attr in ("train_stream", "test_stream"):
+            if not hasattr(self.benchmark, attr):
+                raise TypeError(f"UserStream {self.name!r}: benchmark must be an Avalanche benchmark with "
+                                f"{attr}; got {type(self.benchmark).__name__}")
+        if not callable(self.model_factory):
+            raise TypeError(f"UserStream {self.name!r}: model_factory must be a callable () -> nn.Module, "
+                            f"got {type(self.model_factory).__name__}")
+        if not hasattr(self.benchmark, "valid_stream") and not 0.0 < float(self.validation) < 1.0:
+            raise ValueError(f"UserStream {self.name!r}: validation must be a fraction in (0, 1) for a benchmark "
+                             f"without valid_stream, got {self.validation!r}")
+
+    def benchmark_for(self, seed: int):
+        """The benchmark with a validation stream (split off with ``seed`` where it has none)."""
+        if hasattr(self.benchmark, "valid_stream"):
+            return self.benchmark
+        from avalanche.benchmarks.scenarios.validation_scenario import benchmark_with_validation_stream
+
+        return benchmark_with_validation_stream(self.benchmark, validation_size=float(self.validation),
+                                                shuffle=True, seed=int(seed))
+
+
+Scenario = Union[str, UserStream]
+
+
+def scenario_name(scenario: Scenario) -> str:
+    return scenario.name if isinstance(scenario, UserStream) else scenario
+
+
 @dataclass(frozen=True)
 class RunSpec:
     scenario: str
@@ -187,6 +239,7 @@ class RunSpec:
     seed: int
     factor: Optional[float]
     settings: Settings
+    stream: Optional[UserStream] = None  # a user's benchmark and model (scenario is then its name)
 
 
 def run_key(spec: RunSpec) -> str:
@@ -195,8 +248,14 @@ def run_key(spec: RunSpec) -> str:
     s = asdict(spec.settings.resolved())
     for k in ("data_root", "device", "eval_batch_size"):
         s.pop(k, None)
-    return json.dumps({"scenario": spec.scenario, "method": spec.method, "seed": int(spec.seed),
-                       "factor": spec.factor, "settings": s}, sort_keys=True)
+    key = {"scenario": spec.scenario, "method": spec.method, "seed": int(spec.seed), "factor": spec.factor,
+           "settings": s}
+    if spec.stream is not None:  # the data and model are the user's: the dataset settings do not apply
+        for k in ("dataset", "n_experiences", "max_train_per_class", "max_test_per_class", "hidden", "layers",
+                  "model", "validation"):
+            s.pop(k, None)
+        key["stream"] = {"name": spec.stream.name, "validation": float(spec.stream.validation)}
+    return json.dumps(key, sort_keys=True)
 
 
 # --------------------------------------------------------------------------- one run
@@ -349,12 +408,18 @@ def run_one(spec: RunSpec, report=None) -> Dict[str, Any]:
     if m.tuned and spec.factor is None:
         raise ValueError(f"method {spec.method!r} needs a factor")
     t_start = time.perf_counter()
-    bspec = _benchmark(spec.scenario, s.dataset, s.data_root, int(spec.seed), float(s.validation),
-                       s.n_experiences, s.max_train_per_class, s.max_test_per_class)
-    bm = bspec.benchmark
-    torch.manual_seed(int(spec.seed))
-    np.random.seed(int(spec.seed) % (2 ** 32))
-    model = make_model(bspec, hidden=s.hidden, layers=s.layers, kind=s.model)
+    if spec.stream is not None:
+        bm = spec.stream.benchmark_for(int(spec.seed))
+        torch.manual_seed(int(spec.seed))
+        np.random.seed(int(spec.seed) % (2 ** 32))
+        model = spec.stream.model_factory()
+    else:
+        bspec = _benchmark(spec.scenario, s.dataset, s.data_root, int(spec.seed), float(s.validation),
+                           s.n_experiences, s.max_train_per_class, s.max_test_per_class)
+        bm = bspec.benchmark
+        torch.manual_seed(int(spec.seed))
+        np.random.seed(int(spec.seed) % (2 ** 32))
+        model = make_model(bspec, hidden=s.hidden, layers=s.layers, kind=s.model)
     with warnings.catch_warnings():  # "No loggers specified": metrics are read from the evaluator
         warnings.simplefilter("ignore", UserWarning)
         evaluator = EvaluationPlugin(
@@ -423,7 +488,7 @@ def run_one(spec: RunSpec, report=None) -> Dict[str, Any]:
     wall = time.perf_counter() - t_start
     return {
         "scenario": spec.scenario,
-        "dataset": s.dataset,
+        "dataset": s.dataset if spec.stream is None else spec.stream.name,
         "method": spec.method,
         "seed": int(spec.seed),
         "factor": None if spec.factor is None else float(spec.factor),
@@ -450,7 +515,7 @@ def run_one(spec: RunSpec, report=None) -> Dict[str, Any]:
 
 
 def plan_runs(
-    scenarios: Sequence[str],
+    scenarios: Sequence[Scenario],
     methods: Sequence[str],
     seeds: Sequence[int],
     settings: Settings,
@@ -460,7 +525,8 @@ def plan_runs(
     """Every (scenario, method, factor, seed) to train, the longest (permuted) first.
 
     ``grids`` overrides the factor grid of some methods (``{name: [factors]}``). A method is not
-    planned in the scenarios it is known to fail in (:func:`left_out` lists them).
+    planned in the scenarios it is known to fail in (:func:`left_out` lists them). A
+    :class:`UserStream` is a scenario too.
     """
     check_names(scenarios, methods)
     if not seeds:
@@ -470,8 +536,11 @@ def plan_runs(
         if name not in METHODS:
             raise ValueError(f"grids: unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     plan = []
-    order = sorted(scenarios, key=lambda sc: (sc != "permuted", list(SCENARIOS).index(sc)))
-    for sc in order:
+    rank = _scenario_ranks(scenarios)
+    order = sorted(scenarios, key=lambda sc: (scenario_name(sc) != "permuted", rank[scenario_name(sc)]))
+    for scenario in order:
+        sc = scenario_name(scenario)
+        stream = scenario if isinstance(scenario, UserStream) else None
         for seed in seeds:
             for meth in methods:
                 if supported(sc, meth) is not None:
@@ -480,24 +549,36 @@ def plan_runs(
                 if METHODS[meth].tuned and (not grid or any(f is None for f in grid)):
                     raise ValueError(f"grids[{meth!r}] must be a non-empty list of factors")
                 for f in grid:
-                    plan.append(RunSpec(sc, meth, int(seed), None if f is None else float(f), settings))
+                    plan.append(RunSpec(sc, meth, int(seed), None if f is None else float(f), settings, stream))
     return plan
 
 
-def left_out(scenarios: Sequence[str], methods: Sequence[str]) -> List[Dict[str, str]]:
+def _scenario_ranks(scenarios: Sequence[Scenario]) -> Dict[str, int]:
+    """Table order: the built-in scenarios in their order, then the user's streams as given."""
+    names = dict.fromkeys([*SCENARIOS, *(scenario_name(sc) for sc in scenarios)])
+    return {n: i for i, n in enumerate(names)}
+
+
+def left_out(scenarios: Sequence[Scenario], methods: Sequence[str]) -> List[Dict[str, str]]:
     """The (scenario, method) cells :func:`plan_runs` leaves out, each with the reason."""
+    names = [scenario_name(sc) for sc in scenarios]
     return [{"scenario": sc, "method": me, "reason": supported(sc, me)}
-            for sc in scenarios for me in methods if supported(sc, me) is not None]
+            for sc in names for me in methods if supported(sc, me) is not None]
 
 
-def check_names(scenarios: Sequence[str], methods: Sequence[str]) -> None:
+def check_names(scenarios: Sequence[Scenario], methods: Sequence[str]) -> None:
     if not scenarios:
         raise ValueError("scenarios must not be empty")
     if not methods:
         raise ValueError("methods must not be empty")
+    seen = set()
     for sc in scenarios:
-        if sc not in SCENARIOS:
-            raise ValueError(f"unknown scenario {sc!r}; valid scenarios: {', '.join(SCENARIOS)}")
+        if not isinstance(sc, UserStream) and sc not in SCENARIOS:
+            raise ValueError(f"unknown scenario {sc!r}; valid scenarios: {', '.join(SCENARIOS)}, "
+                             "or a UserStream (your own benchmark and model)")
+        if scenario_name(sc) in seen:
+            raise ValueError(f"scenario {scenario_name(sc)!r} given twice")
+        seen.add(scenario_name(sc))
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; valid methods: {', '.join(METHODS)}")
@@ -540,7 +621,8 @@ def run_guarded(spec: RunSpec, report=None) -> Dict[str, Any]:
     except Exception as e:  # any failure of one run: record it, go on with the others
         msg = " ".join(str(e).split())
         return {
-            "scenario": spec.scenario, "dataset": spec.settings.dataset, "method": spec.method,
+            "scenario": spec.scenario, "method": spec.method,
+            "dataset": spec.settings.dataset if spec.stream is None else spec.stream.name,
             "seed": int(spec.seed), "factor": None if spec.factor is None else float(spec.factor),
             "chosen_factor": None, "status": "failed",
             "error": f"{type(e).__name__}: {msg}"[:500],
@@ -827,7 +909,8 @@ def summarize(chosen: Sequence[Mapping[str, Any]], selection: Mapping) -> List[D
     forgetting and BWT mean and std (sample std over seeds), chosen factor, edge flag, times,
     and the failed runs of the cell (``n_failed``, ``errors``, ``all_failed``: no run finished)."""
     keys = [k for k in selection]
-    keys.sort(key=lambda k: (list(SCENARIOS).index(k[0]), list(METHODS).index(k[1])))
+    rank = _scenario_ranks([k[0] for k in keys])
+    keys.sort(key=lambda k: (rank[k[0]], list(METHODS).index(k[1])))
     out = []
     for sc, me in keys:
         rs = [r for r in chosen if r["scenario"] == sc and r["method"] == me]
@@ -1011,11 +1094,20 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
     out.mkdir(parents=True, exist_ok=True)
     files = []
     chosen = result.chosen
-    scenarios = [s for s in SCENARIOS if any(r["scenario"] == s for r in chosen)]
+    scenarios = [s for s in _scenario_ranks([r["scenario"] for r in chosen]) if any(r["scenario"] == s for r in chosen)]
     methods = [m for m in METHODS if any(r["method"] == m for r in chosen)]
     colors = _method_colors(methods)
     cfg = result.config.get("settings", {})
     ds = DATASET_TITLES.get(cfg.get("dataset"), cfg.get("dataset", ""))
+
+    if set(scenarios) <= set(result.config.get("user_streams", ())):
+        ds = ", ".join(scenarios)
+
+    def title(sc):  # a user's stream is named by itself, a built-in scenario with its dataset
+        if sc in result.config.get("user_streams", ()):
+            return sc
+        return f"{ds}, {SCENARIO_TITLES.get(sc, sc)}"
+
     n_seeds = len(result.config.get("seeds", [])) or len({r["seed"] for r in chosen})
     seeds_txt = f"{n_seeds} seed" + ("s" if n_seeds != 1 else "")
     label = {m: METHODS[m].label for m in methods}
@@ -1065,7 +1157,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
             ax.set_ylim(mat.shape[0] + 0.5, 0.5)
         for ax in list(axes.flat)[len(ms):]:
             ax.axis("off")
-        fig.suptitle(f"{ds}, {SCENARIO_TITLES.get(sc, sc)}: accuracy matrix (%), mean over {seeds_txt}, "
+        fig.suptitle(f"{title(sc)}: accuracy matrix (%), mean over {seeds_txt}, "
                      "at the chosen factors", fontsize=11)
         save(fig, f"acc_matrix_{sc}.png")
 
@@ -1085,7 +1177,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
                 ax.plot(np.arange(1, len(c) + 1), c, marker="o", ms=3, color=colors[me], label=label[me],
                         ls="-" if METHODS[me].kind != "avalanche" else ":")
         _experience_ticks(ax, n)
-        ax.set_title(f"{ds}, {SCENARIO_TITLES.get(sc, sc)}", fontsize=10)
+        ax.set_title(title(sc), fontsize=10)
         ax.set_xlabel("experiences trained")
         ax.set_ylabel("test accuracy on seen experiences")
         ax.set_ylim(0, 1.02)
@@ -1112,7 +1204,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
                 ax.axhline(result.selection[(sc, "naive")]["valid_accuracy"], color="gray", ls="--", lw=1,
                            label=label["naive"])
             ax.set_xscale("log")
-            ax.set_title(f"{ds}, {SCENARIO_TITLES.get(sc, sc)}", fontsize=10)
+            ax.set_title(title(sc), fontsize=10)
             ax.set_xlabel("factor (= ewc_lambda = λ/2)")
             ax.set_ylabel("mean validation accuracy")
             ax.grid(alpha=0.3)
@@ -1148,7 +1240,7 @@ def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> Li
 # --------------------------------------------------------------------------- all in one
 
 def run_comparison(
-    scenarios: Sequence[str] = SCENARIOS,
+    scenarios: Sequence[Scenario] = SCENARIOS,
     methods: Sequence[str] = DEFAULT_METHODS,
     seeds: Sequence[int] = (0, 1, 2),
     settings: Optional[Settings] = None,
@@ -1166,7 +1258,9 @@ def run_comparison(
 ) -> Comparison:
     """Sweep, select, summarize and (with ``out``) write results and plots.
 
-    See the module docstring for the protocol. With ``out``, every finished run is appended to
+    See the module docstring for the protocol. ``scenarios``: built-in scenario names and/or
+    :class:`UserStream` objects (your own Avalanche benchmark and model factory; the settings'
+    dataset, size and model options then do not apply to it). With ``out``, every finished run is appended to
     ``out/runs.jsonl`` as it completes; with ``resume`` (the default) runs already in that file
     (same :func:`run_key`) are not trained again, so rerunning an interrupted command finishes
     the sweep and gives the same tables as an uninterrupted one. ``resume=False`` starts the
@@ -1214,7 +1308,8 @@ def run_comparison(
     summary = summarize(chosen, selection)
     res = settings.resolved()
     config = {
-        "study": study, "scenarios": list(scenarios), "methods": list(methods), "seeds": seeds,
+        "study": study, "scenarios": [scenario_name(sc) for sc in scenarios],
+        "user_streams": [sc.name for sc in scenarios if isinstance(sc, UserStream)], "methods": list(methods), "seeds": seeds,
         "settings": asdict(res), "points_per_decade": points_per_decade,
         "grids": {m: list(grids[m]) if grids and m in grids else method_grid(m, points_per_decade) for m in methods},
         "optimizer": f"Adam(lr={res.lr})", "online_decay": ONLINE_DECAY, "n_runs": len(plan),
