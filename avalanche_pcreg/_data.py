@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from .importance._common import StrategyCriterion
+
 __all__ = ["IMPORTANCE_DATA", "importance_dataset", "importance_criterion"]
 
 IMPORTANCE_DATA = ("experience", "adapted")
@@ -41,11 +43,13 @@ def importance_dataset(strategy, experience, importance_data: str):
 
 
 def importance_criterion(strategy, criterion: Optional[Callable], strategy_criterion: bool) -> Optional[Callable]:
-    """The user's criterion; else the strategy's when the estimator's record asks for it
-    (``strategy_criterion``: ``minibatch_fisher``, as Avalanche's ``EWCPlugin``); else None (the
-    estimator's own default, cross-entropy)."""
+    """The user's criterion; else the strategy's, wrapped in a
+    :class:`~avalanche_pcreg.importance._common.StrategyCriterion`, when the estimator's record
+    asks for it (``strategy_criterion``: ``empirical_fisher``, ``fisher``, ``expected_fisher``,
+    ``minibatch_fisher``); else None (the estimator's own default)."""
     if criterion is not None:
         return criterion
     if strategy_criterion:
-        return getattr(strategy, "_criterion", None)
+        own = getattr(strategy, "_criterion", None)
+        return StrategyCriterion(own) if own is not None else None
     return None

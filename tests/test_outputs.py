@@ -180,7 +180,7 @@ def train_naive(bench, model, plugin, criterion):
 @pytest.mark.parametrize("method, kind, transform", [
     ("empirical_fisher", "dict", None),
     ("expected_fisher", "dict", lambda out: out["logits"]),
-    ("minibatch_fisher", "dict", lambda out: out["logits"]),  # the strategy's criterion gets logits
+    ("minibatch_fisher", "dict", lambda out: out["logits"]),  # the strategy's criterion gets the raw dict
     ("mas", "tuple", lambda out: out[0]),
 ])
 def test_plugin_in_naive_strategy(method, kind, transform):

@@ -2,9 +2,9 @@
 
 ===================== ==========================================================================
 ``uniform``           ones: plain L2 regularization towards the anchor
-``empirical_fisher``  mean over samples of the squared per-sample gradient at the true label
-``fisher``            the same at one label per sample drawn from p(.|x) (seeded)
-``expected_fisher``   exact expectation over classes: mean over samples of sum_c p(c|x) g_c**2
+``empirical_fisher``  mean over samples of the squared per-sample gradient of the criterion at the true target
+``fisher``            the same at one outcome per sample drawn from the model's likelihood (seeded)
+``expected_fisher``   exact expectation over outcomes: mean over samples of E_y[g_y**2] (softmax: sum_c p(c|x) g_c**2)
 ``minibatch_fisher``  squared minibatch-mean gradients: what Avalanche 0.6's ``EWCPlugin`` uses
 ``mas``               Aljundi et al. 2018: mean over samples of |d ||f(x)||^2 / d theta|
 ``avalanche_mas``     |minibatch-mean gradient of ||f(x)||^2|: what Avalanche 0.6's ``MASPlugin`` uses
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._checks import check_importance_tensors, check_positive_int
-from ._common import check_output_transform, dist_rank_world, eval_mode, model_device, resolve_names, using_output_transform
+from ._common import check_criterion, check_output_transform, dist_rank_world, eval_mode, model_device, resolve_names, using_output_transform
 from .avalanche_mas import avalanche_mas
 from .fisher import empirical_fisher, expected_fisher, fisher
 from .mas import mas
@@ -83,7 +83,9 @@ class Estimator:
     :param eval_mode: run the pass in eval mode (True), or in the mode training left the model in
         (False: Avalanche's ``MASPlugin`` runs its pass in train mode).
     :param strategy_criterion: with no ``criterion`` given, the plugin passes the strategy's
-        criterion (Avalanche's ``EWCPlugin`` does); otherwise cross-entropy.
+        criterion, wrapped in a :class:`._common.StrategyCriterion` (callable as the criterion);
+        otherwise None (the estimator's default). The per-sample Fisher estimators use it per sample
+        or as their likelihood; ``minibatch_fisher`` calls it as it is, as Avalanche's ``EWCPlugin``.
     """
 
     name: str
@@ -182,9 +184,10 @@ def register_importance(name: str, fn: Optional[Callable] = None, *, tracker: Op
 
 
 register_importance("uniform", uniform)
-register_importance("empirical_fisher", empirical_fisher, shardable=True)
-register_importance("fisher", fisher, shardable=True, uses_uniforms=True)
-register_importance("expected_fisher", expected_fisher, shardable=True)
+# The per-sample Fisher estimators take the strategy's criterion: its loss per sample, its likelihood.
+register_importance("empirical_fisher", empirical_fisher, shardable=True, strategy_criterion=True)
+register_importance("fisher", fisher, shardable=True, uses_uniforms=True, strategy_criterion=True)
+register_importance("expected_fisher", expected_fisher, shardable=True, strategy_criterion=True)
 # Avalanche's EWCPlugin: its DataLoader draws from the global RNG, with the strategy's criterion.
 register_importance("minibatch_fisher", minibatch_fisher, own_rng=False, strategy_criterion=True)
 register_importance("mas", mas, shardable=True)
@@ -313,8 +316,14 @@ def compute_importance(
     :param method: a registered name (see :data:`IMPORTANCE_ESTIMATORS`) or a callable
         ``(model, data, **kw) -> dict``; it receives the DataLoader and the keywords
         ``names, criterion, device, seed, limit, chunk_size``.
-    :param criterion: the loss for ``empirical_fisher`` (per sample) and ``minibatch_fisher``;
-        default cross-entropy.
+    :param criterion: the loss: ``empirical_fisher`` uses it per sample (``reduction='none'``,
+        summed over the non-sample dimensions; a callable without ``reduction`` must return
+        per-sample losses ``[N]``), ``minibatch_fisher`` as it is; for ``fisher`` and
+        ``expected_fisher`` it names the likelihood (``CrossEntropyLoss`` / ``NLLLoss``: softmax,
+        ``BCEWithLogitsLoss``: a Bernoulli per output, ``MSELoss``: a unit-variance Gaussian per
+        output; any other is a ValueError). Default: cross-entropy on class-index targets (float
+        targets are a ValueError), a softmax likelihood; one logit ``[N, 1]``: Bernoulli.
+        It gets the logits (after ``output_transform``). ``mas`` and ``uniform`` use none.
     :param num_samples: a seeded random subset of this many samples; None means all.
     :param names: parameters to estimate; default every parameter with requires_grad.
     :param seed: seeds the subset and the labels drawn by ``fisher``.
@@ -334,11 +343,18 @@ def compute_importance(
 
     The model runs in eval mode (no dropout, BatchNorm statistics untouched) and every module's
     own training flag is restored afterwards. Results are checked: NaN, inf or negative entries
-    raise ValueError naming the parameter and the estimator.
+    raise ValueError naming the parameter and the estimator. Gradients are enabled for the pass
+    (a call under ``torch.no_grad()`` works); under ``torch.inference_mode()`` it is a RuntimeError.
     """
     rec = _data_pass_estimator(method)
     name, fn = rec.name, rec.fn
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "compute_importance cannot run under torch.inference_mode(): importances are gradients, and "
+            "inference mode forbids them (even torch.enable_grad() cannot turn them back on inside it); call it "
+            "outside the inference_mode block (under torch.no_grad() it enables gradients itself)")
     check_output_transform(output_transform)
+    check_criterion(criterion)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_positive_int("batch_size", batch_size)
@@ -360,7 +376,9 @@ def compute_importance(
         gen = torch.Generator()
         gen.manual_seed(int(seed))
         extra["uniforms"] = torch.rand(total, generator=gen, dtype=torch.float64)[rank::world]
-    with (eval_mode(model) if rec.eval_mode else _keep_mode(model)), using_output_transform(output_transform):
+    # torch.enable_grad(): a call under torch.no_grad() (e.g. from evaluation code) still gets gradients
+    with (eval_mode(model) if rec.eval_mode else _keep_mode(model)), using_output_transform(output_transform), \
+            torch.enable_grad():
         result = fn(model, loader, names=names, criterion=criterion, device=device, seed=seed,
                     limit=limit, chunk_size=chunk_size, **extra)
     if not isinstance(result, dict):

@@ -94,19 +94,28 @@ def to_logits(out, output_transform=None) -> Tensor:
     )
 
 
-def model_forward(model: nn.Module, x: Tensor, t: Optional[Tensor]) -> Tensor:
-    """``avalanche_forward``, then the logits: task labels reach multi-head models, plain models
-    get ``x`` only; the output goes through the pass's ``output_transform`` (:func:`to_logits`)."""
+def model_output(model: nn.Module, x: Tensor, t: Optional[Tensor]):
+    """``avalanche_forward``: the model's raw output (task labels reach multi-head models, plain
+    models get ``x`` only). What a strategy hands its criterion."""
     if is_multitask(model):
         if t is None:
             raise ValueError(
                 f"{type(model).__name__} is a multi-task model and needs task labels, but the data "
                 "yields (x, y) only; give a dataset that yields (x, y, task_label)"
             )
-        out = model(x, t)
-    else:
-        out = model(x)
+        return model(x, t)
+    return model(x)
+
+
+def logits_of(out) -> Tensor:
+    """The logits in a raw model output, through the pass's ``output_transform`` (:func:`to_logits`)."""
     return to_logits(out, _OUTPUT_TRANSFORM.get())
+
+
+def model_forward(model: nn.Module, x: Tensor, t: Optional[Tensor]) -> Tensor:
+    """``avalanche_forward``, then the logits: task labels reach multi-head models, plain models
+    get ``x`` only; the output goes through the pass's ``output_transform`` (:func:`to_logits`)."""
+    return logits_of(model_output(model, x, t))
 
 
 def functional_forward(model: nn.Module, params: dict, x: Tensor, t: Optional[Tensor]) -> Tensor:
@@ -203,29 +212,119 @@ def model_device(model: nn.Module):
     return torch.device("cpu")
 
 
-def per_sample_criterion(criterion: Optional[Callable]) -> Callable[[Tensor, Tensor], Tensor]:
-    """A callable ``(logits, y) -> per-sample losses [N]``.
+# ----------------------------------------------------------------------------- criteria
+#: how to give a criterion the per-sample estimators can use (quoted by the errors below)
+CRITERION_HOW = (
+    "pass ParameterChangePlugin(criterion=...) or compute_importance(..., criterion=...): a torch loss (nn.MSELoss(), "
+    "nn.BCEWithLogitsLoss(), ...; it is used with reduction='none') or a callable (output, target) -> "
+    "per-sample losses of shape [N] (or [N, ...], summed per sample)"
+)
 
-    None -> cross-entropy. A module with a ``reduction`` attribute (``nn.CrossEntropyLoss`` ...)
-    is copied with ``reduction='none'``. Any other callable must already return shape [N].
+SOFTMAX, BERNOULLI, GAUSSIAN = "softmax", "bernoulli", "gaussian"
+
+# Losses whose input and target have the same shape, element by element: a target of another
+# shape with as many elements (``[N]`` for an ``[N, 1]`` output) is reshaped to the output's.
+_ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss, nn.BCEWithLogitsLoss, nn.BCELoss,
+                nn.SoftMarginLoss)
+
+
+class StrategyCriterion:
+    """The strategy's own criterion, as the plugin hands it to an estimator when the user gave
+    none (an estimator registered with ``strategy_criterion=True``). Calling it calls the criterion.
+
+    The estimators use it as the strategy does: ``minibatch_fisher`` calls it as it is, on the
+    model's raw output (as Avalanche's ``EWCPlugin`` does); the per-sample estimators use it when
+    it is a torch loss (per sample, with ``reduction='none'``) and otherwise fall back to the
+    classifier's likelihood on class-index targets, with a warning (float targets: an error).
+    """
+
+    def __init__(self, criterion: Callable):
+        self.criterion = criterion
+
+    def __call__(self, output, target):
+        return self.criterion(output, target)
+
+    def __repr__(self):
+        return f"StrategyCriterion({self.criterion!r})"
+
+
+def unwrap_criterion(criterion):
+    """The criterion inside a :class:`StrategyCriterion`, else ``criterion``."""
+    return criterion.criterion if isinstance(criterion, StrategyCriterion) else criterion
+
+
+def describe_criterion(criterion) -> str:
+    c = unwrap_criterion(criterion)
+    what = getattr(c, "__name__", None) if not isinstance(c, nn.Module) else None
+    what = what or type(c).__name__
+    return f"the strategy's criterion {what}" if isinstance(criterion, StrategyCriterion) else f"criterion {what}"
+
+
+def check_criterion(criterion):
+    """``criterion`` is None or a callable; TypeError otherwise."""
+    if criterion is not None and not callable(criterion):
+        raise TypeError(f"criterion must be a callable (output, target) -> loss, or None; got "
+                        f"{type(criterion).__name__} {criterion!r}; {CRITERION_HOW}")
+    return criterion
+
+
+def is_torch_loss(criterion) -> bool:
+    """A torch loss module (``nn.MSELoss``, ``nn.CrossEntropyLoss``...: a ``_Loss`` with ``reduction``)."""
+    return isinstance(criterion, nn.modules.loss._Loss)
+
+
+def criterion_likelihood(criterion) -> Optional[str]:
+    """The likelihood a criterion is the negative log of: ``"softmax"`` (``CrossEntropyLoss``,
+    ``NLLLoss``), ``"bernoulli"`` (``BCEWithLogitsLoss``), ``"gaussian"`` (``MSELoss``), else None."""
+    c = unwrap_criterion(criterion)
+    if isinstance(c, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return SOFTMAX
+    if isinstance(c, nn.BCEWithLogitsLoss):
+        return BERNOULLI
+    if isinstance(c, nn.MSELoss):
+        return GAUSSIAN
+    return None
+
+
+def per_sample_criterion(criterion: Optional[Callable]) -> Callable[[Tensor, Tensor], Tensor]:
+    """A callable ``(output, target) -> per-sample losses [N]``.
+
+    None -> cross-entropy. A module with a ``reduction`` attribute (``nn.MSELoss``,
+    ``nn.CrossEntropyLoss`` ...) is copied with ``reduction='none'`` and its result summed over
+    every dimension but the first: sample n's loss is the criterion with ``reduction='sum'`` on
+    sample n alone (class weights included: ``weight[y_n] * loss_n``; a sample whose target is
+    ``ignore_index`` has loss 0). For the elementwise losses (``MSELoss``, ``BCEWithLogitsLoss``,
+    ``L1Loss``, ``HuberLoss``...) a target with as many elements as the output is reshaped to the
+    output's shape and cast to its dtype. Any other callable must return ``[N]`` (or ``[N, ...]``,
+    summed per sample).
     """
     if criterion is None:
         return lambda out, y: F.cross_entropy(out, y, reduction="none")
+    check_criterion(criterion)
     if hasattr(criterion, "reduction"):
         crit = copy.copy(criterion)
         crit.reduction = "none"
+        reduced = True
     else:
-        crit = criterion
+        crit, reduced = criterion, False
+    elementwise = isinstance(criterion, _ELEMENTWISE)
 
     def per_sample(out: Tensor, y: Tensor) -> Tensor:
+        if elementwise and isinstance(out, Tensor) and isinstance(y, Tensor):
+            if y.shape != out.shape and y.numel() == out.numel():
+                y = y.reshape(out.shape)
+            if y.dtype != out.dtype:
+                y = y.to(out.dtype)
         losses = crit(out, y)
-        if not isinstance(losses, Tensor) or losses.shape != (out.shape[0],):
+        n = out.shape[0]
+        if not isinstance(losses, Tensor) or losses.dim() == 0 or losses.shape[0] != n:
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            done = " with reduction='none'" if reduced else ""
             raise ValueError(
-                f"criterion must return per-sample losses of shape ({out.shape[0]},) for per-sample "
-                f"estimators, got {shape}; pass a loss with reduction='none'"
+                f"criterion must return per-sample losses of shape ({n},) for per-sample estimators; "
+                f"{describe_criterion(criterion)}{done} returned {shape}; {CRITERION_HOW}"
             )
-        return losses
+        return losses.reshape(n, -1).sum(1) if losses.dim() > 1 else losses
 
     return per_sample
 

@@ -15,10 +15,30 @@ Every requested parameter is handled by one of three paths:
    unsupported): per-sample gradients of the module's own parameters with ``torch.func``
    (``vmap(grad(...))`` of the module call on each sample's captured input, dotted with δ);
 3. **whole-model fallback**: parameters shared between modules, owned by a module called more
-   than once, owned by the root module, used outside their module's call, owned by a call that
-   mixes samples (BatchNorm with batch statistics), or whose rule failed the self-check: the
-   caller's ``fallback`` (parameters -> per-sample losses), differentiated with
-   ``torch.func.vjp`` + ``vmap`` over chunks of one-hot cotangents.
+   than once, owned by the root module, used outside their module's call, or whose rule failed
+   the self-check: the caller's ``fallback`` (parameters -> per-sample losses), differentiated
+   with ``torch.func.vjp`` + ``vmap`` over chunks of one-hot cotangents. Where ``torch.func``
+   cannot run the model (a ``PackedSequence``, a custom ``autograd.Function`` without
+   ``setup_context``, activation checkpointing, sparse gradients) a ``RuntimeError`` names the
+   module and what to do.
+
+**Samples coupled by a layer.** Sample n's per-sample gradient is that of its loss with the model
+evaluated on sample n alone (what a training step on a batch of one would take). Layers that mix
+the samples of a batch are detected at each forward and evaluated that way:
+
+* ``_BatchNorm`` with batch statistics (train mode, or no running statistics) on an input with
+  positions besides the sample and channel axes: each sample normalised with its own statistics
+  (BatchNorm on a batch of one); its rule's x̂ is that normalisation;
+* ``nn.EmbeddingBag(scale_grad_by_freq=True)`` whose bags are the samples: the gradient of each
+  bag divided by the occurrences within that bag (the values are unchanged);
+* ``nn.Embedding(scale_grad_by_freq=True)``: its rule divides by the occurrences within each
+  sample (the values and the batch gradient are unchanged).
+
+Where that is impossible (BatchNorm with batch statistics on ``[N, C]``: one sample has no
+statistics; bags that are not the samples; an ``nn.Embedding(scale_grad_by_freq=True)`` weight
+in the whole-model fallback), the per-sample gradients are taken within the batch and a
+``RuntimeWarning`` names the module and says that the importances depend on the batch.
+``nn.LayerNorm``, ``nn.GroupNorm`` and ``nn.InstanceNorm*`` never mix samples.
 
 **Self-check.** The backward of the summed losses also gives the true minibatch gradient Σ_n g_n.
 On the first batch and whenever the batch's shape signature changes, the engine takes it
@@ -52,8 +72,10 @@ Sums are accumulated in float32 for half-precision parameters (float64 for float
 
 from __future__ import annotations
 
+import linecache
 import math
 import operator
+import re
 import warnings
 from typing import Callable, Iterable, Optional
 
@@ -64,6 +86,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .rules import rule_for
 from .rules._registry import _even_size, _pow, chunk_bytes
+from .rules.embedding import per_bag_embedding_bag
+from .rules.norm import batch_norm_coupling, per_sample_batch_norm, uses_batch_stats
 
 __all__ = ["PerSampleGradNorms", "DEFAULT_CHUNK", "acc_dtype"]
 
@@ -236,6 +260,98 @@ def _detach(obj):
     return tree_unflatten([x.detach() if isinstance(x, Tensor) else x for x in leaves], spec)
 
 
+def _has_packed(obj) -> bool:
+    """Whether a module call's arguments hold a ``PackedSequence``."""
+    if isinstance(obj, nn.utils.rnn.PackedSequence):
+        return True
+    if isinstance(obj, (tuple, list)):
+        return any(_has_packed(o) for o in obj)
+    if isinstance(obj, dict):
+        return any(_has_packed(o) for o in obj.values())
+    return False
+
+
+def _graph_has(root: Tensor, node_name: str) -> bool:
+    """Whether ``root``'s backward graph holds a node of the type named ``node_name``."""
+    start = root.grad_fn
+    seen, stack = set(), [start] if start is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == node_name:
+            return True
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None and nxt not in seen)
+    return False
+
+
+def _function_in_traceback(exc: BaseException) -> tuple:
+    """``(name, sure)``: the ``torch.autograd.Function`` whose ``apply`` raised ``exc``, from an
+    ``apply`` frame of the class (sure), else from ``Name.apply(`` on the innermost Python line."""
+    tb, last, name = exc.__traceback__, None, None
+    while tb is not None:
+        cls = tb.tb_frame.f_locals.get("cls") if tb.tb_frame.f_code.co_name == "apply" else None
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+            name = cls.__qualname__
+        last, tb = tb, tb.tb_next
+    if name is not None:
+        return name, True
+    if last is not None:
+        line = linecache.getline(last.tb_frame.f_code.co_filename, last.tb_lineno)
+        found = re.search(r"([A-Za-z_][\w.]*)\.apply\s*\(", line)
+        name = found.group(1).rpartition(".")[2] if found else None
+    return name, False
+
+
+_FUNC_ADVICE = ("leave these parameters out of the estimate (names= of compute_importance, exclude= of "
+                "the plugin), or use importance='minibatch_fisher' or 'avalanche_mas' (Avalanche's "
+                "estimators, which need no per-sample gradients)")
+
+
+def _explain_func_failure(exc: Optional[BaseException], where: str, packed: bool) -> str:
+    """Why ``torch.func`` failed (or would fail) on a model, and what to do, from the exception
+    and the innermost module being run when it was raised (``where``: its description, or "")."""
+    text = "" if exc is None else str(exc)
+    fn, sure = (None, False) if exc is None else _function_in_traceback(exc)
+    if not (sure or "autograd.Function" in text or "setup_context" in text):
+        fn = None  # a `.apply(` on the line that raised, but not a Function's
+    if packed:
+        cause = (f"{where} is called with a PackedSequence (nn.utils.rnn.pack_padded_sequence), which "
+                 "torch.func cannot run")
+        todo = ("give it a padded tensor instead of a PackedSequence for the importance pass (e.g. pack only "
+                "when the lengths in a batch differ), or " + _FUNC_ADVICE)
+    elif "saved tensor hooks" in text:
+        cause = (f"{where or 'the model'} uses saved-tensor hooks -- activation checkpointing "
+                 "(torch.utils.checkpoint) or torch.autograd.graph.save_on_cpu -- which torch.func does not "
+                 "support")
+        todo = "turn activation checkpointing off for the importance pass, or " + _FUNC_ADVICE
+    elif "setup_context" in text or fn is not None:
+        what = f"the custom torch.autograd.Function {fn!r}" if fn else "a custom torch.autograd.Function"
+        if fn == "CheckpointFunction":
+            what = "reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True)"
+        cause = (f"{where or 'the model'} calls {what}, which torch.func cannot transform (it needs a "
+                 "separate setup_context staticmethod and a vmap rule, e.g. generate_vmap_rule=True)")
+        todo = ("give the Function setup_context and generate_vmap_rule=True (PyTorch's 'Extending torch.func "
+                "with autograd.Function'), or " + _FUNC_ADVICE)
+        if fn == "CheckpointFunction":
+            todo = "pass use_reentrant=False to torch.utils.checkpoint, or " + _FUNC_ADVICE
+    elif "sparse" in text.lower():
+        cause = f"{where or 'the model'} produces sparse gradients (sparse=True), which torch.func does not support"
+        todo = "construct the layer with sparse=False, or " + _FUNC_ADVICE
+    else:
+        cause = f"torch.func could not differentiate {where or 'the model'} per sample"
+        todo = _FUNC_ADVICE
+    if exc is None:
+        return f"{cause}; {todo}"
+    return f"{cause}; {todo}. ({type(exc).__name__}: {text.splitlines()[0] if text else ''})"
+
+
+def _list_names(names) -> str:
+    names = list(names)
+    return repr(names) if len(names) <= 6 else repr(names[:6])[:-1] + ", ...]"
+
+
 class PerSampleGradNorms:
     """Context manager. Installs forward hooks on the modules that own the requested parameters
     (capturing their inputs and the gradient edges of their outputs).
@@ -287,10 +403,20 @@ class PerSampleGradNorms:
         self._params: dict[str, nn.Parameter] = {n: all_params[n] for n in self.names}
 
         holders: dict[int, set[int]] = {}
+        holder_mods: dict[int, list] = {}
         for mod in model.modules():
             for p in mod._parameters.values():
                 if p is not None:
                     holders.setdefault(id(p), set()).add(id(mod))
+                    holder_mods.setdefault(id(p), []).append(mod)
+        self._mod_names = {m: q for q, m in model.named_modules()}
+        # requested parameters held by an embedding whose gradient divides by frequencies counted
+        # over its whole call (they couple the samples in the whole-model fallback), or whose
+        # gradient is sparse (torch.func cannot take it): name -> the module
+        self._freq_holder = {n: m for n in self.names for m in holder_mods.get(id(self._params[n]), ())
+                             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq}
+        self._sparse_holder = {n: m for n in self.names for m in holder_mods.get(id(self._params[n]), ())
+                               if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
 
         self._owner: dict[str, nn.Module] = {}
         self._attr: dict[str, str] = {}
@@ -332,6 +458,13 @@ class PerSampleGradNorms:
         self._last_nonrule: set[str] = set()
         self._last_model: set[str] = set()
         self._cols: Optional[dict] = None  # K-column run: {"k", "left": bytes, "acc": {module: accumulator}}
+        # Samples coupled by a layer in the current forward: module -> (kind, why). "forward":
+        # its output mixes the samples (every parameter's per-sample gradient depends on the
+        # batch); "weight": only its own weight's gradient does.
+        self._coupled: dict = {}
+        self._nograd: list = []  # modules called with gradients disabled inside a forward with them
+        self._in_root = False
+        self._forward_grad: Optional[str] = None  # how the latest forward had gradients disabled
 
     # ------------------------------------------------------------------ context management
     def __enter__(self) -> "PerSampleGradNorms":
@@ -340,6 +473,16 @@ class PerSampleGradNorms:
         self._entered = True
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+            self._handles.append(self.model.register_forward_hook(self._root_hook))
+            for mod in self.model.modules():
+                if mod is not self.model:
+                    self._handles.append(mod.register_forward_pre_hook(self._nograd_hook))
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm) or (
+                        isinstance(mod, nn.EmbeddingBag) and mod.scale_grad_by_freq):
+                    # first among the forward hooks: later hooks (the capture below, the user's)
+                    # see the output of the layer evaluated on each sample alone
+                    self._handles.append(mod.register_forward_hook(self._isolate_hook, with_kwargs=True,
+                                                                   prepend=True))
             for mod in self._modules:
                 self._handles.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
                 self._handles.append(mod.register_forward_hook(self._forward_hook, with_kwargs=True))
@@ -361,6 +504,8 @@ class PerSampleGradNorms:
     def _clear_calls(self) -> None:
         self._calls.clear()
         self._pending.clear()
+        self._coupled = {}
+        self._nograd = []
         self._stale = False
 
     def reset(self) -> None:
@@ -372,12 +517,59 @@ class PerSampleGradNorms:
 
     # ------------------------------------------------------------------ hooks
     def _root_pre_hook(self, module: nn.Module, args) -> None:
-        if self._busy or not torch.is_grad_enabled():
+        if self._busy:
             return
+        if not torch.is_grad_enabled():
+            self._forward_grad = ("torch.inference_mode()" if torch.is_inference_mode_enabled()
+                                  else "torch.no_grad()")
+            return
+        self._forward_grad = None
         if self._stale:
             self._clear_calls()
-        if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
-            self._n_hint = int(args[0].shape[0])
+        self._in_root = True
+        self._n_hint = int(args[0].shape[0]) if args and isinstance(args[0], Tensor) and args[0].dim() > 0 else None
+
+    def _root_hook(self, module: nn.Module, args, output) -> None:
+        if not self._busy:
+            self._in_root = False
+
+    def _nograd_hook(self, module: nn.Module, args) -> None:
+        if self._in_root and not self._busy and not torch.is_grad_enabled():
+            self._nograd.append(module)
+
+    def _describe(self, m: nn.Module) -> str:
+        name = self._mod_names.get(m, "?")
+        return f"the model ({type(m).__name__})" if name == "" else f"module {name!r} ({type(m).__name__})"
+
+    def _isolate_hook(self, module: nn.Module, args, kwargs, output):
+        """Evaluate a layer that mixes the samples of its batch on each sample alone (see the
+        module docstring), or record why it cannot be."""
+        n = self._n_hint
+        record = not self._busy and torch.is_grad_enabled()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, Tensor) or not uses_batch_stats(module) or x.dim() < 2:
+                return None
+            why = batch_norm_coupling(module, x)
+            if why is None and n is not None and x.shape[0] != n:
+                why = (f"it normalises with the statistics of the whole batch and its input's first axis has "
+                       f"{x.shape[0]} entries for {n} samples, so which entries form one sample is unknown")
+            if why is None:
+                return per_sample_batch_norm(module, x)
+            if record:
+                self._coupled.setdefault(module, ("forward", why))
+            return None
+        # nn.EmbeddingBag(scale_grad_by_freq=True): bag by bag when the bags are the samples
+        if not isinstance(output, Tensor) or output.dim() != 2:
+            return None
+        if n is None or output.shape[0] == n:
+            return per_bag_embedding_bag(module, args, kwargs, output)
+        if record:
+            self._coupled.setdefault(module, (
+                "weight", f"scale_grad_by_freq=True divides its gradient by frequencies counted over the call, "
+                          f"and its {output.shape[0]} bags are not the {n} samples, so they cannot be counted "
+                          "per sample"))
+        return None
 
     def _pre_hook(self, module: nn.Module, args, kwargs) -> None:
         # Inputs are copied (structure, not data) before the call: a forward that mutates a list
@@ -401,6 +593,9 @@ class PerSampleGradNorms:
             return
         call = _Call(args, kwargs, [leaves[i] for i in pos], pos, spec, len(leaves))
         self._calls.setdefault(module, []).append(call)
+        rule = rule_for(module)
+        if rule is not None and call.first is not None and rule.couples_samples(module, call.first):
+            self._coupled.setdefault(module, ("forward", "its rule says that the call mixes the samples"))
 
     # ------------------------------------------------------------------ planning
     def _signature(self, n: int, k: int):
@@ -422,12 +617,17 @@ class PerSampleGradNorms:
         if len(calls) > 1:
             plan["model"], plan["why"] = names, "its module is called more than once"
             return plan
+        mixing = [c for c, (kind, _) in self._coupled.items() if kind == "forward"]
+        if mixing:
+            plan["model"] = names
+            plan["why"] = f"{self._describe(mixing[0])} mixes the samples of the batch"
+            return plan
+        if m in self._coupled:
+            plan["model"], plan["why"] = names, self._coupled[m][1]
+            return plan
         call = calls[0]
         rule = rule_for(m)
         x = call.first
-        if rule is not None and x is not None and rule.couples_samples(m, x):
-            plan["model"], plan["why"] = names, "its module mixes samples (batch statistics)"
-            return plan
         if rule is not None and x is not None and len(call.edges) == 1 and rule.supports(m, x):
             cover = rule.params
             plan["rule"] = [nm for nm in names if cover is None or self._attr[nm] in cover]
@@ -505,7 +705,7 @@ class PerSampleGradNorms:
         if not inputs:
             return []
         if not root.requires_grad:
-            raise ValueError("the per-sample losses (or outputs) do not require grad")
+            raise ValueError("the per-sample losses (or outputs) do not require grad")  # (see _run)
         if not batched:
             return list(torch.autograd.grad(root, inputs, grad_outputs=cot, retain_graph=retain,
                                             allow_unused=True))
@@ -536,12 +736,87 @@ class PerSampleGradNorms:
         budget = min(self.max_bytes, sum(t.numel() * t.element_size() for t in self.sums.values()))
         return _even_size(k, budget // max(self._col_bytes(elem), 1))
 
+    def _check_graph(self, root: Tensor, check: bool) -> None:
+        """Clear errors for what the backward below cannot run: losses without a graph (a
+        forward with gradients disabled), reentrant activation checkpointing."""
+        if not root.requires_grad:
+            if self._forward_grad is not None or torch.is_inference_mode_enabled() or root.is_inference():
+                how = self._forward_grad or "torch.inference_mode()"
+                raise RuntimeError(
+                    f"per-sample importances need gradients, but the model's forward ran under {how}: the "
+                    "per-sample losses have no graph. Run the forward with gradients enabled (compute_importance "
+                    "enables them itself under torch.no_grad(); under torch.inference_mode() it cannot)")
+            raise ValueError("the per-sample losses (or outputs) do not require grad: nothing connects them to "
+                             "the requested parameters")
+        if check and _graph_has(root, "CheckpointFunctionBackward"):
+            outer = [m for m in dict.fromkeys(self._nograd)
+                     if not any(self._mod_names.get(m, "").startswith(self._mod_names.get(o, "?") + ".")
+                                for o in self._nograd if o is not m)]
+            where = (f" around {', '.join(self._describe(m) for m in outer)}" if outer else "")
+            raise RuntimeError(
+                f"per-sample importances cannot backpropagate through reentrant activation checkpointing{where} "
+                "(torch.utils.checkpoint with use_reentrant=True), which supports only loss.backward(), not the "
+                "gradients with respect to layer outputs that per-sample estimators take. Pass use_reentrant=False "
+                "to torch.utils.checkpoint (or turn checkpointing off for the importance pass); "
+                "importance='minibatch_fisher' and 'avalanche_mas' (Avalanche's estimators) work with either")
+
+    def _check_packed(self, plans: dict) -> None:
+        """A clear error for parameters whose module is called with a ``PackedSequence`` and that
+        need ``torch.func`` (the per-layer or whole-model fallback), which cannot run it."""
+        for m, plan in plans.items():
+            names = plan["layer"] + plan["model"]
+            calls = self._calls.get(m, [])
+            if names and any(_has_packed(c.args) or _has_packed(c.kwargs) for c in calls):
+                desc = self._describe(m)
+                raise RuntimeError(
+                    f"per-sample importances: parameters {_list_names(names)} of {desc} need per-sample gradients "
+                    "by torch.func (it has no per-layer rule), and "
+                    + _explain_func_failure(None, desc, True))
+
+    def _warn_coupled(self, model_list: list) -> None:
+        """One warning per module whose coupling of the samples makes importances depend on the
+        batch (the per-sample gradients of ``model_list`` are taken within it)."""
+        if not model_list:
+            return
+        n = self._n_hint
+        for m, (kind, why) in self._coupled.items():
+            key = ("coupled", m)
+            hit = model_list if kind == "forward" else [nm for nm in model_list if nm in self._modules.get(m, ())]
+            if key in self._warned or not hit:
+                continue
+            self._warned.add(key)
+            fix = ("give it running statistics (track_running_stats=True, eval mode) or use nn.LayerNorm / "
+                   "nn.GroupNorm" if isinstance(m, nn.modules.batchnorm._BatchNorm) else
+                   "use one bag per sample, or scale_grad_by_freq=False")
+            warnings.warn(
+                f"per-sample importances: {self._describe(m)} couples the samples of a batch: {why}. The "
+                f"per-sample gradients of {_list_names(hit)} are therefore taken within the batch (the whole-model "
+                f"fallback), so their importances depend on the batch size ({n}) and on which samples share a "
+                f"batch; they are not per-sample values. For per-sample importances, {fix}",
+                RuntimeWarning, stacklevel=5)
+        for nm in model_list:
+            m = self._freq_holder.get(nm)
+            if m is None or m in self._coupled or ("freq", nm) in self._warned:
+                continue
+            if isinstance(m, nn.EmbeddingBag):
+                continue  # evaluated bag by bag (or in self._coupled): the fallback is per sample too
+            self._warned.add(("freq", nm))
+            warnings.warn(
+                f"per-sample importances: parameter {nm!r} of {self._describe(m)} goes to the whole-model fallback "
+                f"({self._model_why.get(nm, 'see the other warnings')}), where its gradient is divided by the "
+                "frequencies of its rows over the whole batch (scale_grad_by_freq=True), not within each sample: "
+                f"its importances depend on the batch size ({n}) and on which samples share a batch. For "
+                "per-sample importances, use the embedding through its own call only (no tied weights), or "
+                "scale_grad_by_freq=False",
+                RuntimeWarning, stacklevel=5)
+
     def _run(self, root: Tensor, cot: Tensor, batched: bool, retain_graph: bool, fallback) -> None:
         n = int(root.shape[0])
         k = int(cot.shape[0]) if batched else 0
         self._n_hint = n
         sig = self._signature(n, k)
         check = self.check_mode == "always" or sig not in self._plans
+        self._check_graph(root, check)
         all_cot = cot
         # pieces: (cotangent, whether it holds several columns, the weight of its sums)
         pieces: list = []
@@ -565,6 +840,9 @@ class PerSampleGradNorms:
             pieces.append((cot, False, 1.0))
         model_names: set[str] = set(self._static_fallback) | set(self._failed)
         layer_names: set[str] = set()
+        self._model_why = {nm: "it is shared with another module or owned by the root module"
+                           for nm in self._static_fallback}
+        self._model_why.update(self._failed)
         out: dict[str, Tensor] = {}
         try:
             self._busy = True
@@ -576,9 +854,13 @@ class PerSampleGradNorms:
             self._cols = {"k": k, "left": left, "acc": {}} if batched else None
             for i, (piece, piece_batched, weight) in enumerate(pieces):
                 plans = {m: self._plan_module(m, n) for m in self._modules}
+                if i == 0:
+                    self._check_packed(plans)
                 for plan in plans.values():
                     model_names.update(plan["model"])
                     layer_names.update(plan["layer"])
+                    for nm in plan["model"]:
+                        self._model_why.setdefault(nm, plan["why"])
                 # With a fallback for what may move, each module's sums go into the running sums
                 # as soon as they are final, so no per-batch copy of the parameters' size is held.
                 # Kept per batch: modules with per-layer-fallback names (that fallback may fail
@@ -616,8 +898,20 @@ class PerSampleGradNorms:
             self._last_model = set(model_list)
             self._last_nonrule = set(model_list) | layer_names
             if model_list:
+                for nm in model_list:
+                    self._model_why.setdefault(nm, "its rule or the per-layer fallback could not be used on this "
+                                                   "batch")
+                self._warn_coupled(model_list)
                 if fallback is None:
                     raise ValueError(f"these parameters need a fallback (pass fallback=...): {model_list}")
+                sparse = [nm for nm in model_list if nm in self._sparse_holder]
+                if sparse:
+                    nm = sparse[0]
+                    raise RuntimeError(
+                        f"per-sample importances: parameter {nm!r} of {self._describe(self._sparse_holder[nm])} "
+                        f"needs per-sample gradients of the whole model by torch.func ({self._model_why[nm]}), and "
+                        "torch.func does not support the sparse gradients of sparse=True; construct the layer with "
+                        "sparse=False, or " + _FUNC_ADVICE)
                 out.update(self._fallback_sums(fallback, model_list, n, all_cot if batched else None))
         finally:
             self._busy = False
@@ -797,6 +1091,9 @@ class PerSampleGradNorms:
         compared: set = set()
 
         def on_truth(nm, g):
+            sparse = g.is_sparse  # nn.Embedding(sparse=True): compared densely
+            if sparse:
+                g = g.to_dense()
             m = owner.get(nm)
             if m is None:  # hooked but not called: any gradient means direct use
                 if bool((g != 0).any()):
@@ -806,8 +1103,8 @@ class PerSampleGradNorms:
                 compared.add(nm)
                 self._compare({m: found[m]}, plans, {nm: g}, n, out, moved, why, only=(nm,))
             else:
-                late[nm] = g.clone()
-            return g.new_zeros(()).expand(g.shape)  # nothing kept by autograd.grad
+                late[nm] = g if sparse else g.clone()
+            return None if sparse else g.new_zeros(()).expand(g.shape)  # nothing kept by autograd.grad
 
         handles = [self._params[nm].register_hook(lambda g, nm=nm: on_truth(nm, g)) for nm in names]
         try:
@@ -827,6 +1124,8 @@ class PerSampleGradNorms:
         for nm in moved:
             if nm in why and not why[nm].startswith("no input/output"):
                 self._failed[nm] = why[nm]
+        for nm, w in why.items():
+            self._model_why.setdefault(nm, w)
         # a missing sample axis (e.g. a head that sees a subset of the batch) is structural, not an error
         self._warn({nm: w for nm, w in why.items() if not w.startswith("no input/output")})
         return moved
@@ -859,8 +1158,9 @@ class PerSampleGradNorms:
             return
         self._warned.update(new)
         lines = "; ".join(f"{nm}: {w}" for nm, w in new.items())
-        warnings.warn("per-sample importances: these parameters use the exact but slower whole-model "
-                      f"fallback: {lines}", RuntimeWarning, stacklevel=4)
+        warnings.warn("per-sample importances: these parameters go to the whole-model fallback (per-sample "
+                      f"gradients of the whole model by torch.func, slower than the per-layer rules): {lines}",
+                      RuntimeWarning, stacklevel=4)
 
     def _agrees(self, name, pows, total, truth, count) -> tuple[bool, str]:
         p = self._params[name]
@@ -1102,8 +1402,44 @@ class PerSampleGradNorms:
 
         p = self.power
         primals = {nm: self._params[nm].detach() for nm in names}
-        with torch.enable_grad():
-            vals, vjp_fn = vjp(fallback, primals)
+        stack: list = []  # (module, called with a PackedSequence) of the calls in progress
+
+        def push(m, args, kwargs):
+            stack.append((m, _has_packed(args) or _has_packed(kwargs)))
+
+        def pop(m, args, kwargs, out):
+            if stack and stack[-1][0] is m:
+                stack.pop()
+
+        hooks = []
+        try:
+            for m in self.model.modules():
+                hooks.append(m.register_forward_pre_hook(push, with_kwargs=True))
+                hooks.append(m.register_forward_hook(pop, with_kwargs=True))
+            with torch.enable_grad():
+                vals, vjp_fn = vjp(fallback, primals)
+        except (RuntimeError, NotImplementedError) as exc:  # torch.func's: re-raised with the module and advice
+            self._func_failed(exc, names, stack[-1] if stack else None)
+        finally:
+            for h in hooks:
+                h.remove()
+        try:
+            return self._fallback_backward(vals, vjp_fn, names, primals, n, cot, p)
+        except (RuntimeError, NotImplementedError) as exc:  # a backward torch.func cannot take
+            self._func_failed(exc, names, None)
+
+    def _func_failed(self, exc: BaseException, names: list, where) -> None:
+        """Re-raise a failure of the whole-model fallback's torch.func with the parameters, the
+        module being run (``where``: (module, called with a PackedSequence) or None) and advice."""
+        m, packed = where if where is not None else (None, False)
+        desc = self._describe(m) if m is not None else ""
+        reasons = "; ".join(dict.fromkeys(self._model_why[nm] for nm in names if nm in self._model_why))
+        raise RuntimeError(
+            f"per-sample importances: parameters {_list_names(names)} need per-sample gradients of the whole "
+            f"model by torch.func{f' ({reasons})' if reasons else ''}, and torch.func failed"
+            f"{f' in {desc}' if desc else ''}: " + _explain_func_failure(exc, desc, packed)) from exc
+
+    def _fallback_backward(self, vals, vjp_fn, names, primals, n, cot, p) -> dict:
         if cot is None:
             if vals.shape != (n,):
                 raise ValueError(f"fallback returned shape {tuple(vals.shape)}, expected ({n},)")

@@ -8,32 +8,24 @@
 Avalanche runs this pass with the model in train mode (the ``avalanche_mas`` registration asks the
 plugin not to switch to eval mode) and with a DataLoader that draws its seed from the global RNG.
 Avalanche's ``alpha`` (``I <- alpha * I + (1 - alpha) * I_new`` after the first experience) is
-``mode="online", decay=alpha, running_average=True`` on the plugin.
+``mode="online", decay=alpha, running_average=True`` on the plugin. The loop (``loss.backward()``
+and ``.grad``, as Avalanche) is :func:`.minibatch.minibatch_importance`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import batches, model_forward
+from .minibatch import minibatch_importance
 
 __all__ = ["avalanche_mas"]
 
 
+def _mean_sq_norm(out, _y):
+    return torch.norm(out, p="fro", dim=1).pow(2).mean()
+
+
 def avalanche_mas(model, data, *, names, device=None, limit=None, **_):
     """|gradient of the batch-mean squared output norm|, averaged over minibatches."""
-    params = dict(model.named_parameters())
-    targets = [params[n] for n in names]
-    sums = {n: torch.zeros_like(p) for n, p in zip(names, targets)}
-    count = 0
-    for x, _y, t in batches(data, device, False, "avalanche_mas", limit):
-        out = model_forward(model, x, t)
-        loss = torch.norm(out, p="fro", dim=1).pow(2).mean()
-        grads = torch.autograd.grad(loss, targets, allow_unused=True)
-        for n, g in zip(names, grads):
-            if g is not None:
-                sums[n] += g.abs()
-        count += 1
-    if count == 0:
-        raise ValueError("estimator 'avalanche_mas' got empty data: no samples to estimate importances from")
-    return {n: s / float(count) for n, s in sums.items()}
+    return minibatch_importance(model, data, names, _mean_sq_norm, torch.abs, estimator="avalanche_mas",
+                                need_labels=False, device=device, limit=limit)

@@ -58,8 +58,12 @@ class Rule:
       index; the rule then sees that axis first, in both ``a`` and ``d``.
     * :meth:`supports`: False sends the module's parameters to the per-layer fallback for
       this call (an unsupported configuration).
-    * :meth:`couples_samples`: True when the call mixes samples (BatchNorm with batch
-      statistics): its parameters go to the whole-model fallback.
+    * :meth:`couples_samples`: True when the call's output mixes the samples (BatchNorm with
+      batch statistics on an ``[N, C]`` input) and the layer cannot be evaluated on one sample
+      at a time. Per-sample gradients of *every* requested parameter then depend on the other
+      samples of the batch: they all go to the whole-model fallback, which takes them within
+      the batch, and a warning names the module and says that the importances depend on the
+      batch.
     """
 
     params: Optional[Tuple[str, ...]] = ("weight", "bias")

@@ -1,14 +1,25 @@
 """Affine normalisation layers: g_i(weight) = Σ_positions δ_i x̂_i, g_i(bias) = Σ_positions δ_i.
 
-``nn.LayerNorm`` and ``nn.GroupNorm`` normalise each sample on its own; ``nn.BatchNorm*`` only
-when it uses its running statistics (eval mode). With batch statistics a BatchNorm call mixes
-the samples, and its parameters go to the whole-model fallback.
+``nn.LayerNorm``, ``nn.GroupNorm`` and ``nn.InstanceNorm*`` normalise each sample on its own
+(InstanceNorm with running statistics or with its own per-sample statistics: never with the
+batch's). ``nn.BatchNorm*`` does so only when it uses its running statistics (eval mode with
+``track_running_stats=True``). With batch statistics (train mode, or ``track_running_stats=False``
+in any mode) a BatchNorm call mixes the samples. During a per-sample pass the engine then
+evaluates the layer on each sample alone -- for an input with positions besides the sample and
+channel axes (``[N, C, L]``, ``[N, C, H, W]``...) that is BatchNorm on a batch of one, i.e. each
+sample normalised with its own statistics over its positions (:func:`per_sample_batch_norm`) --
+and this rule's x̂ is that per-sample normalisation. An ``[N, C]`` input cannot be normalised
+one sample at a time: :func:`batch_norm_coupling` says why, and the engine warns that the
+importances depend on the batch.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ._registry import Rule, _chunks, _pow, register_rule
 
@@ -77,18 +88,44 @@ class GroupNormRule(NormRule):
         return F.group_norm(x, m.num_groups, None, None, m.eps)
 
 
+def uses_batch_stats(m: nn.Module) -> bool:
+    """Whether a ``_BatchNorm`` module normalises with the statistics of its input batch (train
+    mode, or no running statistics), as ``_BatchNorm.forward`` decides."""
+    return bool(m.training or (m.running_mean is None and m.running_var is None))
+
+
+def batch_norm_coupling(m: nn.Module, x: Tensor) -> Optional[str]:
+    """None when a ``_BatchNorm`` call on ``x`` (sample axis 0) is per-sample or can be evaluated
+    on each sample alone; else why its output mixes the samples irreducibly."""
+    if not uses_batch_stats(m):
+        return None
+    if x.dim() >= 3 and math.prod(x.shape[2:]) > 1:
+        return None  # each sample alone: statistics over its own positions
+    why = "train mode" if m.training else "track_running_stats=False"
+    return (f"it normalises with the statistics of the whole batch ({why}) and its input of shape "
+            f"{tuple(x.shape)} has no positions besides the sample and channel axes, so a sample "
+            "cannot be normalised on its own")
+
+
+def per_sample_batch_norm(m: nn.Module, x: Tensor) -> Tensor:
+    """A batch-statistics ``_BatchNorm`` evaluated on each sample of ``x`` alone (a batch of one
+    each): every sample normalised over its own positions, with the module's affine parameters."""
+    return F.instance_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
+
+
 class BatchNormRule(NormRule):
-    @staticmethod
-    def _running(m):
-        return not m.training and m.running_mean is not None and m.running_var is not None
+    """Running statistics: x̂ from them. Batch statistics on an input with positions: x̂ of each
+    sample alone (the engine evaluates the layer that way, :func:`per_sample_batch_norm`)."""
 
     def supports(self, module, x):
-        return x.is_floating_point() and x.dim() >= 2 and self._running(module)
+        return x.is_floating_point() and x.dim() >= 2 and batch_norm_coupling(module, x) is None
 
     def couples_samples(self, module, x):
-        return not self._running(module)
+        return batch_norm_coupling(module, x) is not None
 
     def _xhat(self, m, x):
+        if uses_batch_stats(m):
+            return F.instance_norm(x, None, None, None, None, True, 0.0, m.eps)
         return F.batch_norm(x, m.running_mean.to(x.dtype), m.running_var.to(x.dtype), None, None, False, 0.0, m.eps)
 
 
