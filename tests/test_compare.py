@@ -73,7 +73,8 @@ def test_results_files_have_the_columns_and_one_row_per_scenario_method_seed(tin
     # the sweep keeps every run: naive and joint once, the tuned methods once per factor
     _, sweep = _read_csv(out / "sweep.csv")
     assert len(sweep) == len(SEEDS) * (1 + 1 + len(GRIDS["avl-ewc"]) + len(GRIDS["pc-ewc"]))
-    for name in ("acc_matrix_split-task.png", "acc_over_experiences.png", "lambda_sweep.png", "final_accuracy.png"):
+    for name in ("acc_matrix_split-task.png", "acc_over_experiences.png", "lambda_sweep.png", "final_accuracy.png",
+                 "difference.png", "cost_vs_experience.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
@@ -895,3 +896,40 @@ def test_user_stream_bad_input_names_what_is_wrong():
     s = runner.UserStream("mine", tiny_nc(3), _user_model)
     with pytest.raises(ValueError, match="scenario 'mine' given twice"):
         runner.plan_runs([s, s], ["naive"], [0], TINY)
+
+
+# --------------------------------------------------------------------------- what the figures show
+
+
+def test_pairs_stand_side_by_side_and_differences_are_paired_by_seed(tiny_result):
+    from avalanche_pcreg.experiments import figures
+
+    res, out = tiny_result
+    assert figures.comparison_order(METHOD_SET) == ["naive", "avl-ewc", "pc-ewc", "joint"]
+    assert figures.comparison_order(["pc-ewc-online", "avl-ewc", "pc-l2", "avl-ewc-online", "naive"]) == [
+        "naive", "avl-ewc", "pc-l2", "avl-ewc-online", "pc-ewc-online"]
+    d = figures.paired_differences(res.chosen, "split-task")
+    assert list(d) == ["pc-ewc"] and d["pc-ewc"]["ref"] == "avl-ewc"
+    acc = {(r["method"], r["seed"]): r["avg_accuracy"] for r in res.chosen}
+    by_seed = [acc[("pc-ewc", s)] - acc[("avl-ewc", s)] for s in SEEDS]
+    assert d["pc-ewc"]["diffs"] == pytest.approx(by_seed, abs=0)
+    assert d["pc-ewc"]["mean"] == pytest.approx(statistics.mean(by_seed))
+    assert d["pc-ewc"]["std"] == pytest.approx(statistics.stdev(by_seed))
+
+
+def test_cost_table_is_the_runs_step_times_and_state_bytes(tiny_result):
+    res, out = tiny_result
+    table = runner.format_costs(res.chosen)
+    lines = {tuple(l.split()[:2]): l for l in table.splitlines()[2:]}
+    assert set(lines) == {("split-task", "avl-ewc"), ("split-task", "pc-ewc")}
+    for me in ("avl-ewc", "pc-ewc"):
+        rs = [r for r in res.chosen if r["method"] == me]
+        first = 1e3 * statistics.mean(r["step_time_per_exp_s"][0] for r in rs)
+        kb = statistics.mean(r["reg_bytes_per_exp"][-1] for r in rs) / 1e3
+        assert lines[("split-task", me)].split()[2] == f"{first:.2f}"
+        assert lines[("split-task", me)].split()[-1] == f"{kb:.1f}"
+    # Avalanche stores one (F, theta*) pair per experience, ours one consolidated pair: its bytes grow
+    avl = [r for r in res.chosen if r["method"] == "avl-ewc"][0]["reg_bytes_per_exp"]
+    ours = [r for r in res.chosen if r["method"] == "pc-ewc"][0]["reg_bytes_per_exp"]
+    assert all(b > a for a, b in zip(avl, avl[1:])) and ours[-1] < avl[-1]
+    assert "Cost against the number of experiences" in (out / "summary.md").read_text()

@@ -7,7 +7,7 @@ add an entry to :data:`STUDIES`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 __all__ = [
@@ -39,7 +39,8 @@ class Method:
     ``decades``: the log10 range ``(lo, hi)`` of its factor grid, None for no factor.
     ``options``: keyword arguments of the plugin. ``label``: the name shown in tables and figures.
     ``unsupported``: scenarios the method is known to fail in, each with the reason; a sweep leaves
-    the method out of those scenarios and says so in its tables and figures.
+    the method out of those scenarios and says so in its tables and figures. ``compare_to``: the
+    Avalanche method one of ours is set against in the figures (its pair); None for the rest.
     """
 
     name: str
@@ -50,6 +51,7 @@ class Method:
     description: str = ""
     plugin: str = "EWCPlugin"
     unsupported: Mapping[str, str] = field(default_factory=dict)
+    compare_to: Optional[str] = None
 
     @property
     def tuned(self) -> bool:
@@ -116,6 +118,24 @@ _METHOD_LIST = [
            {"mode": "online", "decay_factor": FV_DECAY},
            f"Avalanche EWCPlugin, online, decay_factor={FV_DECAY} (batched Fisher)"),
 ]
+
+
+def _pair(m: Method) -> Method:
+    """Our method's Avalanche counterpart in the figures, by family, unless the row names one."""
+    if m.kind != "pcreg" or m.compare_to is not None:
+        return m
+    if m.name.startswith("fv-"):
+        ref = "fv-batched-avl"
+    elif "rwalk" in m.name:
+        ref = "avl-rwalk"
+    elif m.options.get("mode") == "online" and m.name != "pc-si":
+        ref = "avl-ewc-online"
+    else:
+        ref = "avl-ewc"
+    return replace(m, compare_to=ref)
+
+
+_METHOD_LIST = [_pair(m) for m in _METHOD_LIST]
 METHODS: Dict[str, Method] = {m.name: m for m in _METHOD_LIST}
 # The comparison of `make demo`, named one by one: 585 runs on digits (3 scenarios x 3 seeds x
 # 65 factor/method cells), about 4 min on 2 idle cores. RWalk has its own study (--study rwalk: an

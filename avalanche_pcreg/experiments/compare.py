@@ -299,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None, streams: Sequence = ()) -> int:
     if streams:
         a.scenarios = [*(a.scenarios if a.scenarios_given else []), *streams]
     warnings.filterwarnings("ignore")  # Avalanche's import-time notices
-    from .runner import Settings, format_notes, format_summary, run_comparison
+    from .runner import Settings, format_costs, format_notes, format_summary, run_comparison
 
     settings = Settings(
         dataset=a.dataset, data_root=a.data_root, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
@@ -371,6 +371,10 @@ def main(argv: Optional[Sequence[str]] = None, streams: Sequence = ()) -> int:
     notes = format_notes(res.summary, res.config["left_out"])
     if notes:
         print("\n" + "\n".join(notes))
+    costs = format_costs(res.chosen)
+    if costs:
+        print("\ncost against the number of experiences (ours vs Avalanche's EWC, this sweep):")
+        print(costs)
     from .catalog import STUDIES as _S
 
     if _S[a.study].report != "comparison":

@@ -80,6 +80,8 @@ __all__ = [
     "chosen_rows",
     "summarize",
     "format_summary",
+    "format_notes",
+    "format_costs",
     "write_outputs",
     "make_plots",
     "run_comparison",
@@ -988,6 +990,34 @@ def format_notes(summary: Sequence[Mapping[str, Any]], left: Sequence[Mapping[st
     return out
 
 
+COST_METHODS = ("avl-ewc", "pc-ewc", "avl-ewc-online", "pc-ewc-online")
+
+
+def format_costs(chosen: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:
+    """Step time and stored state against the number of experiences, ours against Avalanche's EWC,
+    from the runs of this sweep at their chosen factors (means over seeds): the mean training step
+    during the first and the last experience, and the regularizer's bytes after the last. Empty
+    when the sweep has none of :data:`COST_METHODS`."""
+    head = ["scenario", "method", "step ms, exp 1", "step ms, last exp", "state kB after last"]
+    lines = []
+    for sc in _scenario_ranks([r["scenario"] for r in chosen]):
+        for me in COST_METHODS:
+            rs = [r for r in chosen if r["scenario"] == sc and r["method"] == me]
+            if not rs:
+                continue
+            steps = np.nanmean(np.asarray([r["step_time_per_exp_s"] for r in rs], dtype=float), axis=0) * 1e3
+            mem = float(np.mean([r["reg_bytes_per_exp"][-1] for r in rs])) / 1e3
+            lines.append([sc, me, f"{steps[0]:.2f}", f"{steps[-1]:.2f} (exp {len(steps)})", f"{mem:.1f}"])
+    if not lines:
+        return ""
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+                         + ["| " + " | ".join(l) + " |" for l in lines])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+                     for cells in [head, ["-" * w for w in widths], *lines])
+
+
 # --------------------------------------------------------------------------- outputs
 
 RESULT_COLUMNS = [
@@ -1064,177 +1094,15 @@ def write_outputs(result: Comparison, out: str | os.PathLike) -> List[str]:
         notes = format_notes(result.summary, result.config.get("left_out", []))
         if notes:
             f.write("\n" + "\n".join(f"* {n}" for n in notes) + "\n")
+        costs = format_costs(result.chosen, markdown=True)
+        if costs:
+            f.write("\nCost against the number of experiences (this sweep, one torch thread a run):\n\n"
+                    + costs + "\n")
     files += [str(out / n) for n in ("results.csv", "results.json", "sweep.csv", "summary.md")]
     return files
 
 
-def _method_colors(methods: Sequence[str]) -> Dict[str, Any]:
-    import matplotlib.pyplot as plt
-
-    cmap = plt.get_cmap("tab20")
-    return {m: cmap(i % 20) for i, m in enumerate(METHODS) if m in methods}
-
-
-def make_plots(result: Comparison, out: str | os.PathLike, dpi: int = 120) -> List[str]:
-    """PNG plots under ``out`` (titles name the dataset and scenario; legends use the methods'
-    labels; experiences are numbered from 1 in every figure):
-
-    * ``acc_matrix_<scenario>.png``: accuracy-matrix heatmaps (mean over seeds) per method;
-    * ``acc_over_experiences.png``: stream accuracy over the seen experiences after each one;
-    * ``lambda_sweep.png``: mean validation accuracy vs factor, chosen factor marked;
-    * ``final_accuracy.png``: final test accuracy, mean +- std over seeds.
-
-    Cells with failed runs and cells left out of the sweep are named under the figures.
-    """
-    from .catalog import DATASET_TITLES, SCENARIO_TITLES
-    from .studies import _experience_ticks, style
-
-    plt = style()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    chosen = result.chosen
-    scenarios = [s for s in _scenario_ranks([r["scenario"] for r in chosen]) if any(r["scenario"] == s for r in chosen)]
-    methods = [m for m in METHODS if any(r["method"] == m for r in chosen)]
-    colors = _method_colors(methods)
-    cfg = result.config.get("settings", {})
-    ds = DATASET_TITLES.get(cfg.get("dataset"), cfg.get("dataset", ""))
-
-    if set(scenarios) <= set(result.config.get("user_streams", ())):
-        ds = ", ".join(scenarios)
-
-    def title(sc):  # a user's stream is named by itself, a built-in scenario with its dataset
-        if sc in result.config.get("user_streams", ()):
-            return sc
-        return f"{ds}, {SCENARIO_TITLES.get(sc, sc)}"
-
-    n_seeds = len(result.config.get("seeds", [])) or len({r["seed"] for r in chosen})
-    seeds_txt = f"{n_seeds} seed" + ("s" if n_seeds != 1 else "")
-    label = {m: METHODS[m].label for m in methods}
-    notes = format_notes(result.summary, result.config.get("left_out", []))
-
-    def save(fig, name):
-        if notes:
-            fig.text(0.0, 0.0, "\n".join(notes), ha="left", va="top", fontsize=8, color="firebrick",
-                     wrap=True)
-        p = out / name
-        fig.savefig(p, dpi=dpi, bbox_inches="tight")
-        plt.close(fig)
-        files.append(str(p))
-
-    def mean_matrix(sc, me):
-        ms = [np.asarray(r["acc_matrix"], dtype=float) for r in chosen if r["scenario"] == sc and r["method"] == me]
-        with warnings.catch_warnings():  # unseen experiences are NaN in every seed
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(np.stack(ms), axis=0) if ms else None
-
-    # accuracy matrices
-    for sc in scenarios:
-        ms = [m for m in methods if m != "joint" and any(r["scenario"] == sc and r["method"] == m for r in chosen)]
-        if not ms:
-            continue
-        ncol = min(4, len(ms))
-        nrow = int(math.ceil(len(ms) / ncol))
-        n_exp = max(len(r["acc_matrix"][0]) for r in chosen if r["scenario"] == sc)
-        cell = max(3.6, 0.5 * n_exp + 1.2)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(cell * ncol, cell * nrow + 0.6), squeeze=False,
-                                 layout="constrained")
-        for ax, me in zip(axes.flat, ms):
-            mat = mean_matrix(sc, me)
-            n = mat.shape[1]
-            ax.imshow(np.ma.masked_invalid(mat), vmin=0, vmax=1, cmap="viridis",
-                      extent=(0.5, n + 0.5, mat.shape[0] + 0.5, 0.5))
-            if n <= 12:
-                for (i, j), v in np.ndenumerate(mat):
-                    if not np.isnan(v):
-                        ax.text(j + 1, i + 1, f"{100 * v:.0f}", ha="center", va="center", fontsize=10,
-                                color="white" if v < 0.6 else "black")
-            ax.set_title(label[me], fontsize=10)
-            ax.set_xlabel("test experience")
-            ax.set_ylabel("after training experience")
-            _experience_ticks(ax, n)
-            ax.set_yticks(ax.get_xticks())
-            ax.set_ylim(mat.shape[0] + 0.5, 0.5)
-        for ax in list(axes.flat)[len(ms):]:
-            ax.axis("off")
-        fig.suptitle(f"{title(sc)}: accuracy matrix (%), mean over {seeds_txt}, "
-                     "at the chosen factors", fontsize=11)
-        save(fig, f"acc_matrix_{sc}.png")
-
-    # accuracy over experiences
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.0 * len(scenarios), 4.2), squeeze=False)
-    for ax, sc in zip(axes[0], scenarios):
-        n = 1
-        for me in methods:
-            curves = [r["acc_curve"] for r in chosen if r["scenario"] == sc and r["method"] == me]
-            if not curves:
-                continue
-            c = np.mean(np.asarray(curves, dtype=float), axis=0)
-            if me == "joint":
-                ax.axhline(c[-1], color="k", ls="--", lw=1, label=label[me])
-            else:
-                n = max(n, len(c))
-                ax.plot(np.arange(1, len(c) + 1), c, marker="o", ms=3, color=colors[me], label=label[me],
-                        ls="-" if METHODS[me].kind != "avalanche" else ":")
-        _experience_ticks(ax, n)
-        ax.set_title(title(sc), fontsize=10)
-        ax.set_xlabel("experiences trained")
-        ax.set_ylabel("test accuracy on seen experiences")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(f"mean over {seeds_txt}, each method at its chosen factor", fontsize=11)
-    fig.tight_layout()
-    save(fig, "acc_over_experiences.png")
-
-    # lambda sweep
-    tuned = [m for m in methods if METHODS[m].tuned]
-    if tuned:
-        fig, axes = plt.subplots(1, len(scenarios), figsize=(5.0 * len(scenarios), 4.2), squeeze=False)
-        for ax, sc in zip(axes[0], scenarios):
-            for me in tuned:
-                sel = result.selection.get((sc, me))
-                if not sel or not sel["grid"]:
-                    continue
-                ax.plot(sel["grid"], sel["valid_by_factor"], marker="o", ms=3, color=colors[me], label=label[me],
-                        ls="-" if METHODS[me].kind != "avalanche" else ":")
-                ax.plot([sel["factor"]], [sel["valid_accuracy"]], marker="*", ms=11, color=colors[me],
-                        markeredgecolor="k")
-            if ("naive" in methods) and (sc, "naive") in result.selection:
-                ax.axhline(result.selection[(sc, "naive")]["valid_accuracy"], color="gray", ls="--", lw=1,
-                           label=label["naive"])
-            ax.set_xscale("log")
-            ax.set_title(title(sc), fontsize=10)
-            ax.set_xlabel("factor (= ewc_lambda = λ/2)")
-            ax.set_ylabel("mean validation accuracy")
-            ax.grid(alpha=0.3)
-        axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-        fig.suptitle(f"factor sweep, mean over {seeds_txt} (★ = chosen)", fontsize=11)
-        fig.tight_layout()
-        save(fig, "lambda_sweep.png")
-
-    # final accuracy bars
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.5 + 0.4 * len(methods) * len(scenarios)), 4.4))
-    width = 0.8 / len(methods)
-    for k, me in enumerate(methods):
-        ys, es = [], []
-        for sc in scenarios:
-            s = next((s for s in result.summary if s["scenario"] == sc and s["method"] == me), None)
-            ys.append(s["acc_mean"] if s else np.nan)
-            es.append(s["acc_std"] if s else 0.0)
-        xs = np.arange(len(scenarios)) + (k - (len(methods) - 1) / 2) * width
-        ax.bar(xs, ys, width, yerr=es, capsize=2, color=colors[me], label=label[me],
-               hatch="//" if METHODS[me].kind == "avalanche" else None, edgecolor="k", lw=0.3)
-    ax.set_xticks(np.arange(len(scenarios)))
-    ax.set_xticklabels([SCENARIO_TITLES.get(sc, sc) for sc in scenarios])
-    ax.set_ylabel("final test accuracy (mean ± std)")
-    ax.set_ylim(0, 1.0)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"{ds}: final test accuracy, {seeds_txt}, each method at its chosen factor", fontsize=11)
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    save(fig, "final_accuracy.png")
-    return files
+from .figures import make_plots  # noqa: E402  (the figures live in their own module)
 
 
 # --------------------------------------------------------------------------- all in one
