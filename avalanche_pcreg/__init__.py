@@ -4,7 +4,9 @@
 (``uniform``), per-sample Fisher (EWC), MAS, SI or a user function.
 
 Names are imported lazily: ``import avalanche_pcreg.penalty`` (or ``.state``, ``.regularizer``,
-``.importance``) needs torch only; Avalanche is imported when the plugin is first used.
+``.importance``, ``.selection``) needs torch only; Avalanche is imported when the plugin is first used
+(without the "no QP solver found" warning that qpsolvers, imported by Avalanche for GEM, gives at import
+when no QP solver is installed: the plugin solves no QP).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ _EXPORTS = {
     "IMPORTANCE_ESTIMATORS": ".importance",
     "ConsolidatedState": ".state",
     "quadratic_penalty": ".penalty",
+    "norm_layers": ".selection",
 }
 
 __all__ = list(_EXPORTS)
@@ -47,4 +50,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .penalty import quadratic_penalty
     from .plugin import ParameterChangePlugin
     from .regularizer import ParameterChangeReg
+    from .selection import norm_layers
     from .state import ConsolidatedState

@@ -364,6 +364,125 @@ def test_make_benchmark_mnist_tiny(tmp_path):
     assert torch.equal(torch.sort(x0.flatten(1), 1).values, torch.sort(x1.flatten(1), 1).values)
 
 
+def idx_like(root, mean: float, n_train=1000, n_test=10, seed=0, gz=False):
+    """The 4 IDX files with 28x28 training images of mean intensity ``mean`` (pixels 0 or 255,
+    each 255 with probability ``mean``): MNIST's 0.1307, Fashion-MNIST's 0.2860, or another."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    sfx = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        imgs = np.where(rng.random((n, 28, 28)) < mean, 255, 0).astype(np.uint8)
+        write_idx(root / f"{split}-images-idx3-ubyte{sfx}", imgs, gz)
+        write_idx(root / f"{split}-labels-idx1-ubyte{sfx}", (np.arange(n) % 10).astype(np.uint8), gz)
+    return root
+
+
+def test_mnist_and_fashion_mnist_files_are_told_apart_by_content(tmp_path):
+    mnist = idx_like(tmp_path / "m", 0.1307)
+    fashion = idx_like(tmp_path / "f" / "FashionMNIST" / "raw", 0.2860, gz=True).parents[1]
+    assert load_idx_dataset(mnist, "mnist")[0][0].shape == (1000, 1, 28, 28)
+    assert load_idx_dataset(fashion, "fashion-mnist")[0][0].shape == (1000, 1, 28, 28)
+    # the same files under the other name: an error naming both datasets, their means and the fix
+    with pytest.raises(ValueError) as ei:
+        load_idx_dataset(mnist, "fashion-mnist")
+    msg = str(ei.value)
+    assert "look like MNIST images, not Fashion-MNIST" in msg and "0.1307" in msg and "0.2860" in msg
+    assert "--dataset mnist" in msg and str(mnist / "train-images-idx3-ubyte") in msg
+    (fashion / "mnist").mkdir()  # where "mnist" is looked for (root/FashionMNIST/raw is not)
+    for f in (fashion / "FashionMNIST" / "raw").iterdir():
+        (fashion / "mnist" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match=r"look like Fashion-MNIST images, not MNIST.*--dataset fashion-mnist"):
+        load_idx_dataset(fashion, "mnist")
+    with pytest.raises(ValueError, match="look like Fashion-MNIST images"):
+        make_benchmark("permuted", "mnist", data_root=fashion, n_experiences=2)
+    # the check can be skipped
+    assert load_idx_dataset(fashion, "mnist", check_content=False)[0][0].shape == (1000, 1, 28, 28)
+
+
+@pytest.mark.parametrize("mean", [0.0, 0.05, 0.2, 0.5, 0.9])
+def test_other_idx_statistics_load_under_either_name(tmp_path, mean):
+    root = idx_like(tmp_path, mean)
+    for name in ("mnist", "fashion-mnist"):
+        assert load_idx_dataset(root, name)[0][0].shape == (1000, 1, 28, 28)
+
+
+def test_few_or_other_sized_images_are_not_checked(tmp_path):
+    from avalanche_pcreg.experiments.files import idx_mismatch
+
+    fashion_like = np.where(np.random.default_rng(0).random((1000, 28, 28)) < 0.286, 255, 0).astype(np.uint8)
+    assert idx_mismatch("mnist", fashion_like) is not None and idx_mismatch("fashion-mnist", fashion_like) is None
+    assert idx_mismatch("mnist", fashion_like[:999]) is None  # fewer than 1000 training images
+    assert idx_mismatch("mnist", fashion_like[:, :27, :27]) is None  # not 28x28
+    root = idx_like(tmp_path, 0.2860, n_train=40)
+    assert load_idx_dataset(root, "mnist")[0][0].shape == (40, 1, 28, 28)
+
+
+def test_check_dataset_files_names_what_is_missing(tmp_path):
+    from avalanche_pcreg.experiments.files import check_dataset_files
+
+    assert check_dataset_files("digits", tmp_path) == {}
+    with pytest.raises(FileNotFoundError, match="nodir"):
+        check_dataset_files("mnist", tmp_path / "nodir")
+    with pytest.raises(FileNotFoundError) as ei:
+        check_dataset_files("mnist", tmp_path)
+    msg = str(ei.value)
+    assert all(f"{stem}[.gz]" in msg for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                   "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+    assert str(tmp_path / "MNIST" / "raw") in msg
+    tiny_mnist(tmp_path / "mnist" / "raw")
+    (tmp_path / "mnist" / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError) as ei:
+        check_dataset_files("mnist", tmp_path)
+    assert "t10k-labels-idx1-ubyte[.gz]" in str(ei.value) and "train-images" not in str(ei.value)
+    tiny_mnist(tmp_path / "mnist" / "raw")
+    found = check_dataset_files("mnist", tmp_path)
+    assert found["train-images-idx3-ubyte"] == tmp_path / "mnist" / "raw" / "train-images-idx3-ubyte.gz"
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py/ \(not found\) or .*: data_batch_1, .*, test_batch"):
+        check_dataset_files("cifar10", tmp_path)
+    (tmp_path / "cifar-100-python").mkdir()
+    (tmp_path / "cifar-100-python" / "train").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"cifar100: python-pickle batch files missing from .*cifar-100-python: test \("):
+        check_dataset_files("cifar100", tmp_path)
+
+
+def test_cli_checks_the_data_files_before_importing_torch(tmp_path):
+    """An existing --data-root without the dataset's files is an error before torch is imported."""
+    import subprocess
+    import sys
+
+    tiny_mnist(tmp_path / "data", gz=False)
+    (tmp_path / "data" / "train-labels-idx1-ubyte").unlink()
+    script = (
+        "import sys\n"
+        "from avalanche_pcreg.experiments import compare\n"
+        "try:\n"
+        "    compare.parse_args(sys.argv[1:])\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code, 'torch' in sys.modules, 'avalanche' in sys.modules)\n"
+    )
+    (tmp_path / "empty").mkdir()
+    for dataset, root, missing in (("mnist", "data", "train-labels-idx1-ubyte[.gz]"),
+                                   ("fashion-mnist", "empty", "train-images-idx3-ubyte[.gz]"),
+                                   ("cifar10", "data", "data_batch_1")):
+        r = subprocess.run([sys.executable, "-c", script, "--dataset", dataset, "--data-root", str(tmp_path / root),
+                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+        assert r.stdout.strip() == "exit 2 False False", (dataset, r.stdout, r.stderr)
+        assert "--data-root:" in r.stderr and missing in r.stderr, r.stderr
+
+
+def test_cli_rejects_fashion_mnist_files_given_as_mnist(tmp_path, capsys):
+    from avalanche_pcreg.experiments import compare
+
+    root = idx_like(tmp_path / "data", 0.2860)
+    with pytest.raises(SystemExit) as e:
+        compare.parse_args(["--dataset", "mnist", "--data-root", str(root), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--data-root:" in err and "look like Fashion-MNIST images, not MNIST" in err
+    assert compare.parse_args(["--dataset", "fashion-mnist", "--data-root", str(root),
+                               "--out", str(tmp_path / "out")]).dataset == "fashion-mnist"
+
+
 # --------------------------------------------------------------------------- models
 
 

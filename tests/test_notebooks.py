@@ -8,6 +8,7 @@ in the repository root, so the package imports from the checkout.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,6 +55,13 @@ def test_notebook_runs_on_the_small_config(name, kernel_dirs, monkeypatch):
     assert "Traceback" not in texts
     if name == "quickstart.ipynb":
         assert "ParameterChange/importance_mean" in texts
+        # the estimators are listed from the registry (a fresh interpreter's: this one may hold the tests' own)
+        assert "valid_methods()" in _code(nb)
+        registered = subprocess.run([sys.executable, "-c", "from avalanche_pcreg.importance import valid_methods; "
+                                     "print(' '.join(valid_methods()))"], cwd=ROOT, capture_output=True, text=True,
+                                    check=True).stdout.split()
+        listed = [l.split()[0] for l in texts.splitlines() if l.endswith((" data pass", " trajectory"))]
+        assert listed == registered and {"avalanche_si", "rwalk", "rwalk_fisher", "si"} <= set(listed)
         # the reloaded plugin gives the same penalty as the one that was saved
         line = next(l for l in texts.splitlines() if l.startswith("penalty before/after reload:"))
         a, b = (float(v) for v in line.split(":")[1].split())

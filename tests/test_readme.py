@@ -1,11 +1,13 @@
-"""The README as a reader uses it: its ```python blocks run as pasted, in order, in one namespace (as a
-reader pastes them into one interpreter; the first block is self-contained and later ones continue it), in an
-empty directory.
+"""The README as a reader uses it: each ```python block runs as pasted, in an empty directory. A block
+runs alone, in a fresh namespace, unless its first line is a comment saying which block it continues
+(``# continues the block above``, ``# continues the Usage block above``): then it runs after that
+block, in its namespace, as a reader pastes the two into one interpreter.
 Also its size, its links, and words that do not belong in a user's documentation.
 """
-
 from __future__ import annotations
 
+import ast
+import builtins
 import fnmatch
 import math
 import re
@@ -32,6 +34,31 @@ def python_blocks(path: Path):
     text = path.read_text()
     return [(text[: m.start()].count("\n") + 2, m.group(1))
             for m in re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S)]
+
+
+CONTINUES = re.compile(r"# continues the (?:(\w[\w ]*?) )?block above\s*$")
+
+
+def continued_block(path: Path, index: int):
+    """The index of the block that block ``index`` of ``path`` continues, by the comment on its first
+    line (``# continues the block above``: the previous block; ``# continues the <Section> block
+    above``: the first block under the heading ``## <Section>``), or None for a self-contained block."""
+    blocks = python_blocks(path)
+    first = blocks[index][1].split("\n", 1)[0]
+    m = CONTINUES.match(first)
+    if m is None:
+        assert "continues" not in first, f"{path.name}:{blocks[index][0]}: unreadable continuation comment {first!r}"
+        return None
+    if m.group(1) is None:
+        assert index > 0, f"{path.name}:{blocks[index][0]}: the first block continues no block"
+        return index - 1
+    text = path.read_text()
+    heading = re.search(rf"^## {re.escape(m.group(1))}\n", text, re.M)
+    assert heading, f"{path.name}:{blocks[index][0]}: no section {m.group(1)!r} for {first!r}"
+    start = text[: heading.end()].count("\n") + 1
+    after = [i for i, (line, _) in enumerate(blocks) if line > start]
+    assert after and after[0] < index, f"{path.name}:{blocks[index][0]}: {first!r} names no block above"
+    return after[0]
 
 
 def test_readme_is_short_and_links_resolve():
@@ -64,16 +91,25 @@ def test_readme_has_the_blocks_this_test_checks():
         assert needle in joined, needle
 
 
+def _norm_parameter_names(model: nn.Module) -> set:
+    """Parameters held by normalization modules, by module type (independently of the library)."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    return {f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules() if isinstance(m, norms)
+            for pn, _ in m.named_parameters(recurse=False)}
+
+
 def _check_plugins_against_models(new: dict, line: int):
     """Every plugin a block builds selects parameters of a model that the same block builds: each
     include / exclude pattern matches one of its parameter names (fnmatch, the documented rule), and a
-    filter leaves a non-empty, proper subset."""
+    filter leaves a non-empty, proper subset. A plugin named ``no_norm...`` selects no parameter of a
+    normalization layer."""
     from avalanche_pcreg import ParameterChangePlugin
 
-    plugins = [v for v in new.values() if isinstance(v, ParameterChangePlugin)]
+    plugins = {k: v for k, v in new.items() if isinstance(v, ParameterChangePlugin)}
     models = [v for v in new.values() if isinstance(v, nn.Module)]
-    for plugin in plugins:
-        filtered = plugin.include is not None or plugin.exclude is not None or plugin.parameters is not None
+    for var, plugin in plugins.items():
+        filtered = any(getattr(plugin, a) is not None
+                       for a in ("include", "exclude", "parameters", "include_modules", "exclude_modules"))
         if not filtered:
             continue
         assert models, f"README block at line {line}: a plugin with include/exclude/parameters but no model"
@@ -84,19 +120,53 @@ def _check_plugins_against_models(new: dict, line: int):
         for model in models:
             chosen = plugin.selected_parameters(model)
             assert 0 < len(chosen) < len(list(model.parameters())), (line, plugin.include, plugin.exclude)
+            if var.startswith("no_norm"):
+                norms = _norm_parameter_names(model)
+                assert norms, f"README block at line {line}: {var} on a model without normalization layers"
+                assert not norms & set(chosen), \
+                    f"README block at line {line}: {var} selects normalization parameters {sorted(norms & set(chosen))}"
+
+
+def test_readme_blocks_are_self_contained_or_say_what_they_continue():
+    """Without running them: a block that uses a name it neither imports nor defines continues a block."""
+    blocks = python_blocks(README)
+    assert continued_block(README, 0) is None, "the first block must be self-contained"
+    for i, (line, code) in enumerate(blocks):
+        if continued_block(README, i) is not None:
+            continue
+        tree = ast.parse(code)
+        bound = set(dir(builtins))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                bound.add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                bound.add(node.name)
+            elif isinstance(node, ast.arg):
+                bound.add(node.arg)
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert used <= bound, (f"README block at line {line} uses {sorted(used - bound)} from another block: import "
+                               "them, or start it with '# continues the block above'")
 
 
 @pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    """Each block as pasted: a self-contained one alone in a fresh namespace, a continuation after the
+    block it continues, in that block's namespace."""
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    ns: dict = {"__name__": "__readme__"}
-    for line, code in python_blocks(README):
+    spaces: list = []
+    for i, (line, code) in enumerate(python_blocks(README)):
+        parent = continued_block(README, i)
+        ns = spaces[parent] if parent is not None else {"__name__": "__readme__"}
         before = dict(ns)
         exec(compile(code, f"README.md:{line}", "exec"), ns)
         new = {k: v for k, v in ns.items() if k not in before or before[k] is not v}
         _check_plugins_against_models(new, line)
+        spaces.append(ns)
 
+    ns = spaces[0]  # the usage example, continued by the pieces and the checkpoint recipe
     # the usage example trained three experiences with the plugin
     ewc, model = ns["ewc"], ns["model"]
     assert ewc.num_consolidations == 6  # three in the usage example, three more in the checkpoint recipe
@@ -108,3 +178,6 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert math.isfinite(float(ns["loss"].detach())) and all(p.grad is not None for p in model.parameters())
     # the checkpoint recipe wrote both files
     assert (tmp_path / "ckpt.pkl").is_file() and (tmp_path / "optim.pt").is_file()
+    # the parameter-selection block ran alone: its own imports, its own model
+    selection = next(s for s in spaces if "resnet" in s)
+    assert selection is not ns and "ewc" not in selection

@@ -264,7 +264,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 p.error(f"--download {a.dataset} into {root} failed: {type(e).__name__}: {e}")
         if not root.is_dir():
             p.error(f"--data-root: directory not found: {root}")
-        # load once here so that a missing or corrupt file is a clear error, not a worker traceback
+        # the files by name first (numpy only: answers before torch and Avalanche are imported)
+        from .files import check_dataset_files
+
+        try:
+            check_dataset_files(a.dataset, root)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"--data-root: {e}")
+        # then load once here so that a corrupt file (or Fashion-MNIST files given as MNIST, or the
+        # reverse) is a clear error, not a worker traceback
         from .data import load_arrays
 
         try:

@@ -33,15 +33,14 @@ the *training* data only; the test stream is never touched.
 from __future__ import annotations
 
 import errno
-import gzip
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from .. import _avalanche  # noqa: F401  (before Avalanche: its import without qpsolvers' warning)
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from torch import nn
 
@@ -67,30 +66,17 @@ __all__ = [
 
 from .catalog import CIFAR_DATASETS, DATASETS, IDX_DATASETS, SCENARIOS
 from .catalog import N_CLASSES as CLASSES_OF
+from .files import (CIFAR_FILES, IDX_DTYPES, IDX_FILES, TORCHVISION_DIRS, cifar_dir, find_idx_file, idx_mismatch,
+                    normalize_idx_name, read_idx)
 
 N_CLASSES = 10  # of digits, MNIST, Fashion-MNIST and CIFAR-10
 DIGITS_TEST_FRACTION = 0.3
 _DIGITS_SPLIT_SEED = 0  # fixed: the digits test set is the same for every run
 
-# IDX dtype code -> big-endian numpy dtype
-_IDX_DTYPES = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-
-_IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-# torchvision's folder names, also searched so an existing torchvision download works
-_TORCHVISION_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+# the file names and where they are looked for live in .files (numpy only: the CLI checks them
+# before importing torch); the old private names stay for code that used them
+_IDX_DTYPES, _IDX_FILES, _TORCHVISION_DIRS, _CIFAR = IDX_DTYPES, IDX_FILES, TORCHVISION_DIRS, CIFAR_FILES
+_normalize_idx_name, _find_idx_file = normalize_idx_name, find_idx_file
 
 
 # --------------------------------------------------------------------------- arrays
@@ -106,91 +92,8 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(X), y
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzip-compressed or not.
-
-    Compression is detected from the gzip magic bytes ``1f 8b`` (not the name).
-    The result is a native-byte-order array of the header's dtype and shape.
-
-    Raises ``FileNotFoundError`` (naming the path) if the file does not exist and
-    ``ValueError`` (naming the path) for a bad magic number, a truncated file or
-    trailing bytes after the payload.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(errno.ENOENT, "IDX file not found", str(path))
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: corrupt gzip stream: {e}") from e
-
-    if len(data) < 4:
-        raise ValueError(
-            f"{path}: truncated: expected at least 4 header bytes, found {len(data)}"
-        )
-    magic = int.from_bytes(data[:4], "big")
-    code, ndim = data[2], data[3]
-    if data[0] != 0 or data[1] != 0 or code not in _IDX_DTYPES:
-        raise ValueError(f"{path}: bad magic number 0x{magic:08X}")
-    dtype = _IDX_DTYPES[code]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(
-            f"{path}: truncated: expected {header} header bytes for {ndim} "
-            f"dimensions, found {len(data)}"
-        )
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    found = len(data) - header
-    if found < expected:
-        raise ValueError(
-            f"{path}: truncated: expected {expected} bytes of data, found {found}"
-        )
-    if found > expected:
-        raise ValueError(
-            f"{path}: trailing bytes: expected {expected} bytes of data, "
-            f"found {found} ({found - expected} extra)"
-        )
-    arr = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize, offset=header)
-    return arr.reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def _normalize_idx_name(name: str) -> str:
-    key = str(name).strip().lower().replace("_", "-")
-    if key == "fashionmnist":
-        key = "fashion-mnist"
-    if key not in IDX_DATASETS:
-        raise ValueError(
-            f"unknown IDX dataset {name!r}; valid names: {', '.join(IDX_DATASETS)}"
-        )
-    return key
-
-
-def _find_idx_file(root: Path, name: str, stem: str) -> Path:
-    dirs = [
-        root,
-        root / name,
-        root / name / "raw",
-        root / "raw",
-        root / _TORCHVISION_DIRS[name] / "raw",
-    ]
-    tried = []
-    for d in dirs:
-        for fname in (stem, stem + ".gz"):
-            p = d / fname
-            tried.append(str(p))
-            if p.is_file():
-                return p
-    raise FileNotFoundError(
-        f"{name}: file {stem}[.gz] not found under {root}; tried: " + ", ".join(tried)
-    )
-
-
 def load_idx_dataset(
-    root: str | os.PathLike, name: str = "mnist"
+    root: str | os.PathLike, name: str = "mnist", *, check_content: bool = True
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Load MNIST / Fashion-MNIST from local IDX files.
 
@@ -200,8 +103,12 @@ def load_idx_dataset(
     ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally
     ``.gz``. Returns ``((Xtr, ytr), (Xte, yte))`` with ``X`` float32
     ``[N, 1, H, W]`` in [0, 1] and ``y`` int64.
+
+    MNIST and Fashion-MNIST files have the same names: training images whose mean intensity is
+    Fashion-MNIST's when MNIST is asked for (or the reverse) are a ``ValueError`` naming both
+    (:func:`~avalanche_pcreg.experiments.files.idx_mismatch`; ``check_content=False`` skips it).
     """
-    name = _normalize_idx_name(name)
+    name = normalize_idx_name(name)
     if root is None:
         raise ValueError(f"{name}: a data root directory is required")
     root = Path(root)
@@ -210,14 +117,18 @@ def load_idx_dataset(
 
     out = []
     for split in ("train", "test"):
-        ip = _find_idx_file(root, name, _IDX_FILES[f"{split}_images"])
-        lp = _find_idx_file(root, name, _IDX_FILES[f"{split}_labels"])
+        ip = find_idx_file(root, name, IDX_FILES[f"{split}_images"])
+        lp = find_idx_file(root, name, IDX_FILES[f"{split}_labels"])
         images, labels = read_idx(ip), read_idx(lp)
         if images.ndim != 3 or images.dtype != np.uint8:
             raise ValueError(
                 f"{ip}: expected a 3-d unsigned-byte image array, got "
                 f"{images.ndim}-d {images.dtype}"
             )
+        if split == "train" and check_content:
+            mismatch = idx_mismatch(name, images, ip)
+            if mismatch:
+                raise ValueError(mismatch + " (load_idx_dataset(..., check_content=False) skips this check)")
         if labels.ndim != 1:
             raise ValueError(f"{lp}: expected a 1-d label array, got {labels.ndim}-d")
         if images.shape[0] != labels.shape[0]:
@@ -230,13 +141,6 @@ def load_idx_dataset(
         X = (images.astype(np.float32) / 255.0)[:, None, :, :]
         out.append((np.ascontiguousarray(X), labels.astype(np.int64)))
     return out[0], out[1]
-
-
-_CIFAR = {
-    # name: (folder, train files, test files, label key)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
-}
 
 
 def _read_cifar_batch(path: Path, label_key: bytes, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,15 +176,15 @@ def load_cifar_dataset(
     official archives or by torchvision's downloader. Returns
     ``((Xtr, ytr), (Xte, yte))`` with ``X`` float32 ``[N, 3, 32, 32]`` in [0, 1].
     """
-    if name not in _CIFAR:
-        raise ValueError(f"unknown CIFAR dataset {name!r}; valid names: {', '.join(_CIFAR)}")
+    if name not in CIFAR_FILES:
+        raise ValueError(f"unknown CIFAR dataset {name!r}; valid names: {', '.join(CIFAR_FILES)}")
     if root is None:
         raise ValueError(f"{name}: a data root directory is required")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(errno.ENOENT, f"{name} data directory not found", str(root))
-    folder, train_files, test_files, key = _CIFAR[name]
-    base = root / folder if (root / folder).is_dir() else root
+    folder, train_files, test_files, key = CIFAR_FILES[name]
+    base = cifar_dir(root, name)
     out = []
     for files in (train_files, test_files):
         parts = [_read_cifar_batch(base / f, key, CLASSES_OF[name]) for f in files]
