@@ -19,7 +19,7 @@ PIP_ARGS ?=
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) $(PIP_ARGS)
 BASE_PYTHON ?= $(PY)
 
-.PHONY: test test-fast demo bench check-wheel clean
+.PHONY: test test-fast durations demo bench check-wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: $(VENV)/.installed-test
 # Development loop: everything except the tests marked slow (notebooks, subprocess and multi-process runs).
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Measure every test again into tests/durations.json: the slow tier (`-m slow`) is what took > 3 s.
+durations: $(VENV)/.installed-test
+	$(PY) -m pytest -q --store-durations $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed-experiments
 	$(PY) -m avalanche_pcreg.experiments $(DEMO_ARGS)
