@@ -1,29 +1,142 @@
-"""Checks that a lambda is on the right scale: the penalty against the task loss, and the
+"""Checks that a lambda is on the right scale: the penalty against the task loss, the new
+experience's training accuracy when the penalty holds the model (any optimizer), and the
 penalty's curvature against plain SGD's stability limit. Torch only; the plugin calls them."""
 
 from __future__ import annotations
 
 import cmath
 import math
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 
+# estimators whose scale is that of a per-sample Fisher: a lambda tuned for Avalanche's minibatch
+# Fisher (EWCPlugin) is about batch-size times too strong for them
+_PER_SAMPLE_FISHER = ("empirical_fisher", "fisher", "expected_fisher", "rwalk_fisher")
+
+
 def penalty_ratio_message(pen: float, loss: float, warn_ratio: float, *, exp_id, factor: float,
                           importance: str, importance_scale: float) -> Optional[str]:
-    """The warning text when ``pen`` exceeds ``warn_ratio`` times the task loss, else None."""
+    """The warning text when ``pen`` exceeds ``warn_ratio`` times the task loss, else None. It
+    names the estimator in use and the factor at which the two would be equal."""
     ratio = pen / abs(loss) if loss != 0 else math.inf
     if ratio <= warn_ratio:
         return None
-    return (
+    balance = factor * abs(loss) / pen if pen > 0 and loss != 0 else 0.0
+    msg = (
         f"ParameterChangePlugin: at the first iteration of experience {exp_id} the penalty ({pen:.4g}) is "
         f"{ratio:.3g}x the task loss ({loss:.4g}), above warn_ratio={warn_ratio:g}, with factor={factor:g} and "
-        f"importance={importance!r} (importance_scale={importance_scale:g}). A lambda tuned for Avalanche's "
-        "minibatch Fisher is about batch-size times too strong for the per-sample estimators: scale it with "
-        f"importance_ratio(model, data, a='minibatch_fisher', b={importance!r}) (as importance_scale, or "
-        "multiply the factor by it)"
+        f"importance={importance!r} (importance_scale={importance_scale:g}): the penalty dominates and the model "
+        f"will hardly learn the new experience. factor={balance:.3g} would make the two equal at this point; "
+        "factor='auto' chooses one per experience on held-out data of the new experience."
+    )
+    if importance in _PER_SAMPLE_FISHER:
+        msg += (" A lambda tuned for Avalanche's minibatch Fisher is about batch-size times too strong for "
+                f"{importance!r}: scale it with importance_ratio(model, data, a='minibatch_fisher', "
+                f"b={importance!r}) (as importance_scale, or multiply the factor by it)")
+    return msg
+
+
+class PlasticityMonitor:
+    """The training accuracy of the first epoch of an experience, accumulated on the device (no
+    host synchronisation until :meth:`result`), and the classes its labels cover."""
+
+    def __init__(self):
+        self.correct: Optional[Tensor] = None
+        self.seen = 0
+        self.present: Optional[Tensor] = None
+        self.off = False  # outputs or targets that are not classes: no check
+
+    def update(self, output, target, output_transform=None) -> None:
+        if self.off:
+            return
+        from .importance._common import to_logits
+
+        try:
+            logits = to_logits(output, output_transform)
+        except TypeError:
+            self.off = True
+            return
+        if (not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dim() != 1
+                or logits.dim() != 2 or logits.shape[0] != target.shape[0] or logits.shape[1] < 2):
+            self.off = True
+            return
+        hit = (logits.detach().argmax(-1) == target).sum()
+        self.correct = hit if self.correct is None else self.correct + hit
+        self.seen += int(target.shape[0])
+        if self.present is None or self.present.numel() != logits.shape[1] or self.present.device != target.device:
+            self.present = torch.zeros(logits.shape[1], dtype=torch.bool, device=target.device)
+        self.present[target.clamp(0, logits.shape[1] - 1)] = True
+
+    def result(self) -> Tuple[Optional[float], int]:
+        """``(accuracy, number of classes seen)``; ``(None, 0)`` when nothing was measured."""
+        if self.off or self.correct is None or not self.seen:
+            return None, 0
+        return float(self.correct) / self.seen, max(1, int(self.present.sum()))
+
+
+def near_chance(accuracy: float, n_classes: int, margin: float = 0.1) -> bool:
+    """Accuracy within ``margin`` of the way from chance (1 / n_classes) to 1."""
+    chance = 1.0 / max(1, n_classes)
+    return accuracy < chance + margin * (1.0 - chance)
+
+
+def held_statistics(model, state, factor: float, x: Tensor, y: Tensor, t, criterion, impl=None) -> Optional[dict]:
+    """The gradients of the task loss and of the penalty on one minibatch (eval mode, as the
+    importance passes): their norms and cosine, over the parameters the state regularizes.
+    None when no regularized parameter gets a task gradient."""
+    from .importance._common import eval_mode, model_output
+    from .selection import named_parameters
+
+    named = named_parameters(model)
+    names = [n for n in state.importances if n in named and named[n].requires_grad]
+    if not names:
+        return None
+    params = [named[n] for n in names]
+    with eval_mode(model), torch.enable_grad():
+        loss = criterion(model_output(model, x, t), y)
+        task = torch.autograd.grad(loss, params, allow_unused=True)
+        pen = state.penalty({n: named[n] for n in names}, factor, impl=impl)
+        pgrad = torch.autograd.grad(pen, params, allow_unused=True) if pen.requires_grad else [None] * len(params)
+    dot = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    tt, pp = dot.clone(), dot.clone()
+    for g, h in zip(task, pgrad):
+        if g is not None:
+            tt += g.double().pow(2).sum()
+        if h is not None:
+            pp += h.double().pow(2).sum()
+        if g is not None and h is not None:
+            dot += (g.double() * h.double()).sum()
+    tt, pp, dot = (float(v) for v in torch.stack([tt, pp, dot]).tolist())
+    if tt <= 0:
+        return None
+    tn, pn = math.sqrt(tt), math.sqrt(pp)
+    return {"names": tuple(names), "task_grad": tn, "pen_grad": pn, "cosine": dot / (tn * pn) if pn > 0 else 0.0}
+
+
+def held_message(*, exp_id, accuracy: float, n_classes: int, factor: float, importance: str,
+                 optimizer: str, pen_grad: float, task_grad: float, cosine: float,
+                 balance: Optional[float], auto: bool = False) -> str:
+    """The warning text of a run held at its anchors by the penalty, with the balance factor (see
+    :func:`avalanche_pcreg.factor_search.balance_factor`) when it could be measured."""
+    what = ("" if balance is None else
+            f"The balance factor is {balance:.3g} (a few unpenalized steps on the last minibatch gain as much task "
+            "loss as they cost penalty at that factor; a factor well above it holds the model): use a factor "
+            "below it, ")
+    if auto:
+        what += ("" if balance is None else "or, as factor='auto' chose this one, ") + (
+            "give the search longer phases (FactorSearch(epochs=None)) or a smaller tol")
+    else:
+        what += "or let factor='auto' choose it per experience on the new experience's data"
+    return (
+        f"ParameterChangePlugin: the penalty holds the model at its anchors in experience {exp_id}: in its last "
+        f"training epoch the accuracy on the experience's data is {accuracy:.3f} (chance: "
+        f"{1.0 / max(1, n_classes):.3f}, {n_classes} classes), and the penalty's gradient ({pen_grad:.3g}) is "
+        f"{pen_grad / task_grad:.2g} times the task loss's gradient ({task_grad:.3g}; cosine {cosine:+.2f}), with "
+        f"factor={factor:g}, importance={importance!r} and {optimizer}: the run forgets little but learns nothing "
+        "new. " + what + " (docs/factor-search.md). warn_frozen=False turns this check off"
     )
 
 

@@ -15,6 +15,7 @@ from avalanche.training.plugins import EWCPlugin
 from avalanche.training.supervised import Naive
 
 from avalanche_pcreg import ParameterChangePlugin, compute_importance
+from avalanche_pcreg.state import state_dtype
 from helpers import mlp, tensor_data, tiny_nc
 
 F64 = torch.float64

@@ -57,7 +57,7 @@ def test_signatures_match_avalanche(name):
         assert p in mine, p
         assert mine[p].default == par.default or p == "evaluator", (p, mine[p].default, par.default)
         assert mine[p].kind == par.kind, p
-    assert set(mine) - set(theirs) <= {"importance", "importance_scale"}
+    assert set(mine) - set(theirs) <= {"importance", "importance_scale", "factor_search"}
 
 
 def test_rwalk_signature_matches_plugin():

@@ -98,6 +98,24 @@ _METHOD_LIST = [
            "ours, importance='rwalk_fisher': RWalk's path score + per-sample Fisher, separate (consolidated)"),
     Method("joint", "joint", "joint", None, {},
            "Avalanche JointTraining on all experiences at once (upper bound)"),
+    # factor="auto": chosen per experience on the new experience's own data (docs/factor-search.md)
+    Method("pc-l2-auto", "ours L2 (auto factor)", "pcreg", None, {"importance": "uniform", "factor": "auto"},
+           "ours, importance='uniform', factor='auto' (continual factor search, no validation sweep)"),
+    Method("pc-ewc-auto", "ours EWC (auto factor)", "pcreg", None,
+           {"importance": "empirical_fisher", "factor": "auto"},
+           "ours, importance='empirical_fisher', factor='auto' (continual factor search, no validation sweep)"),
+    Method("pc-mas-auto", "ours MAS (auto factor)", "pcreg", None, {"importance": "mas", "factor": "auto"},
+           "ours, importance='mas', factor='auto' (continual factor search, no validation sweep)"),
+    # the same with phases as long as the real training (FactorSearch(epochs=None))
+    Method("pc-l2-auto-long", "ours L2 (auto, long phases)", "pcreg", None,
+           {"importance": "uniform", "factor": "auto", "factor_search": {"epochs": None}},
+           "ours, importance='uniform', factor='auto', search phases as long as the real training"),
+    Method("pc-ewc-auto-long", "ours EWC (auto, long phases)", "pcreg", None,
+           {"importance": "empirical_fisher", "factor": "auto", "factor_search": {"epochs": None}},
+           "ours, importance='empirical_fisher', factor='auto', search phases as long as the real training"),
+    Method("pc-mas-auto-long", "ours MAS (auto, long phases)", "pcreg", None,
+           {"importance": "mas", "factor": "auto", "factor_search": {"epochs": None}},
+           "ours, importance='mas', factor='auto', search phases as long as the real training"),
     # the five Fisher computations of van de Ven (2025), online EWC, decay FV_DECAY
     Method("fv-exact", "exact Fisher", "pcreg", (0, 6),
            {"importance": "expected_fisher", "mode": "online", "decay": FV_DECAY},
@@ -222,4 +240,10 @@ STUDIES: Dict[str, Study] = {
         ("naive", "fv-exact", "fv-exact-500", "fv-sampled", "fv-empirical", "fv-batched", "fv-batched-avl"), 5,
         "online EWC with the Fisher computed five ways (van de Ven 2025), task-incremental Split",
         "fisher-variants"),
+    "auto-factor": Study(
+        "auto-factor", SCENARIOS,
+        ("naive", "pc-l2", "pc-l2-auto", "pc-l2-auto-long", "pc-ewc", "pc-ewc-auto", "pc-ewc-auto-long", "pc-mas",
+         "pc-mas-auto", "pc-mas-auto-long"), None,
+        "factor='auto' (a continual search on each new experience's own data, De Lange et al. 2021) against "
+        "the factor chosen on the validation stream over a grid, for L2, EWC and MAS", "comparison"),
 }

@@ -317,6 +317,10 @@ def make_plugins(method: str, factor: Optional[float], seed: int = 0):
     m = METHODS[method]
     if m.kind in ("naive", "joint"):
         return []
+    if factor is None and m.kind == "pcreg" and m.options.get("factor") == "auto":
+        from ..plugin import ParameterChangePlugin
+
+        return [ParameterChangePlugin(seed=seed, **m.options)]  # the factor is chosen per experience
     if factor is None:
         raise ValueError(f"method {method!r} needs a factor")
     if m.kind == "avalanche":
