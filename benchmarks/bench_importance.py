@@ -6,8 +6,15 @@ Variants, all over the same Avalanche tensor dataset and DataLoader batch size:
   minibatch gradients, criterion + optimizer + dataset);
 * ``ours <method>``: ``compute_importance(model, data, method)`` for ``empirical_fisher``,
   ``fisher``, ``expected_fisher``, ``mas``, ``minibatch_fisher``;
-* ``ours <method>, batched conv paths`` (ResNet-18 on a GPU): the same with the convolutions'
-  batched paths instead of the GPU's one weight-gradient call per chunk;
+* ``ours <method>, batched conv paths`` (ResNet-18 on a GPU): the same with a policy whose
+  convolutions take the batched paths instead of the GPU's one weight-gradient call per chunk;
+* ``ours <method>, FIELD=VALUE`` (``--ab-policy FIELD=VALUE ...``): the same with the device's
+  policy changed in one field (``Policy.replace``), for ``empirical_fisher`` and ``expected_fisher``;
+* ``base <method>`` (``--ab-base PATH``): ``compute_importance`` of the ``avalanche_pcreg`` package
+  in another checkout at PATH (e.g. a ``git worktree`` of the previous commit), imported under
+  another name, so that both versions run interleaved in one process; ``base <method>, torch.mm
+  products`` when that version has the CPU oneDNN products (``importance/rules/_gemm.py``), with
+  them switched off;
 * ``naive per-sample loop``: batch-size-1 forward + ``autograd.grad`` per sample, squared, summed;
 * ``vmap(grad)``: ``torch.func.vmap(grad(loss))`` over each batch (``functional_call``), squared,
   summed (chunks of ``--vmap-chunk`` samples for ResNet-18, the whole batch for the MLP);
@@ -26,6 +33,8 @@ gradients or optimizer state yet) is the reference.
     python benchmarks/bench_importance.py --device cuda    # MLP + ResNet-18 (N=2048 / 512)
     python benchmarks/bench_importance.py --resnet         # CPU with ResNet-18 as well (slow; N=128)
     python benchmarks/bench_importance.py --peers --peers-md benchmarks/RESULTS.md   # the peer table
+    python benchmarks/bench_importance.py --ab-base ../previous --variants "ours empirical_fisher" \
+        "base empirical_fisher"                            # this version against another checkout
 
 ``--peers``: ours against BackPACK, Opacus and nngeometry (those installed; see ``peers.py``) and a
 per-sample loop, for the empirical and the exact expected Fisher on the MLP and ResNet-18, as
@@ -104,18 +113,20 @@ def loader(data, batch):
     return DataLoader(data, batch_size=batch, shuffle=False, collate_fn=getattr(data, "collate_fn", None))
 
 
-def interleaved_times(names, run, rounds, device, log) -> dict:
+def interleaved_times(names, run, rounds, device, log, clock=time.perf_counter) -> dict:
     """{name: [seconds of one ``run(name)`` per round]}: every round runs each name once, the
-    order rotated by one each round; the device is synchronised around every run."""
+    order rotated by one each round; the device is synchronised around every run. ``clock``:
+    ``time.perf_counter`` (wall time) or ``time.process_time`` (this process's CPU time, which a
+    machine shared with other processes inflates less, at 1 thread)."""
     times = {k: [] for k in names}
     t0 = time.time()
     for r in range(rounds):
         for k in names[r % len(names):] + names[: r % len(names)]:
             sync(device)
-            t = time.perf_counter()
+            t = clock()
             run(k)
             sync(device)
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
         log(f"  round {r + 1}/{rounds} done ({time.time() - t0:.0f} s): "
             + ", ".join(f"{k} {times[k][-1]:.3g} s" for k in names))
     return times
@@ -129,9 +140,12 @@ def v_avalanche(model, data, batch, device, **_):
     return {k: v.data for k, v in imps.items()}
 
 
-def v_ours(method):
+def v_ours(method, policy=None):
+    """``compute_importance`` with ``policy`` (a function of the device), else the library's default."""
     def run(model, data, batch, device, chunk=None, **_):
         kw = {} if chunk is None else {"chunk_size": chunk}  # default: the library's own
+        if policy is not None:
+            kw["policy"] = policy(device)
         return compute_importance(model, data, method, batch_size=batch, device=device, **kw)
 
     run.__name__ = f"ours_{method}"
@@ -139,19 +153,80 @@ def v_ours(method):
 
 
 def v_ours_batched_conv(method):
-    """``ours <method>`` with the convolutions' batched paths (unfold + bmm, a grouped convolution
-    on large maps) where a GPU takes one weight-gradient call per chunk: the A/B of that choice."""
-    inner = v_ours(method)
+    """``ours <method>`` with a policy whose convolutions take the batched path (unfold + bmm) where
+    a GPU's takes one weight-gradient call per chunk: the A/B of that choice (on the CPU the policy
+    is the device's)."""
+    from avalanche_pcreg.importance import Policy
 
-    def run(*args, **kw):
-        from avalanche_pcreg.importance.rules import conv
+    def policy(device):
+        base = Policy.for_device(device)
+        return base if torch.device(device).type == "cpu" else base.replace(conv_path="batched")
 
-        chosen = conv._per_sample_path
-        conv._per_sample_path = lambda m, a, d, k: None if a.device.type != "cpu" else chosen(m, a, d, k)
+    return v_ours(method, policy)
+
+
+def parse_policy_change(text: str) -> dict:
+    """``"FIELD=VALUE"`` -> ``{FIELD: value}`` for ``Policy.replace`` (VALUE: an int, True/False, None
+    or a word)."""
+    import argparse
+
+    from avalanche_pcreg.importance import Policy
+
+    field, sep, value = text.partition("=")
+    if not sep or field not in Policy.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with a field of Policy, got {text!r}")
+    words = {"None": None, "True": True, "False": False}
+    value = words[value] if value in words else (int(value) if value.lstrip("-").isdigit() else value)
+    try:
+        Policy().replace(**{field: value})
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err))
+    return {field: value}
+
+
+def v_ours_policy(method, change: dict):
+    """``ours <method>`` with the device's policy changed by ``change``."""
+    from avalanche_pcreg.importance import Policy
+
+    return v_ours(method, lambda device: Policy.for_device(device).replace(**change))
+
+
+def load_base(path: str):
+    """The ``avalanche_pcreg`` package of the checkout at ``path``, imported as ``pcreg_base`` (its
+    imports are relative), next to this one."""
+    import importlib.util
+
+    if "pcreg_base" in sys.modules:
+        return sys.modules["pcreg_base"]
+    init = os.path.join(os.path.abspath(path), "avalanche_pcreg", "__init__.py")
+    if not os.path.exists(init):
+        raise SystemExit(f"--ab-base: no avalanche_pcreg package in {path}")
+    spec = importlib.util.spec_from_file_location("pcreg_base", init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pcreg_base"] = module
+    spec.loader.exec_module(module)
+    importlib.import_module("pcreg_base.importance")
+    return module
+
+
+def v_base(method, torch_mm=False):
+    """``compute_importance`` of the package loaded by :func:`load_base`; ``torch_mm``: with that
+    version's oneDNN products switched off (its one-time operator check answered "no")."""
+    def run(model, data, batch, device, chunk=None, **_):
+        base = sys.modules["pcreg_base"]
+        kw = {} if chunk is None else {"chunk_size": chunk}
+        gemm = sys.modules.get("pcreg_base.importance.rules._gemm") if torch_mm else None
+        saved = gemm._checked.get("ok") if gemm is not None else None
+        if gemm is not None:
+            gemm._checked["ok"] = False
         try:
-            return inner(*args, **kw)
+            return base.compute_importance(model, data, method, batch_size=batch, device=device, **kw)
         finally:
-            conv._per_sample_path = chosen
+            if gemm is not None:
+                if saved is None:
+                    gemm._checked.pop("ok", None)
+                else:
+                    gemm._checked["ok"] = saved
 
     return run
 
@@ -235,12 +310,28 @@ def v_train_step(model, data, batch, device, **_):
     return {}
 
 
-def variants():
+AB_METHODS = ("empirical_fisher", "expected_fisher")
+
+
+def variants(args=None):
+    """{name: variant}; with ``args``, also the ``--ab-policy`` and ``--ab-base`` variants."""
     out = {"avalanche EWCPlugin (minibatch)": v_avalanche}
     for m in OURS:
         out[f"ours {m}"] = v_ours(m)
     for m, name in zip(BATCHED_CONV_AB, GPU_ONLY):
         out[name] = v_ours_batched_conv(m)
+    for text in getattr(args, "ab_policy", None) or ():
+        change = parse_policy_change(text)
+        (field, value), = change.items()
+        for m in AB_METHODS:
+            out[f"ours {m}, {field}={value}"] = v_ours_policy(m, change)
+    if getattr(args, "ab_base", None):
+        load_base(args.ab_base)
+        gemm = "pcreg_base.importance.rules._gemm" in sys.modules
+        for m in OURS:
+            out[f"base {m}"] = v_base(m)
+            if gemm:
+                out[f"base {m}, torch.mm products"] = v_base(m, torch_mm=True)
     out["naive per-sample loop"] = v_naive_loop
     out["vmap(grad)"] = v_vmap
     out["loader only"] = v_loader_only
@@ -281,6 +372,10 @@ def checks(model_name, device, batch, seed, log, n=None):
         f"vmap(grad) vs naive loop: {rel(v_vmap(model, data, batch, device, vmap_chunk=32), loop):.2e}; "
         f"ours minibatch_fisher vs Avalanche: "
         f"{rel(v_ours('minibatch_fisher')(model, data, batch, device), v_avalanche(model, data, batch, device)):.2e}")
+    if "pcreg_base" in sys.modules:  # --ab-base: the two versions on the same data and model
+        for m in AB_METHODS if model_name == "mlp" else AB_METHODS[:1]:
+            log(f"check ({n} samples): ours {m} vs base {m}: rel diff "
+                f"{rel(v_ours(m)(model, data, batch, device), v_base(m)(model, data, batch, device)):.2e}")
     if model_name == "mlp":
         k = min(16, n)
         sub = make_data(model_name, k, seed)
@@ -307,7 +402,7 @@ def child(args):
     device = resolve_device(args.device)
     apply_threads(args)
     name = args._child
-    table = dict(variants(), **{"training step": v_train_step})
+    table = dict(variants(args), **{"training step": v_train_step})
     fn = table[name]
     data = make_data(args.model, args.n, args.seed)
     kw = dict(batch=args.batch, device=device, vmap_chunk=args.vmap_chunk, chunk=args.chunk)
@@ -338,6 +433,10 @@ def measure_memory(name, args, model_name, n):
     if args.chunk:
         cmd += ["--chunk", str(args.chunk)]
     cmd += ["--resnet-classes", str(args.resnet_classes)]
+    if args.ab_base:
+        cmd += ["--ab-base", args.ab_base]
+    if args.ab_policy:
+        cmd += ["--ab-policy", *args.ab_policy]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -624,14 +723,15 @@ def run_model(model_name, args, device, log):
     checks(model_name, device, batch, args.seed, log, args.check_n)
 
     data = make_data(model_name, n, args.seed)
-    table = {k: v for k, v in variants().items() if k in args.variants}
+    table = {k: v for k, v in variants(args).items() if k in args.variants}
     models = {k: make_model(model_name, device, args.seed) for k in table}
     kw = dict(batch=batch, device=device, vmap_chunk=args.vmap_chunk, chunk=args.chunk)
     warm = data.subset(list(range(min(batch, n))))
     for k, fn in table.items():
         fn(models[k], warm, **kw)
     names = list(table)
-    times = interleaved_times(names, lambda k: table[k](models[k], data, **kw), args.rounds, device, log)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = interleaved_times(names, lambda k: table[k](models[k], data, **kw), args.rounds, device, log, clock)
 
     mem = {}
     av = "avalanche EWCPlugin (minibatch)"
@@ -644,10 +744,19 @@ def run_model(model_name, args, device, log):
             mem[k] = measure_memory(k, args, model_name, n)
 
     av = "avalanche EWCPlugin (minibatch)"
+    ref = args.reference or av
+
+    def reference_of(k):  # --reference base: each variant against "base <its method>"
+        if ref != "base":
+            return ref
+        method = k.split(",")[0].split(" ")[-1]
+        return f"base {method}" if k.split(" ")[0] in ("ours", "base") else None
+
     rows = []
     for k in names:
         thr = [n / t for t in times[k]]
-        rat = ratios(thr, [n / t for t in times[av]]) if av in times else None
+        r_k = reference_of(k)
+        rat = ratios(thr, [n / t for t in times[r_k]]) if r_k in times else None
         rows.append([k, fmt_spread(times[k], 1.0, 3), fmt_spread(thr, 1.0, 0),
                      fmt_spread(rat, 1.0, 3) if rat else "-",
                      f"{mem[k] / MiB:.1f}" if k in mem else "-",
@@ -655,8 +764,11 @@ def run_model(model_name, args, device, log):
     if "training step" in mem:
         rows.append(["training step (reference)", "-", "-", "-", f"{mem['training step'] / MiB:.1f}", "1.00"])
     print()
-    print_table(["variant", "s/pass median [min, max]", "samples/s median [min, max]",
-                 "throughput / Avalanche [min, max]", "peak mem growth MiB", "peak / training step"], rows)
+    print_table(["variant", f"s/pass median [min, max]{' (CPU time)' if args.clock == 'cpu' else ''}",
+                 "samples/s median [min, max]",
+                 f"throughput / {'Avalanche' if ref == av else 'base <method>' if ref == 'base' else repr(ref)} "
+                 "[min, max]", "peak mem growth MiB",
+                 "peak / training step"], rows)
 
     if args.profile:
         profile_pass(table, models, data, kw, device, log)
@@ -692,6 +804,18 @@ def main():
     p.add_argument("--profile", action="store_true", help="torch.profiler of one pass of ours empirical_fisher "
                    "and of Avalanche's pass")
     p.add_argument("--variants", nargs="+", default=None, help="subset of variant names")
+    p.add_argument("--ab-policy", nargs="+", default=None, metavar="FIELD=VALUE",
+                   help="variants 'ours <method>, FIELD=VALUE' (empirical and expected Fisher) with the device's "
+                        "policy changed in that field, e.g. gram_fold=1 column_accumulators=False")
+    p.add_argument("--reference", default=None, metavar="VARIANT",
+                   help="the variant of the throughput-ratio column, taken within each round (default: Avalanche's; "
+                        "'base': each variant against 'base <its method>' of --ab-base)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="time passes by wall clock (default) or by this process's CPU time (steadier on a "
+                        "shared machine at 1 thread)")
+    p.add_argument("--ab-base", default=None, metavar="PATH",
+                   help="variants 'base <method>': the avalanche_pcreg package of the checkout at PATH, run "
+                        "interleaved with this one (e.g. a git worktree of the previous commit)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--check-n", type=int, default=None,
                    help="samples of the correctness checks before timing (default 256 MLP, 32 ResNet-18)")
@@ -717,6 +841,11 @@ def main():
     p.add_argument("--peers-md", default=None, metavar="FILE",
                    help="write the peer table into FILE (e.g. benchmarks/RESULTS.md), between its markers")
     args = p.parse_args()
+    for text in args.ab_policy or ():
+        try:
+            parse_policy_change(text)
+        except Exception as err:  # noqa: BLE001 - argparse's own error message
+            p.error(f"--ab-policy {text}: {err}")
     set_resnet_classes(args.resnet_classes)
     if args._child:
         return child(args)
@@ -746,7 +875,7 @@ def main():
             a.rounds = 2 if args.quick else (2 if cpu_resnet else 5)
         if model_name == "resnet18" and a.vmap_chunk is None:
             a.vmap_chunk = 32
-        all_names = list(variants())
+        all_names = list(variants(a))
         if a.variants is None:
             # ResNet-18 on the CPU: the expected Fisher is 100 backward passes a batch; leave it to the GPU run
             a.variants = [k for k in all_names if not (cpu_resnet and k == "ours expected_fisher")

@@ -215,23 +215,24 @@ def test_cuda_figures_script_calls_real_options_and_variants(tmp_path):
         assert cmd[cmd.index("--device") + 1] == "cuda"
 
 
-def test_batched_conv_variant_switches_the_gpu_path_for_its_call_only():
-    """The A/B variant of bench_importance.py: during its call a non-CPU convolution takes the
-    batched paths (None) instead of the weight-gradient call; before and after, "wgrad"."""
-    from torch import nn
-
-    from avalanche_pcreg.importance.rules import conv
+def test_batched_conv_variant_gives_a_policy_with_the_batched_conv_paths():
+    """The A/B variant of bench_importance.py passes compute_importance a policy whose non-CPU
+    convolutions take the batched paths; on the CPU, the device's policy."""
+    from avalanche_pcreg.importance import Policy
 
     bench = load_script("bench_importance.py")
-    m = nn.Conv2d(2, 3, 3)
-    a, d = torch.empty(4, 2, 5, 5, device="meta"), torch.empty(4, 3, 3, 3, device="meta")
     seen = []
-    orig = bench.v_ours
+    real = bench.compute_importance
     try:
-        bench.v_ours = lambda method: (lambda *args, **kw: seen.append((method, conv._per_sample_path(m, a, d, None))))
-        bench.v_ours_batched_conv("expected_fisher")()
+        bench.compute_importance = lambda model, data, method, **kw: seen.append((method, kw["policy"]))
+        variant = bench.v_ours_batched_conv("expected_fisher")
+        variant(None, None, 4, torch.device("meta"))
+        variant(None, None, 4, torch.device("cpu"))
     finally:
-        bench.v_ours = orig
-    assert seen == [("expected_fisher", None)]
-    assert conv._per_sample_path(m, a, d, None) == "wgrad"
+        bench.compute_importance = real
+    assert seen == [("expected_fisher", Policy.gpu().replace(conv_path="batched")), ("expected_fisher", Policy.cpu())]
     assert set(bench.GPU_ONLY) <= set(bench.variants())
+    with pytest.raises(Exception, match="FIELD=VALUE"):
+        bench.parse_policy_change("nope=1")
+    assert bench.parse_policy_change("columns_per_backward=None") == {"columns_per_backward": None}
+    assert bench.parse_policy_change("gram_fold=1") == {"gram_fold": 1}

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from avalanche_pcreg import ParameterChangePlugin, compute_importance
-from avalanche_pcreg.importance._persample import PerSampleGradNorms
+from avalanche_pcreg.importance.persample import PerSampleGradNorms
 from helpers import run_naive, tiny_nc
 
 F64 = torch.float64

@@ -15,8 +15,7 @@ from torch.utils.data import TensorDataset
 from avalanche.training.plugins import EWCPlugin
 
 from avalanche_pcreg import ParameterChangePlugin, ParameterChangeReg, compute_importance
-from avalanche_pcreg.importance._persample import PerSampleGradNorms
-from avalanche_pcreg.importance.rules.conv import GROUPED_MIN_POSITIONS
+from avalanche_pcreg.importance.persample import PerSampleGradNorms, Policy, PowerSum, Request
 from avalanche_pcreg.penalty import quadratic_penalty
 from helpers import mlp, run_naive, tiny_nc
 from test_importance import ESTIMATORS, MODELS, assert_matches, brute_force, make_cnn, make_data
@@ -61,7 +60,7 @@ class GramNet(nn.Module):
 
 
 class LargeMapNet(nn.Module):
-    """A conv whose output map is above GROUPED_MIN_POSITIONS (the grouped-convolution path)."""
+    """A conv with a large output map (17 x 18 positions)."""
 
     def __init__(self):
         super().__init__()
@@ -87,7 +86,6 @@ def _large_map_net():
     torch.manual_seed(6)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(7, 3, 17, 18, generator=g, dtype=F64)
-    assert 17 * 18 > GROUPED_MIN_POSITIONS
     return LargeMapNet().double(), x, torch.randint(0, 5, (7,), generator=g)
 
 
@@ -228,7 +226,7 @@ def test_plugin_expected_fisher_on_cuda_is_the_float64_loop_of_its_experience():
 def test_conv_weight_gradient_path_on_cuda(power):
     """The GPU conv path (one weight-gradient call per chunk, the samples as groups) chosen on the
     device and exact in float64: stride, dilation, groups, 'same' padding, K = 1 and 3 columns."""
-    from avalanche_pcreg.importance.rules import conv as C
+    from avalanche_pcreg.importance.persample.rules import conv as C
     from test_persample import _assert_conv_sums, _conv_cases
 
     torch.manual_seed(44)
@@ -239,5 +237,6 @@ def test_conv_weight_gradient_path_on_cuda(power):
         out_shape = tuple(conv(a).shape)
         for k in (None, 3):
             d = torch.randn(((k,) if k else ()) + out_shape, dtype=F64)
-            assert C._per_sample_path(conv, a.to(CUDA), d.to(CUDA), k) == "wgrad"
+            req = Request(PowerSum(power), frozenset(), policy=Policy.for_device(CUDA))
+            assert rule.path(conv, a.to(CUDA), d.to(CUDA), req, k) == "wgrad"
             _assert_conv_sums(rule, conv, a, d, power, 2, k, TOL64, to=lambda t: copy.deepcopy(t).to(CUDA))

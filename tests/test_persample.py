@@ -1,12 +1,15 @@
 """PerSampleGradNorms against a brute-force per-sample loop (float64)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from avalanche_pcreg.importance._persample import PerSampleGradNorms
+from avalanche_pcreg.importance.persample import (PerSampleGradNorms, Policy, PowerSum, Request, default_policy,
+                                                  using_policy)
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 POWERS = pytest.mark.parametrize("power", [1, 2])
@@ -409,13 +412,10 @@ def test_unused_head_zero_and_validation():
 
 
 @POWERS
-def test_conv2d_large_maps_grouped_path(power):
-    """Feature maps above GROUPED_MIN_POSITIONS use the grouped-convolution path."""
-    from avalanche_pcreg.importance.rules.conv import GROUPED_MIN_POSITIONS
-
+def test_conv2d_large_maps(power):
+    """Feature maps of 17 x 18 positions, 'same' padding, a kernel larger than the stride."""
     torch.manual_seed(18)
     x = torch.randn(5, 3, 17, 18, dtype=torch.float64)
-    assert 17 * 18 > GROUPED_MIN_POSITIONS
     check(nn.Conv2d(3, 4, 3, padding=1), x, 4, power)
     check(nn.Conv2d(3, 4, (3, 2), padding="same"), x, 4, power)
     check(nn.Conv2d(3, 2, 5), x, 2, power, chunk_size=2)
@@ -448,13 +448,13 @@ def test_streamed_backward_is_exact_and_requests_only_the_last_layers(power, mon
     model = _Branchy().double().eval()
     names = [n for n, _ in model.named_parameters()]
     asked = []
-    real = PerSampleGradNorms._grads
+    real = torch.autograd.grad
 
-    def spy(root, cot, inputs, batched, retain):
+    def spy(outputs, inputs, *args, **kwargs):  # how many tensors/edges each backward is asked for
         asked.append(len(inputs))
-        return real(root, cot, inputs, batched, retain)
+        return real(outputs, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(PerSampleGradNorms, "_grads", staticmethod(spy))
+    monkeypatch.setattr(torch.autograd, "grad", spy)
     xs = [torch.randn(5, 4, dtype=torch.float64) for _ in range(3)]
     ys = [F.one_hot(torch.randint(0, 3, (5,)), 3).double() for _ in range(3)]
     with PerSampleGradNorms(model, names, power=power) as acc:
@@ -506,19 +506,14 @@ class _Scale(nn.Module):
 @pytest.mark.parametrize("accumulators", [True, False])
 @pytest.mark.parametrize("step", [5, 2, 1])
 @pytest.mark.parametrize("model_fallback", [True, False])
-def test_backward_batched_any_cotangents_exact(power, step, accumulators, model_fallback, monkeypatch):
+def test_backward_batched_any_cotangents_exact(power, step, accumulators, model_fallback):
     """K = 5 arbitrary cotangents per sample, backpropagated in one piece, in pieces of 2 or one
     streamed column at a time, with the rules' column accumulators or without them (each piece
-    through ``sums_multi``), with a whole-model fallback given or not (then every sum is held to
+    through ``column_sums``), with a whole-model fallback given or not (then every sum is held to
     the end of the batch), and with a layer that takes the per-layer fallback, against a loop over
     (column, sample) in float64. The first batch is checked (its check's sums count 1/5 with
     power 2), the second is not."""
-    from avalanche_pcreg.importance.rules.conv import ConvRule
-    from avalanche_pcreg.importance.rules.linear import LinearRule
-
-    if not accumulators:
-        for cls in (ConvRule, LinearRule):
-            monkeypatch.setattr(cls, "column_accumulator", lambda self, *a, **k: None)
+    policy = default_policy(torch.device("cpu")).replace(columns_per_backward=step, column_accumulators=accumulators)
     torch.manual_seed(5)
     model = nn.Sequential(_ColumnsNet(), _Scale(4)).double().eval()
     with torch.no_grad():
@@ -536,8 +531,7 @@ def test_backward_batched_any_cotangents_exact(power, step, accumulators, model_
                 gs = torch.autograd.grad(out[i] @ cot[k, i], list(params.values()), retain_graph=True)
                 for n, g in zip(names, gs):
                     ref[n] += g.abs() if power == 1 else g * g
-    monkeypatch.setattr(PerSampleGradNorms, "_col_step", lambda self, k, elem: step)
-    with PerSampleGradNorms(model, names, power=power, chunk_size=4) as acc:
+    with PerSampleGradNorms(model, names, power=power, chunk_size=4, policy=policy) as acc:
         for x, cot in zip(xs, cots):
             fb = (lambda p, x=x: functional_call(model, p, (x,))) if model_fallback else None
             acc.backward_batched(model(x), cot, fallback=fb)
@@ -549,19 +543,15 @@ def test_backward_batched_any_cotangents_exact(power, step, accumulators, model_
 
 
 @pytest.mark.parametrize("piece", [None, 1000, "gpu"])
-def test_float64_reductions_in_pieces(monkeypatch, piece):
+def test_float64_reductions_in_pieces(piece):
     """The check's reductions run piece by piece (no float64 copy of a large tensor) and equal
     the one-shot float64 reductions, across piece boundaries; a GPU's pieces (its chunk budget)
     make one reduction of a tensor this size, CPU pieces several."""
-    from avalanche_pcreg.importance import _persample as ps
-    from avalanche_pcreg.importance.rules import _registry
+    from avalanche_pcreg.importance.persample import sums as ps
 
-    if piece == "gpu":
-        gpu_piece = ps._piece(torch.empty(0, device="meta"))  # not the CPU: the GPU's rule
-        assert gpu_piece == _registry.GPU_CHUNK_BYTES // 8
-        monkeypatch.setattr(ps, "_piece", lambda x: gpu_piece)
-    elif piece is not None:
-        monkeypatch.setattr(ps, "_piece", lambda x: piece)
+    assert Policy.gpu().reduction_piece == Policy.gpu().chunk_bytes // 8
+    pc = {None: default_policy(torch.device("cpu")).reduction_piece, 1000: 1000,
+          "gpu": Policy.gpu().reduction_piece}[piece]
     torch.manual_seed(6)
     g = torch.randn(7, 33, 21, 19)  # > 2**16 elements, no dimension a multiple of the piece
     h = g + 1e-3 * torch.randn_like(g)
@@ -569,21 +559,21 @@ def test_float64_reductions_in_pieces(monkeypatch, piece):
     for axis in range(4):
         want = g64.abs().sum([d for d in range(4) if d != axis])
         with _OpCounter() as ops:
-            got = ps._abs_sums64(g, axis)
+            got = ps.abs_sums64(g, axis, pc)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
         n_pieces = ops.counts["abs"]
         if piece == 1000:  # one slice along the split dimension a piece (7 or 33 of them)
             assert n_pieces >= 7, n_pieces
         else:
             # the CPU's pieces: 2 (1 where the GPU paths are forced on the CPU)
-            assert n_pieces == (1 if piece == "gpu" or ps._piece(g) >= g.numel() else 2), (piece, axis, n_pieces)
-    torch.testing.assert_close(float(ps._sum64(g)), float(g64.sum()), rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(float(ps._diff_norm(g, h)), float((g64 - h.double()).norm()), rtol=1e-6, atol=0)
-    assert bool(ps._all_finite(g))
+            assert n_pieces == (1 if piece == "gpu" or pc >= g.numel() else 2), (piece, axis, n_pieces)
+    torch.testing.assert_close(float(ps.sum64(g, pc)), float(g64.sum()), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(float(ps.diff_norm(g, h, pc)), float((g64 - h.double()).norm()), rtol=1e-6, atol=0)
+    assert bool(ps.all_finite(g, pc))
     for at in (0, -1):  # a non-finite value in the first piece and in the last
         bad = g.clone()
         bad.view(-1)[at] = float("nan")
-        assert not bool(ps._all_finite(bad)), at
+        assert not bool(ps.all_finite(bad, pc)), at
 
 
 class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -622,19 +612,29 @@ def _conv_brute(conv, a, d, power):
     return pows, tots, torch.stack(first)
 
 
-def _assert_conv_sums(rule, conv, a, d, power, chunk, k, tol, to=None):
+def conv_sums(rule, conv, a, d, power, chunk, k, policy=None):
+    """The rule's power sums and totals through its public interface: ``sums`` with one
+    cotangent per sample (``k`` None), ``column_sums`` with K in front of ``d``."""
+    policy = (policy or default_policy(a.device)).replace(chunk_size=chunk)
+    req = Request(PowerSum(power), frozenset({"weight", "bias"}), totals=True, policy=policy)
+    return rule.sums(conv, a, d, req) if k is None else rule.column_sums(conv, a, d, req)
+
+
+def _assert_conv_sums(rule, conv, a, d, power, chunk, k, tol, to=None, policy=None):
     """The rule's power sums and totals (and, with one cotangent, per_sample()) of ``conv`` on
     ``a``, ``d`` -- moved by ``to`` first, e.g. to a GPU -- against :func:`_conv_brute`."""
     dev = conv if to is None else to(conv)
     da, dd = (a, d) if to is None else (to(a), to(d))
-    pows, tots = rule._sums(dev, da, dd, {"weight", "bias"}, power, chunk, True, k)
+    pows, tots = conv_sums(rule, dev, da, dd, power, chunk, k, policy)
     ref_p, ref_t, ref_first = _conv_brute(conv, a, d, power)
     for n in ("weight", "bias"):
         assert pows[n].dtype == a.dtype and pows[n].device == da.device and ref_p[n].abs().sum() > 0
         torch.testing.assert_close(pows[n].cpu().double(), ref_p[n], **tol)
         torch.testing.assert_close(tots[n].cpu().double(), ref_t[n], **tol)
-    if k is None:
-        torch.testing.assert_close(rule.per_sample(dev, da, dd)["weight"].cpu().double(), ref_first, **tol)
+    if k is None:  # per_sample() takes its path from the policy of passes given none
+        with using_policy(policy) if policy is not None else contextlib.nullcontext():
+            first = rule.per_sample(dev, da, dd)["weight"]
+        torch.testing.assert_close(first.cpu().double(), ref_first, **tol)
 
 
 def _conv_cases():
@@ -648,13 +648,13 @@ def _conv_cases():
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 @pytest.mark.parametrize("chunk", [2, 16])
 @POWERS
-def test_conv_grouped_weight_gradient_path_exact(chunk, power, monkeypatch):
+def test_conv_grouped_weight_gradient_path_exact(chunk, power):
     """The GPU path -- one weight-gradient call per chunk, the chunk's samples as the groups of
-    one convolution -- forced on the CPU, against float64 loops: the cases above, one cotangent
-    or K = 3 per sample, chunks of 2 samples (several per batch, the last one short) or all."""
-    from avalanche_pcreg.importance.rules import conv as C
+    one convolution -- chosen by the policy on the CPU, against float64 loops: the cases above, one
+    cotangent or K = 3 per sample, chunks of 2 samples (several per batch, the last one short) or all."""
+    from avalanche_pcreg.importance.persample.rules import conv as C
 
-    monkeypatch.setattr(C, "_per_sample_path", lambda m, a, d, k: "wgrad")
+    policy = Policy.cpu().replace(conv_path="wgrad")
     torch.manual_seed(43)
     for conv, shape in _conv_cases():
         rule = C.Conv1dRule() if isinstance(conv, nn.Conv1d) else C.Conv2dRule()
@@ -663,7 +663,7 @@ def test_conv_grouped_weight_gradient_path_exact(chunk, power, monkeypatch):
         out_shape = tuple(conv(a).shape)
         for k in (None, 3):
             d = torch.randn(((k,) if k else ()) + out_shape, dtype=torch.float64)
-            _assert_conv_sums(rule, conv, a, d, power, chunk, k, TOL)
+            _assert_conv_sums(rule, conv, a, d, power, chunk, k, TOL, policy=policy)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -674,11 +674,11 @@ def test_conv_one_sample_at_a_time_paths_exact(path, power, monkeypatch):
     library's weight-gradient kernel (float32) and unfold + one matmul into a reused buffer --
     against float64 loops: Conv1d and Conv2d with stride, dilation, groups and 'same' padding,
     one cotangent or K = 3 per sample, power sums and totals, and per_sample() (whose samples
-    must not share that buffer)."""
-    from avalanche_pcreg.importance.rules import conv as C
+    must not share that buffer). And the CPU policy's choice ("auto") between them."""
+    from avalanche_pcreg.importance.persample.rules import conv as C
 
-    monkeypatch.setattr(C, "PER_SAMPLE_CALL_MIN_MACS", 0)
-    monkeypatch.setattr(C, "KERNEL_MIN_INPUT", 0 if path == "kernel" else 10 ** 9)
+    forced = Policy.cpu().replace(conv_path=path)
+    auto = Policy.cpu().replace(per_sample_call_min_macs=0)
     dt = torch.float32 if path == "kernel" else torch.float64
     tol = dict(rtol=2e-5, atol=1e-5) if dt == torch.float32 else TOL
     torch.manual_seed(41)
@@ -689,23 +689,31 @@ def test_conv_one_sample_at_a_time_paths_exact(path, power, monkeypatch):
         out_shape = tuple(conv(a).shape)
         for k in (None, 3):
             d = torch.randn(((k,) if k else ()) + out_shape, dtype=dt)
-            assert C._per_sample_path(conv, a, d, k) == path
-            _assert_conv_sums(rule, conv, a, d, power, 2, k, tol)
-            with monkeypatch.context() as mp:  # no CPU convolution library: matmul
+            assert rule.path(conv, a, d, Request(PowerSum(), frozenset(), policy=forced), k) == path
+            _assert_conv_sums(rule, conv, a, d, power, 2, k, tol, policy=forced)
+            # the CPU's own choice: a float32 sample of these sizes is below ATen's library threshold,
+            # float64 never goes there; no CPU convolution library: matmul
+            assert rule.path(conv, a, d, Request(PowerSum(), frozenset(), policy=auto), k) == "matmul"
+            with monkeypatch.context() as mp:
                 mp.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-                assert C._per_sample_path(conv, a, d, k) == "matmul"
+                assert rule.path(conv, a, d, Request(PowerSum(), frozenset(), policy=auto), k) == "matmul"
         # another device: one weight-gradient call per chunk; too little work per sample: batched
-        assert C._per_sample_path(conv, a.to("meta"), d.to("meta"), k) == "wgrad"
-        monkeypatch.setattr(C, "PER_SAMPLE_CALL_MIN_MACS", 10 ** 9)
-        assert C._per_sample_path(conv, a, d, k) is None
-        monkeypatch.setattr(C, "PER_SAMPLE_CALL_MIN_MACS", 0)
+        meta = Request(PowerSum(), frozenset(), policy=auto)
+        assert rule.path(conv, a.to("meta"), d.to("meta"), meta, k) == "wgrad"
+        few = Request(PowerSum(), frozenset(), policy=Policy.cpu().replace(per_sample_call_min_macs=10 ** 9))
+        assert rule.path(conv, a, d, few, k) is None
+    if torch.backends.mkldnn.is_available():  # a float32 sample above ATen's threshold: the library's kernel
+        big = torch.empty(1, 3, 100, 100)
+        conv = nn.Conv2d(3, 4, 3)
+        assert auto.conv_path_for(conv, big, conv.weight.numel(), 98 * 98) == "kernel"
+        assert auto.conv_path_for(conv, big.double(), conv.weight.numel(), 98 * 98) == "matmul"
 
 
 @pytest.mark.parametrize("k", [2, 3, 9])
 def test_sum_first_is_an_orthogonal_change_of_the_columns(k):
     """The K - 1 columns left by _sum_first and Σ_k c_k (counted 1/K) have the same Σ c cᵀ per
     sample as the K columns given: the power-2 sums of a K-cotangent check batch stay exact."""
-    from avalanche_pcreg.importance._persample import _sum_first
+    from avalanche_pcreg.importance.persample.sums import sum_first as _sum_first
 
     torch.manual_seed(k)
     c = torch.randn(k, 5, 7, dtype=torch.float64)
@@ -719,41 +727,79 @@ def test_sum_first_is_an_orthogonal_change_of_the_columns(k):
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2])
-def test_gpu_chunking_exact_on_the_cpu(chunk_size, monkeypatch):
-    """What a GPU changes, forced on the CPU: chunks of 256 samples under a 256 MiB budget when
-    chunk_size is None, and a chunk's squares summed in one launch. Every estimator through the
-    conv paths (unfold + bmm, grouped, Gram with the expected Fisher's columns) and sequences
-    against the float64 loop."""
+def test_gpu_chunking_exact_on_the_cpu(chunk_size):
+    """What a GPU's policy changes, given on the CPU: chunks of 256 samples under a 256 MiB budget
+    when chunk_size is None, and a chunk's squares summed in one launch (with the CPU's choice of
+    conv paths). Every estimator through the conv paths (unfold + bmm on small and large maps, Gram with the
+    expected Fisher's columns) and sequences against the float64 loop."""
     from torch.utils.data import TensorDataset
 
     from avalanche_pcreg import compute_importance
-    from avalanche_pcreg.importance import _persample
-    from avalanche_pcreg.importance.rules import _registry, conv, linear
     from test_importance import assert_matches, brute_force
 
-    calls = []
-
-    def squares_at_once(device):
-        calls.append(device.type)
-        return True
-
-    monkeypatch.setattr(conv, "_squares_at_once", squares_at_once)
-    for mod in (conv, linear):
-        monkeypatch.setattr(mod, "chunk_bytes", lambda device: _registry.GPU_CHUNK_BYTES)
-    monkeypatch.setattr(_persample, "default_chunk", lambda device: _persample.GPU_DEFAULT_CHUNK)
+    policy = Policy.gpu().replace(conv_path="auto")
+    assert policy.squares_at_once and policy.chunk_size == 256
     torch.manual_seed(3)
     seq = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(1), nn.Unflatten(1, (4, 6)),
                         nn.Linear(6, 5), nn.Tanh(), nn.Flatten(1), nn.Linear(20, 6)).double()
     cases = [
         (_ColumnsNet().double(), torch.randn(9, 2, 5, 5, dtype=torch.float64), 4),  # Gram, sequences
         (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                       nn.Linear(16, 5)).double(), torch.randn(7, 3, 17, 18, dtype=torch.float64), 5),  # grouped
+                       nn.Linear(16, 5)).double(), torch.randn(7, 3, 17, 18, dtype=torch.float64), 5),  # large maps
         (seq, torch.randn(8, 3, 6, dtype=torch.float64), 6),  # Conv1d (unfold + bmm), Linear on [N, T, D]
     ]
     for model, x, classes in cases:
         y = torch.randint(0, classes, (x.shape[0],))
         for method in ("empirical_fisher", "expected_fisher", "mas"):
             ref = brute_force(model, x, y, method, batch_size=4)
-            got = compute_importance(model, TensorDataset(x, y), method, batch_size=4, chunk_size=chunk_size)
+            got = compute_importance(model, TensorDataset(x, y), method, batch_size=4, chunk_size=chunk_size,
+                                     policy=policy)
             assert_matches(got, ref)
-    assert calls  # the one-launch squares ran
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@POWERS
+def test_conv_matmul_path_in_float32(power):
+    """The one-sample-at-a-time matmul path of the conv rule in float32: power sums and totals
+    against float64 loops (Conv1d and Conv2d, stride, dilation, 'same' padding, one cotangent or
+    K = 3 per sample)."""
+    from avalanche_pcreg.importance.persample.rules import conv as C
+
+    policy = Policy.cpu().replace(conv_path="matmul")
+    torch.manual_seed(5)
+    cases = [(nn.Conv2d(3, 5, 3, padding=1), (4, 3, 7, 6)),
+             (nn.Conv2d(2, 4, (2, 3), stride=2, padding=1, dilation=(1, 2)), (3, 2, 8, 9)),
+             (nn.Conv1d(3, 4, 4, padding=2, dilation=2), (5, 3, 11))]
+    for conv, shape in cases:
+        rule = C.Conv1dRule() if isinstance(conv, nn.Conv1d) else C.Conv2dRule()
+        a = torch.randn(shape)
+        out_shape = tuple(conv(a).shape)
+        for k in (None, 3):
+            d = torch.randn(((k,) if k else ()) + out_shape)
+            pows, tots = conv_sums(rule, conv, a, d, power, 2, k, policy)
+            ref_p, ref_t, _ = _conv_brute(conv, a, d, power)
+            for n in ("weight", "bias"):
+                assert pows[n].dtype == torch.float32 and ref_p[n].abs().sum() > 0
+                torch.testing.assert_close(pows[n].double(), ref_p[n], rtol=2e-5, atol=1e-5)
+                torch.testing.assert_close(tots[n].double(), ref_t[n], rtol=2e-5, atol=1e-5)
+
+
+def test_conv_gram_form_in_float32():
+    """The Gram form (forced for K = 5 columns on a 4x4 output map by the policy) in float32: Σ over
+    the columns and the samples of the squared weight gradients, given in two pieces, against
+    float64 loops; in chunks of 4 and 2 samples."""
+    from avalanche_pcreg.importance.persample.rules import conv as C
+
+    policy = Policy.cpu().replace(chunk_size=4, gram_positions_per_column=4)
+    torch.manual_seed(6)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    a = torch.randn(6, 3, 4, 4)
+    d = torch.randn(5, 6, 4, 4, 4)
+    assert Policy.cpu().use_gram(16, 5) is False and policy.use_gram(16, 5)
+    req = Request(PowerSum(2), frozenset({"weight"}), policy=policy, columns=5)
+    acc = C.Conv2dRule().column_accumulator(conv, a, tuple(conv(a).shape), req)
+    acc.add(d[:2])
+    acc.add(d[2:])
+    got = acc.result()["weight"]
+    ref_p, _, _ = _conv_brute(conv, a, d, 2)
+    torch.testing.assert_close(got.double(), ref_p["weight"], rtol=2e-5, atol=1e-5)

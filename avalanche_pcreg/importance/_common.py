@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import warnings
 from collections.abc import Mapping
@@ -17,16 +16,13 @@ from torch import Tensor, nn
 def is_multitask(model: nn.Module) -> bool:
     """An Avalanche ``MultiTaskModule`` (looked up lazily: the math needs only torch)."""
     try:
+        from .. import _avalanche  # noqa: F401  (Avalanche's import without qpsolvers' warning)
         from avalanche.models import MultiTaskModule
     except ImportError:  # pragma: no cover - avalanche is a dependency, but keep torch-only use possible
         return False
     target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     return isinstance(target, MultiTaskModule)
 
-
-# The ``output_transform`` of the running importance pass (set by ``compute_importance``), read by
-# model_forward / functional_forward so that every estimator sees logits, whatever the model returns.
-_OUTPUT_TRANSFORM: contextvars.ContextVar = contextvars.ContextVar("pcreg_output_transform", default=None)
 
 _TRANSFORM_EXAMPLE = ("e.g. output_transform=lambda out: out[0] for a tuple, or lambda out: out['logits'] "
                       "for a dict (an argument of compute_importance and of ParameterChangePlugin)")
@@ -40,16 +36,6 @@ def check_output_transform(output_transform):
             f"{type(output_transform).__name__} {output_transform!r}; {_TRANSFORM_EXAMPLE}"
         )
     return output_transform
-
-
-@contextlib.contextmanager
-def using_output_transform(output_transform):
-    """Within the block, :func:`model_forward` applies ``output_transform`` to model outputs."""
-    token = _OUTPUT_TRANSFORM.set(check_output_transform(output_transform))
-    try:
-        yield
-    finally:
-        _OUTPUT_TRANSFORM.reset(token)
 
 
 def _describe(out) -> str:
@@ -107,21 +93,17 @@ def model_output(model: nn.Module, x: Tensor, t: Optional[Tensor]):
     return model(x)
 
 
-def logits_of(out) -> Tensor:
-    """The logits in a raw model output, through the pass's ``output_transform`` (:func:`to_logits`)."""
-    return to_logits(out, _OUTPUT_TRANSFORM.get())
-
-
-def model_forward(model: nn.Module, x: Tensor, t: Optional[Tensor]) -> Tensor:
+def model_forward(model: nn.Module, x: Tensor, t: Optional[Tensor], output_transform: Optional[Callable] = None) -> Tensor:
     """``avalanche_forward``, then the logits: task labels reach multi-head models, plain models
-    get ``x`` only; the output goes through the pass's ``output_transform`` (:func:`to_logits`)."""
-    return logits_of(model_output(model, x, t))
+    get ``x`` only; the output goes through ``output_transform`` (:func:`to_logits`)."""
+    return to_logits(model_output(model, x, t), output_transform)
 
 
-def functional_forward(model: nn.Module, params: dict, x: Tensor, t: Optional[Tensor]) -> Tensor:
+def functional_forward(model: nn.Module, params: dict, x: Tensor, t: Optional[Tensor],
+                       output_transform: Optional[Callable] = None) -> Tensor:
     """:func:`model_forward` with some parameters substituted (``torch.func.functional_call``)."""
     args = (x, t) if is_multitask(model) else (x,)
-    return to_logits(torch.func.functional_call(model, params, args), _OUTPUT_TRANSFORM.get())
+    return to_logits(torch.func.functional_call(model, params, args), output_transform)
 
 
 def unpack(batch, need_labels: bool, estimator: str) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:

@@ -2,8 +2,10 @@
 
 All three are means over samples n of squared **per-sample** gradients of a loss, computed at
 minibatch cost: one forward, then one backward of the *sum* of per-sample losses, with per-layer
-rules (:mod:`.rules`, driven by :mod:`._persample`) that square per-sample gradients without
+rules (:mod:`.persample.rules`, driven by :mod:`.persample.engine`) that square per-sample gradients without
 forming them where an identity allows (``nn.Linear``: ``sum_n (delta_n a_n^T)**2 = (delta**2)^T a**2``).
+Every estimator takes the pass's ``output_transform`` (model output -> logits) and execution
+``policy`` (:class:`.persample.Policy`) as arguments.
 
 The criterion decides the loss and the likelihood (docs/design.md, "Criteria and likelihoods"):
 
@@ -38,7 +40,7 @@ from torch import Tensor, nn
 from ._common import (BERNOULLI, CRITERION_HOW, GAUSSIAN, SOFTMAX, StrategyCriterion, all_reduce_sums, batches,
                       criterion_likelihood, describe_criterion, functional_forward, is_torch_loss, model_forward,
                       per_sample_criterion, unwrap_criterion)
-from ._persample import PerSampleGradNorms
+from .persample import PerSampleGradNorms, Policy
 
 __all__ = ["empirical_fisher", "fisher", "expected_fisher", "per_sample_mean", "sample_labels", "sample_outcomes",
            "softmax_sqrt_hessian", "bernoulli_sqrt_hessian", "gaussian_sqrt_hessian", "LossTerm"]
@@ -67,24 +69,26 @@ def per_sample_mean(
     estimator: str,
     limit: Optional[int] = None,
     chunk_size: Optional[int] = None,
+    output_transform: Optional[Callable] = None,
+    policy: Optional[Policy] = None,
 ) -> Dict[str, Tensor]:
     """Mean over samples n of ``sum_k |grad l_k(x_n)|**power``.
 
     ``make_terms(outputs, y)`` returns the :class:`LossTerm` s of one batch (or plain
-    ``(losses, recompute)`` pairs). Sums are accumulated in float32 or wider and cast to each
-    parameter's dtype at the end. Under ``torch.distributed`` the sums and sample counts are
-    all-reduced, so each rank may pass its own shard of the data and all get the estimate on
-    the union.
+    ``(losses, recompute)`` pairs); ``outputs`` are the logits (the model's output through
+    ``output_transform``). Sums are accumulated in float32 or wider and cast to each parameter's
+    dtype at the end. Under ``torch.distributed`` the sums and sample counts are all-reduced, so
+    each rank may pass its own shard of the data and all get the estimate on the union.
     """
     n = 0
     params = dict(model.named_parameters())
-    with PerSampleGradNorms(model, names, power=power, chunk_size=chunk_size) as psg:
+    with PerSampleGradNorms(model, names, power=power, chunk_size=chunk_size, policy=policy) as psg:
         for x, y, t in batches(data, device, need_labels, estimator, limit):
-            terms = [LossTerm(*tm) for tm in make_terms(model_forward(model, x, t), y)]
+            terms = [LossTerm(*tm) for tm in make_terms(model_forward(model, x, t, output_transform), y)]
             for k, term in enumerate(terms):
 
                 def fallback(ps, recompute=term.recompute, x=x, t=t):
-                    return recompute(functional_forward(model, ps, x, t))
+                    return recompute(functional_forward(model, ps, x, t, output_transform))
 
                 retain = k < len(terms) - 1
                 if term.cot is None:
@@ -209,7 +213,8 @@ def _empirical_losses(criterion: Optional[Callable]) -> Callable[[Tensor, Tensor
     return losses
 
 
-def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=None, **_):
+def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=None,
+                     output_transform=None, policy=None, **_):
     """Empirical Fisher: mean over samples of the squared per-sample gradient at the true target.
 
     ``criterion`` is used per sample: ``reduction='none'``, summed over the non-sample dimensions
@@ -224,7 +229,8 @@ def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=N
         return [LossTerm(crit(out, y), lambda o: crit(o, y))]
 
     return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=True,
-                           estimator="empirical_fisher", limit=limit, chunk_size=chunk_size)
+                           estimator="empirical_fisher", limit=limit, chunk_size=chunk_size,
+                           output_transform=output_transform, policy=policy)
 
 
 class _Likelihood:
@@ -270,7 +276,7 @@ class _Likelihood:
 
 
 def fisher(model, data, *, names, criterion=None, device=None, seed=0, limit=None, chunk_size=None, uniforms=None,
-           **_):
+           output_transform=None, policy=None, **_):
     """Fisher at one outcome per sample drawn from the model's predictive distribution.
 
     Sample n's outcome comes from a uniform u_n: a softmax class is the inverse CDF of p(.|x_n) at
@@ -316,7 +322,8 @@ def fisher(model, data, *, names, criterion=None, device=None, seed=0, limit=Non
         return [LossTerm(gaussian(out), gaussian)]
 
     return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=False,
-                           estimator="fisher", limit=limit, chunk_size=chunk_size)
+                           estimator="fisher", limit=limit, chunk_size=chunk_size,
+                           output_transform=output_transform, policy=policy)
 
 
 def sample_labels(logits: Tensor, u: Tensor) -> Tensor:
@@ -395,7 +402,8 @@ def gaussian_sqrt_hessian(outputs: Tensor) -> Tensor:
     return eye.unsqueeze(1).expand(k, n, k).reshape(k, *z.shape).contiguous()
 
 
-def expected_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=None, **_):
+def expected_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=None,
+                    output_transform=None, policy=None, **_):
     """Exact expected Fisher: mean over samples of ``E_y[g_y**2]`` under the model's likelihood.
 
     ``criterion`` picks the likelihood: ``CrossEntropyLoss`` / ``NLLLoss`` a softmax over classes
@@ -416,10 +424,6 @@ def expected_fisher(model, data, *, names, criterion=None, device=None, limit=No
         return [LossTerm(out, lambda o: o, cot)]
 
     return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=False,
-                           estimator="expected_fisher", limit=limit, chunk_size=chunk_size)
+                           estimator="expected_fisher", limit=limit, chunk_size=chunk_size,
+                           output_transform=output_transform, policy=policy)
 
-
-empirical_fisher.shardable = True
-fisher.uses_uniforms = True
-fisher.shardable = True
-expected_fisher.shardable = True

@@ -15,14 +15,12 @@ def _sq_norm(out):
     return out.pow(2).flatten(1).sum(1)
 
 
-def mas(model, data, *, names, device=None, limit=None, chunk_size=None, **_):
+def mas(model, data, *, names, device=None, limit=None, chunk_size=None, output_transform=None, policy=None, **_):
     """MAS importance: mean over samples of the absolute per-sample gradient of ||f(x)||_2^2."""
 
     def terms(out, _y):
         return [(_sq_norm(out), _sq_norm)]
 
     return per_sample_mean(model, data, names, terms, power=1, device=device, need_labels=False,
-                           estimator="mas", limit=limit, chunk_size=chunk_size)
-
-
-mas.shardable = True
+                           estimator="mas", limit=limit, chunk_size=chunk_size, output_transform=output_transform,
+                           policy=policy)

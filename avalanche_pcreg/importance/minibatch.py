@@ -8,7 +8,13 @@ minibatch gradient.
   per-sample Fisher plus the squared mean gradient, so it needs a lambda orders of magnitude
   larger than the per-sample estimators (van de Ven 2025). Compare methods at each one's own
   tuned lambda.
-* ``avalanche_mas`` (``MASPlugin``): see :mod:`.avalanche_mas`.
+* ``avalanche_mas`` (``MASPlugin``, after FACIL): ``mean over minibatches of |d/dtheta mean_n
+  ||f(x_n)||**2|``, the absolute value of the *minibatch* gradient. Aljundi et al. 2018 average the
+  absolute *per-sample* gradients (``importance="mas"``); since ``|mean_n g_n| <= mean_n |g_n|``
+  this one is smaller, and more so for larger batches. Avalanche runs this pass in train mode
+  (the ``avalanche_mas`` registration asks for no switch to eval mode) with a DataLoader that draws
+  its seed from the global RNG. Avalanche's ``alpha`` (``I <- alpha * I + (1 - alpha) * I_new``
+  after the first experience) is ``mode="online", decay=alpha, running_average=True`` on the plugin.
 
 Gradients are taken as Avalanche takes them, ``loss.backward()`` and then each parameter's
 ``.grad``, so whatever Avalanche's plugins can train through works here too (reentrant
@@ -20,14 +26,14 @@ caller had.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._common import StrategyCriterion, batches, logits_of, model_output
+from ._common import StrategyCriterion, batches, model_output, to_logits
 
-__all__ = ["minibatch_fisher", "minibatch_importance"]
+__all__ = ["minibatch_fisher", "avalanche_mas", "minibatch_importance"]
 
 
 @contextlib.contextmanager
@@ -52,7 +58,8 @@ def _grad_disabled_error(estimator: str) -> RuntimeError:
 
 
 def minibatch_importance(model: nn.Module, data, names, loss_fn: Callable, accumulate: Callable[[Tensor], Tensor], *,
-                         estimator: str, need_labels: bool, device=None, limit=None, raw_output: bool = False) -> dict:
+                         estimator: str, need_labels: bool, device=None, limit=None, raw_output: bool = False,
+                         output_transform: Optional[Callable] = None) -> dict:
     """Mean over minibatches b of ``accumulate(grad of loss_fn(model output, y) on b)``.
 
     Each minibatch: ``loss.backward()`` with every parameter's ``.grad`` cleared first (as
@@ -67,7 +74,7 @@ def minibatch_importance(model: nn.Module, data, names, loss_fn: Callable, accum
             for p in all_params:
                 p.grad = None
             out = model_output(model, x, t)
-            loss = loss_fn(out if raw_output else logits_of(out), y)
+            loss = loss_fn(out if raw_output else to_logits(out, output_transform), y)
             if not loss.requires_grad:
                 if not torch.is_grad_enabled():
                     raise _grad_disabled_error(estimator)
@@ -84,7 +91,7 @@ def minibatch_importance(model: nn.Module, data, names, loss_fn: Callable, accum
     return {n: s / float(count) for n, s in sums.items()}
 
 
-def minibatch_fisher(model, data, *, names, criterion=None, device=None, limit=None, **_):
+def minibatch_fisher(model, data, *, names, criterion=None, device=None, limit=None, output_transform=None, **_):
     """Squared minibatch-mean gradients, averaged over minibatches (Avalanche ``EWCPlugin``).
 
     The criterion is used as it is (its own reduction). The strategy's criterion (the plugin's
@@ -93,4 +100,15 @@ def minibatch_fisher(model, data, *, names, criterion=None, device=None, limit=N
     crit = criterion if criterion is not None else torch.nn.CrossEntropyLoss()
     return minibatch_importance(model, data, names, crit, lambda g: g.pow(2), estimator="minibatch_fisher",
                                 need_labels=True, device=device, limit=limit,
-                                raw_output=isinstance(criterion, StrategyCriterion))
+                                raw_output=isinstance(criterion, StrategyCriterion), output_transform=output_transform)
+
+
+def _mean_sq_norm(out, _y):
+    return torch.norm(out, p="fro", dim=1).pow(2).mean()
+
+
+def avalanche_mas(model, data, *, names, device=None, limit=None, output_transform=None, **_):
+    """|gradient of the batch-mean squared output norm|, averaged over minibatches (Avalanche
+    ``MASPlugin``)."""
+    return minibatch_importance(model, data, names, _mean_sq_norm, torch.abs, estimator="avalanche_mas",
+                                need_labels=False, device=device, limit=limit, output_transform=output_transform)

@@ -1,36 +1,25 @@
 """``nn.Conv1d`` / ``nn.Conv2d``: per-sample weight gradients, chunk by chunk.
 
-g_i = Σ_positions δ_i[:, l] u_i[:, l]ᵀ with u = unfold(a) (the patches), per group. Formed whichever
-way is fastest for the layer. On a GPU: one weight-gradient call per chunk, the samples as groups.
-On the CPU: unfold + batched matmul; one grouped convolution over the samples (large maps); or, for
-layers with enough work per sample, one sample at a time, with the convolution library's own
-weight-gradient kernel or one matmul (oneDNN's where it applies, :mod:`._gemm`). With K cotangent
-columns and small maps, the squares are summed in Gram form (:class:`_GramSquares`).
+g_i = Σ_positions δ_i[:, l] u_i[:, l]ᵀ with u = unfold(a) (the patches), per group. Formed the way
+the policy chooses for the layer (``Policy.conv_path_for``): on a GPU one weight-gradient call per
+chunk, the samples as groups ("wgrad"); on the CPU, for layers with enough work per sample, one
+sample at a time with the convolution library's own weight-gradient kernel ("kernel") or one
+matmul ("matmul"); otherwise batched: unfold + batched matmul. With K cotangent columns and small
+maps, the squares are summed in Gram form (:class:`_GramSquares`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._gemm import addmm_, mm
-from ._registry import Rule, _chunks, _even_size, _pow, chunk_bytes, register_rule
-
-
-# Output positions from which a stride-1 Conv2d forms per-sample gradients by grouped convolution.
-GROUPED_MIN_POSITIONS = 256
-# Multiply-adds per sample from which a CPU layer forms its per-sample gradients one sample at a
-# time (_per_sample_path): 1.2-3.4x faster than the batched paths on ResNet-18's layers (19M-38M
-# multiply-adds per sample), and still ahead at 3.6M; below about this size the per-call cost wins
-# (docs/persample-rules.md, "Convolution speed"). A GPU takes one weight-gradient call per chunk instead.
-PER_SAMPLE_CALL_MIN_MACS = 2_500_000
-# Input values of one sample above which ATen sends a batch-1 float32 convolution to the CPU
-# convolution library (below it, to im2col + GEMM).
-KERNEL_MIN_INPUT = 20480
+from ..policy import default_policy
+from ..quantity import GradientSum, Request, Sums
+from ..sums import chunks, even_size
+from .base import Rule, register_rule
 
 
 def _positions(d, k) -> int:
@@ -38,20 +27,14 @@ def _positions(d, k) -> int:
     return d[0, 0].numel() if k is None else d[0, 0, 0].numel()
 
 
-def _step(m, a, d, chunk, k=None) -> int:
-    """Samples per chunk: ``chunk`` (per cotangent column), capped by the device's byte budget
-    (``chunk_bytes``: per-sample gradients and patches formed at once)."""
+def _step(m, a, d, req, k=None) -> int:
+    """Samples per chunk: ``req.chunk`` (per cotangent column), capped by the policy's byte budget
+    (per-sample gradients and patches formed at once)."""
     kk = _unfold_args(m)[0]
     positions = _positions(d, k)
     per_sample = (m.weight.numel() * (k or 1) + m.in_channels * math.prod(kk) * positions) * a.element_size()
-    step = chunk if k is None else chunk // k
-    return max(1, min(step, chunk_bytes(a.device) // max(per_sample, 1)))
-
-
-def _squares_at_once(device) -> bool:
-    """Whether a chunk's squared per-sample gradients go into the sum in one launch (a GPU, where a
-    launch per sample leaves it idle) rather than one sample at a time (the CPU: no squared copy)."""
-    return device.type != "cpu"
+    step = req.chunk if k is None else req.chunk // k
+    return max(1, min(step, req.policy.chunk_bytes // max(per_sample, 1)))
 
 
 def _padding(m):
@@ -93,37 +76,29 @@ class ConvRule(Rule):
     def supports(self, module, x):
         return x.is_floating_point() and x.dim() == self.ndim + 2 and module.padding_mode == "zeros"
 
-    def _weight_chunks(self, m, a, d, chunk, k=None, reuse=True):
+    def path(self, m, a, d, req, k=None):
+        """The policy's path for this layer and call (None: batched)."""
+        return req.policy.conv_path_for(m, a, m.weight.numel(), _positions(d, k))
+
+    def _weight_chunks(self, m, a, d, req, k=None, reuse=True):
         """Per-sample weight gradients chunk by chunk: [c, *w.shape], or [k, c, *w.shape] when
         ``d`` has K cotangents per sample in front (the patches are unfolded once for all K).
         With ``reuse``, a chunk may be a buffer that the next one overwrites."""
-        path = _per_sample_path(m, a, d, k)
+        path = self.path(m, a, d, req, k)
         if path == "kernel":
             yield from _kernel_per_sample(m, a, d, k)
             return
         if path == "wgrad":
-            yield from _wgrad_chunks(m, a, d, chunk, k)
+            yield from _wgrad_chunks(m, a, d, req, k)
             return
         n = a.shape[0]
-        kk, stride, dil, pad, pre_pad = _unfold_args(m)
         groups, cout = m.groups, m.out_channels
         lead = () if k is None else (k,)
         dg = d.reshape(*lead, n, groups, cout // groups, -1)  # [(K,) N, G, o, L]
-        step = _step(m, a, d, chunk, k)
-        # Large feature maps, stride 1: per-sample weight gradients as one grouped convolution
-        # over the samples (input channels as the batch, the samples' δ as the filters) -- the
-        # convolution kernels beat unfold + bmm there; unfold + bmm elsewhere.
-        grouped = (path is None and k is None and isinstance(m, nn.Conv2d) and groups == 1 and stride == (1, 1)
-                   and dil == (1, 1) and d.shape[-1] * d.shape[-2] >= GROUPED_MIN_POSITIONS)
+        step = _step(m, a, d, req, k)
         buf = None
-        for s, e in _chunks(n, step):
+        for s, e in chunks(n, step):
             c = e - s
-            if grouped:
-                x = a[s:e] if pre_pad is None else F.pad(a[s:e], pre_pad)
-                w = d[s:e].reshape(c * cout, 1, *d.shape[-2:])
-                g = F.conv2d(x.transpose(0, 1), w, padding=pad, groups=c)  # [Cin, c*Cout, kh, kw]
-                yield g.reshape(m.in_channels, c, cout, *kk).permute(1, 2, 0, 3, 4)
-                continue
             u = _patches(m, a[s:e])  # [c, Cin*K, L]
             u = u.reshape(c, groups, -1, u.shape[-1]).transpose(2, 3)  # [c, G, L, i]
             if path == "matmul":  # one sample (and column) at a time, into one buffer
@@ -133,8 +108,8 @@ class ConvRule(Rule):
                         if buf is None or not reuse:
                             buf = torch.empty(groups, cout // groups, u.shape[-1], dtype=a.dtype, device=a.device)
                         di = dg[s + i] if k is None else dg[j, s + i]
-                        if groups == 1:  # oneDNN's matmul where it applies (_gemm)
-                            yield mm(di[0], u[i, 0], out=buf[0]).view(one)
+                        if groups == 1:
+                            yield torch.mm(di[0], u[i, 0], out=buf[0]).view(one)
                         else:
                             torch.bmm(di, u[i], out=buf)
                             yield buf.view(one)
@@ -145,66 +120,53 @@ class ConvRule(Rule):
                 yield torch.einsum("jngol,ngli->jngoi", dg[:, s:e], u).reshape(k, c, *m.weight.shape)
 
     def per_sample(self, module, a, d):
-        w = torch.cat(list(self._weight_chunks(module, a, d, a.shape[0], reuse=False)))
+        req = Request(GradientSum(), frozenset(("weight",)), default_policy(a.device).replace(chunk_size=a.shape[0]))
+        w = torch.cat(list(self._weight_chunks(module, a, d, req, reuse=False)))
         return {"weight": w, "bias": d.reshape(d.shape[0], d.shape[1], -1).sum(-1)}
 
-    def _sums(self, module, a, d, want, power, chunk, total, k):
-        want = set(want)
-        pows, tots = {}, {}
+    def _sums(self, module, a, d, req, k):
+        want, power, of = req.attrs, req.power, req.quantity.of
+        values, totals = {}, {}
         red = (0,) if k is None else (0, 1)
         if "weight" in want:
             pw = torch.zeros(module.weight.shape, dtype=a.dtype, device=a.device)
-            tw = torch.zeros_like(pw) if total else None
-            for g in self._weight_chunks(module, a, d, chunk, k):
+            tw = torch.zeros_like(pw) if req.totals else None
+            for g in self._weight_chunks(module, a, d, req, k):
                 g = g.reshape(-1, *module.weight.shape)
-                if total:
+                if req.totals:
                     tw += g[0] if g.shape[0] == 1 else g.sum(0)
                 if power == 1:
                     pw += g.abs_().sum(0)  # g is ours: in place
-                elif _squares_at_once(a.device):  # g is ours: in place
+                elif power == 2 and req.policy.squares_at_once:  # g is ours: in place
                     pw += g.square_().sum(0)
-                else:  # one sample at a time into the sum: a read of g, no squared copy
+                elif power == 2:  # one sample at a time into the sum: a read of g, no squared copy
                     for gi in g:
                         pw.addcmul_(gi, gi)
-            pows["weight"] = pw
-            if total:
-                tots["weight"] = tw
+                else:  # another quantity
+                    pw += of(g).sum(0)
+            values["weight"] = pw
+            if req.totals:
+                totals["weight"] = tw
         if "bias" in want:
             lead = d.shape[:len(red) + 1]  # [(K,) N, C]
             gb = d.reshape(*lead, -1).sum(-1)
-            pows["bias"] = _pow(gb, power).sum(red)
-            if total:
-                tots["bias"] = gb.sum(red)
-        return pows, (tots if total else None)
+            values["bias"] = of(gb).sum(red)
+            if req.totals:
+                totals["bias"] = gb.sum(red)
+        return Sums(values, totals if req.totals else None)
 
-    def sums(self, module, a, d, want, power, chunk, total):
-        return self._sums(module, a, d, want, power, chunk, total, None)
+    def sums(self, module, a, d, req):
+        return self._sums(module, a, d, req, None)
 
-    def sums_multi(self, module, a, d, want, power, chunk, total):
-        return self._sums(module, a, d, want, power, chunk, total, d.shape[0])
+    def column_sums(self, module, a, d, req):
+        return self._sums(module, a, d, req, d.shape[0])
 
-    def column_accumulator(self, module, a, out_shape, want, power, chunk, k, max_bytes):
-        if not (power == 2 and module.groups == 1 and "weight" in want and _use_gram(math.prod(out_shape[2:]), k)):
+    def column_accumulator(self, module, a, out_shape, req):
+        positions = math.prod(out_shape[2:])
+        if not (req.power == 2 and module.groups == 1 and "weight" in req.attrs
+                and req.policy.use_gram(positions, req.columns)):
             return None
-        acc = _GramSquares(module, a, out_shape, chunk, k)
-        return acc if acc.nbytes <= max_bytes else None
-
-
-def _per_sample_path(m, a, d, k) -> Optional[str]:
-    """How a layer forms its per-sample gradients. On a GPU, "wgrad": one weight-gradient call per
-    chunk with the samples as groups (:func:`_wgrad_chunks`). On the CPU, a layer with at least
-    :data:`PER_SAMPLE_CALL_MIN_MACS` multiply-adds per sample goes one sample at a time: "kernel"
-    (the weight-gradient kernel of the CPU convolution library, which ATen uses for a batch of
-    one float32 sample above :data:`KERNEL_MIN_INPUT` input values) or "matmul" (unfold + one
-    matmul: oneDNN's for float32 where it applies, else into a reused buffer -- what ATen's own
-    fallback does, without a fresh zero-filled result per call); smaller CPU layers get None
-    (the batched paths)."""
-    if a.device.type != "cpu":
-        return "wgrad"
-    if m.weight.numel() * _positions(d, k) < PER_SAMPLE_CALL_MIN_MACS:
-        return None
-    library = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-    return "kernel" if library and a.dtype == torch.float32 and a[0].numel() > KERNEL_MIN_INPUT else "matmul"
+        return _GramSquares(module, a, out_shape, req)
 
 
 def _weight_grad_call(m, a):
@@ -239,7 +201,7 @@ def _kernel_per_sample(m, a, d, k):
             yield torch.stack([grad(d[j, i:i + 1], xi) for j in range(k)]).unsqueeze(1)
 
 
-def _wgrad_chunks(m, a, d, chunk, k):
+def _wgrad_chunks(m, a, d, req, k):
     """Per-sample weight gradients from one ``aten.convolution_backward`` (weight only) per chunk
     of c samples and per cotangent column: the chunk's samples are the groups of one convolution
     (input [1, c·Cin, ...], δ [1, c·Cout, ...], c·G groups), the form ``vmap`` gives that call.
@@ -248,22 +210,15 @@ def _wgrad_chunks(m, a, d, chunk, k):
     cin, cout, w_shape = m.in_channels, m.out_channels, tuple(m.weight.shape)
     # the call's result and the weight it reads the shape of: two per-sample gradients a sample
     per_sample = 2 * m.weight.numel() * a.element_size()
-    step = max(1, min(chunk, a.shape[0], chunk_bytes(a.device) // per_sample))
+    step = max(1, min(req.chunk, a.shape[0], req.policy.chunk_bytes // per_sample))
     w_all = torch.empty((step * cout,) + w_shape[1:], dtype=a.dtype, device=a.device)  # its shape is read
-    for s, e in _chunks(a.shape[0], step):
+    for s, e in chunks(a.shape[0], step):
         c = e - s
         xc = x[s:e].reshape(1, c * cin, *x.shape[2:])
         w = w_all[:c * cout]
         for dj in ([d[s:e]] if k is None else [d[j, s:e] for j in range(k)]):
             g = weight_grad(dj.reshape(1, c * cout, *dj.shape[2:]), xc, w, c * m.groups).reshape(c, *w_shape)
             yield g if k is None else g.unsqueeze(0)
-
-
-def _use_gram(positions: int, k: int) -> bool:
-    """Whether K cotangent columns at L output positions take the Gram form: its GEMM depth per
-    sample is L(L+1)/2, against K·L for the direct products (which also write K·|w| values per
-    sample); measured on ResNet-18's layers, the Gram form wins from L/2 ≤ K."""
-    return positions <= 2 * k
 
 
 class _GramSquares:
@@ -273,22 +228,21 @@ class _GramSquares:
     With L output positions, G_n = Σ_k δ_{k,n} δ_{k,n}ᵀ ([L, L] per output channel) and
     U_n[i] = u_n[i] u_n[i]ᵀ, the sum is Σ_n Σ_{l,l'} G_n[o,l,l'] U_n[i,l,l']. Both are symmetric in
     (l, l'): the P = L(L+1)/2 pairs l ≤ l' suffice (off-diagonal ones counted twice). Columns are
-    buffered ``GROUP`` at a time and folded into G by one batched product; the result is one GEMM
-    of depth N·P (BackPACK's trick for small feature maps, halved by symmetry). Holds G
-    (out_channels · N · P values) and the buffer (GROUP · out_channels · N · L)."""
+    buffered ``Policy.gram_fold`` at a time and folded into G by one batched product; the result is
+    one GEMM of depth N·P (BackPACK's trick for small feature maps, halved by symmetry). Holds G
+    (out_channels · N · P values) and the buffer (fold · out_channels · N · L)."""
 
     covers = ("weight",)
-    GROUP = 8
 
-    def __init__(self, m, a, out_shape, chunk, k):
-        self.m, self.a, self.chunk = m, a, chunk
+    def __init__(self, m, a, out_shape, req):
+        self.m, self.a, self.chunk, self.budget = m, a, req.chunk, req.policy.chunk_bytes
         n, cout = a.shape[0], m.out_channels
         self.positions = positions = math.prod(out_shape[2:])
         iu = torch.triu_indices(positions, positions, device=a.device)
         self.rows, self.cols = iu[0], iu[1]
         self.flat = iu[0] * positions + iu[1]
         self.pairs = iu.shape[1]
-        self.group = _even_size(k, self.GROUP)  # K in equal folds of at most GROUP columns
+        self.group = even_size(req.columns, req.policy.gram_fold)  # K in equal folds of at most gram_fold
         self.nbytes = cout * n * (self.pairs + self.group * positions) * a.element_size()
         self.g = None  # [o, N, P]
         self.buf = None  # [o, N, group, L]
@@ -314,7 +268,7 @@ class _GramSquares:
         """G += Σ over the buffered columns of δ δᵀ (pairs l ≤ l' only)."""
         cout, n, f, positions = self.buf.shape[0], self.buf.shape[1], self.filled, self.positions
         per_sample = cout * positions * positions * self.buf.element_size()
-        for s, e in _chunks(n, max(1, chunk_bytes(self.buf.device) // max(per_sample, 1))):
+        for s, e in chunks(n, max(1, self.budget // max(per_sample, 1))):
             x = self.buf[:, s:e, :f].reshape(cout * (e - s), f, positions)  # [(o c), f, L]
             gc = torch.bmm(x.transpose(1, 2), x).reshape(cout, e - s, positions * positions)
             self.g[:, s:e] += gc.index_select(2, self.flat)
@@ -332,10 +286,10 @@ class _GramSquares:
         self.buf = None
         self.g[:, :, self.rows != self.cols] *= 2
         per_sample = (self.pairs + 2 * self.positions) * width * a.element_size()
-        for s, e in _chunks(a.shape[0], max(1, min(self.chunk, chunk_bytes(a.device) // max(per_sample, 1)))):
+        for s, e in chunks(a.shape[0], max(1, min(self.chunk, self.budget // max(per_sample, 1)))):
             u = _patches(m, a[s:e]).transpose(1, 2)  # [c, L, I]
             uu = u.index_select(1, self.rows).mul_(u.index_select(1, self.cols))  # [c, P, I]
-            addmm_(acc, self.g[:, s:e].reshape(cout, -1), uu.reshape(-1, width))
+            acc.addmm_(self.g[:, s:e].reshape(cout, -1), uu.reshape(-1, width))
         self.g = None
         return {"weight": acc.reshape(m.weight.shape)}
 

@@ -21,7 +21,9 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._registry import Rule, _chunks, _pow, register_rule
+from ..quantity import Sums
+from ..sums import chunks
+from .base import Rule, register_rule
 
 
 class NormRule(Rule):
@@ -38,30 +40,30 @@ class NormRule(Rule):
         gw = d * self._xhat(module, a)
         return {"weight": gw.sum(red) if red else gw, "bias": d.sum(red) if red else d}
 
-    def sums(self, module, a, d, want, power, chunk, total):
-        want = set(want)
+    def sums(self, module, a, d, req):
+        want, of = req.attrs, req.quantity.of
         red = self._red(module, a)
-        pows, tots = {}, {}
+        values, totals = {}, {}
         if "weight" in want:
             pw = tw = None
-            for s, e in _chunks(a.shape[0], chunk):
+            for s, e in chunks(a.shape[0], req.chunk):
                 g = d[s:e] * self._xhat(module, a[s:e])
                 if red:
                     g = g.sum(red)
-                ps = _pow(g, power).sum(0)
+                ps = of(g).sum(0)
                 pw = ps if pw is None else pw + ps
-                if total:
+                if req.totals:
                     ts = g.sum(0)
                     tw = ts if tw is None else tw + ts
-            pows["weight"] = pw
-            if total:
-                tots["weight"] = tw
+            values["weight"] = pw
+            if req.totals:
+                totals["weight"] = tw
         if "bias" in want:
             g = d.sum(red) if red else d
-            pows["bias"] = _pow(g, power).sum(0)
-            if total:
-                tots["bias"] = g.sum(0)
-        return pows, (tots if total else None)
+            values["bias"] = of(g).sum(0)
+            if req.totals:
+                totals["bias"] = g.sum(0)
+        return Sums(values, totals if req.totals else None)
 
 
 @register_rule(nn.LayerNorm)

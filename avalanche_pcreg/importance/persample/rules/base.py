@@ -1,48 +1,29 @@
-"""The registry of per-layer per-sample gradient rules.
+"""The rule interface and the registry of per-layer rules.
 
 A rule turns what one backward pass of the *summed* per-sample losses leaves at a layer -- its
-input ``a`` (captured by a forward hook) and the gradient ``d`` at its output -- into per-sample
-gradients of the layer's own parameters (the "grad sampler" idea of Opacus and BackPACK).
-The engine (:class:`~avalanche_pcreg.importance._persample.PerSampleGradNorms`) hands every
-rule tensors whose axis 0 is the sample axis (it finds that axis and moves it first).
+input ``a`` (captured by a forward hook) and the gradient ``d`` at its output -- into sums over
+samples of the layer's per-sample parameter gradients (the "grad sampler" idea of Opacus and
+BackPACK). The engine hands every rule tensors whose axis 0 is the sample axis (it finds that axis
+and moves it first), and a :class:`~..quantity.Request` saying what to sum.
+
+The least a rule gives is :meth:`Rule.per_sample` (``{attr: [n, *param.shape]}``); every quantity
+then follows from it. :func:`register_rule` makes a rule of a plain function::
+
+    @register_rule(MyScale)
+    def my_scale(module, a, d):
+        return {"scale": (a * d).flatten(2).sum(-1) if a.dim() > 2 else a * d}
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Type, Union
 
-import torch
 from torch import Tensor, nn
 
-__all__ = ["Rule", "register_rule", "rule_for", "RULES"]
+from ..quantity import Request, Sums
+from ..sums import chunks
 
-
-def _pow(x: Tensor, p: int) -> Tensor:
-    return x.abs() if p == 1 else x * x
-
-
-def _even_size(n: int, most: int) -> int:
-    """The size of the equal pieces that split ``n`` into as few pieces of at most ``most`` as
-    possible (ceil(n / number of pieces))."""
-    most = max(1, int(most))
-    return -(-n // -(-n // most))
-
-
-# Bytes of per-sample gradients (and patches) formed at once by the rules that form them: on the
-# CPU a chunk that stays in cache; on a GPU, launches large enough to keep it busy.
-CHUNK_BYTES = 16 * 2 ** 20
-GPU_CHUNK_BYTES = 256 * 2 ** 20
-
-
-def chunk_bytes(device) -> int:
-    """The byte budget of one chunk on ``device`` (a ``torch.device``)."""
-    return CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
-
-
-def _chunks(n: int, size: int):
-    size = max(1, int(size))
-    for s in range(0, n, size):
-        yield s, min(n, s + size)
+__all__ = ["Rule", "FunctionRule", "register_rule", "rule_for", "RULES"]
 
 
 class Rule:
@@ -81,52 +62,48 @@ class Rule:
         """``{attr: [n, *param.shape]}``: sample i's gradient of each parameter."""
         raise NotImplementedError
 
-    def sums(self, module: nn.Module, a: Tensor, d: Tensor, want: Iterable[str], power: int,
-             chunk: int, total: bool) -> Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]:
-        """``(Σ_i |g_i|^power, Σ_i g_i or None)`` for the attributes in ``want``, per chunk of
-        ``chunk`` samples through :meth:`per_sample`."""
-        want = set(want)
-        pows: Dict[str, Tensor] = {}
-        tots: Dict[str, Tensor] = {}
-        for s, e in _chunks(a.shape[0], chunk):
+    def sums(self, module: nn.Module, a: Tensor, d: Tensor, req: Request) -> Sums:
+        """Σ_i of ``req.quantity`` (and Σ_i g_i if ``req.totals``) for ``req.attrs``, one cotangent
+        per sample (``d``: ``[n, ...]``), per chunk of ``req.chunk`` samples through :meth:`per_sample`."""
+        values: Dict[str, Tensor] = {}
+        totals: Dict[str, Tensor] = {}
+        for s, e in chunks(a.shape[0], req.chunk):
             g = self.per_sample(module, a[s:e], d[s:e])
-            for attr in want:
+            for attr in req.attrs:
                 if attr not in g:
                     continue
                 gi = g[attr]
-                ps = _pow(gi, power).sum(0)
-                pows[attr] = ps if attr not in pows else pows[attr] + ps
-                if total:
+                vs = req.quantity.of(gi).sum(0)
+                values[attr] = vs if attr not in values else values[attr] + vs
+                if req.totals:
                     ts = gi.sum(0)
-                    tots[attr] = ts if attr not in tots else tots[attr] + ts
-        return pows, (tots if total else None)
+                    totals[attr] = ts if attr not in totals else totals[attr] + ts
+        return Sums(values, totals if req.totals else None)
 
-    def sums_multi(self, module: nn.Module, a: Tensor, d: Tensor, want: Iterable[str], power: int,
-                   chunk: int, total: bool):
+    def column_sums(self, module: nn.Module, a: Tensor, d: Tensor, req: Request) -> Sums:
         """:meth:`sums` with ``d`` of shape ``[K, n, ...]``: K cotangents per sample, each
         (k, i) pair counted as one sample with input ``a[i]``."""
         k = d.shape[0]
-        pows: Dict[str, Tensor] = {}
-        tots: Dict[str, Tensor] = {}
-        for s, e in _chunks(a.shape[0], max(1, chunk // max(k, 1))):
+        values: Dict[str, Tensor] = {}
+        totals: Dict[str, Tensor] = {}
+        for s, e in chunks(a.shape[0], max(1, req.chunk // max(k, 1))):
             ac = a[s:e].unsqueeze(0).expand(k, *a[s:e].shape).reshape(k * (e - s), *a.shape[1:])
             dc = d[:, s:e].reshape(k * (e - s), *d.shape[2:])
-            p, t = self.sums(module, ac, dc, want, power, chunk, total)
-            for attr, v in p.items():
-                pows[attr] = v if attr not in pows else pows[attr] + v
-            if total:
-                for attr, v in t.items():
-                    tots[attr] = v if attr not in tots else tots[attr] + v
-        return pows, (tots if total else None)
+            part = self.sums(module, ac, dc, req)
+            for attr, v in part.values.items():
+                values[attr] = v if attr not in values else values[attr] + v
+            if req.totals:
+                for attr, v in part.totals.items():
+                    totals[attr] = v if attr not in totals else totals[attr] + v
+        return Sums(values, totals if req.totals else None)
 
-    def column_accumulator(self, module: nn.Module, a: Tensor, out_shape: Tuple[int, ...], want: Iterable[str],
-                           power: int, chunk: int, k: int, max_bytes: int):
-        """An accumulator over K cotangent columns that arrive in pieces, or None (the default:
-        each piece goes through :meth:`sums_multi`). It has ``covers`` (the attributes it
-        sums), ``nbytes`` (the state it holds), ``add(d)`` with ``d`` of shape
-        ``[k_piece, n, *out_shape[1:]]`` and ``result() -> {attr: Σ_{k,i} |g_{k,i}|^power}``.
-        ``out_shape``: the layer output's shape, sample axis first. Return None when its state
-        would exceed ``max_bytes``."""
+    def column_accumulator(self, module: nn.Module, a: Tensor, out_shape: Tuple[int, ...], req: Request):
+        """An accumulator over the ``req.columns`` cotangent columns of a run, which arrive in
+        pieces, or None (the default: each piece goes through :meth:`column_sums`). It has
+        ``covers`` (the attributes it sums), ``nbytes`` (the state it will hold: the engine grants
+        it or not), ``add(d)`` with ``d`` of shape ``[k_piece, n, *out_shape[1:]]`` and
+        ``result() -> {attr: Σ_{k,i} value}``. ``out_shape``: the layer output's shape, sample
+        axis first."""
         return None
 
 
@@ -155,6 +132,7 @@ class FunctionRule(Rule):
         return f"FunctionRule({getattr(self.fn, '__qualname__', self.fn)!r})"
 
 
+#: the registered rules, by layer class
 RULES: Dict[type, Rule] = {}
 
 
@@ -207,3 +185,9 @@ def rule_for(module: nn.Module) -> Optional[Rule]:
                 return RULES[base]
             return None
     return None
+
+
+def pow_(x: Tensor, power: int) -> Tensor:
+    """|x|^power for power 1 or 2 (the built-in rules' closed forms)."""
+    return x.abs() if power == 1 else x * x
+

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._registry import Rule, _pow, register_rule
+from ..quantity import Sums
+from .base import Rule, register_rule
 
 
 @register_rule(nn.Embedding)
@@ -52,23 +53,23 @@ class EmbeddingRule(Rule):
             out /= cnt.clamp_min(1).unsqueeze(1)
         return {"weight": out.reshape(a.shape[0], v, dim)}
 
-    def sums(self, module, a, d, want, power, chunk, total):
-        if "weight" not in set(want):
-            return {}, ({} if total else None)
+    def sums(self, module, a, d, req):
+        if "weight" not in req.attrs:
+            return Sums({}, {} if req.totals else None)
         flat, df, sample, v, dim = self._rows(module, a, d)
         freq = module.scale_grad_by_freq
         uniq, inv, cnt = torch.unique(sample * v + flat, return_inverse=True, return_counts=True)
         agg = torch.zeros(uniq.numel(), dim, dtype=d.dtype, device=d.device).index_add_(0, inv, df)
         if freq:  # sample i's gradient: occurrences within sample i
             agg /= cnt.to(d.dtype).unsqueeze(1)
-        res = torch.zeros(v, dim, dtype=d.dtype, device=d.device).index_add_(0, uniq % v, _pow(agg, power))
-        tots = None
-        if total:
+        res = torch.zeros(v, dim, dtype=d.dtype, device=d.device).index_add_(0, uniq % v, req.quantity.of(agg))
+        totals = None
+        if req.totals:
             if freq:  # the minibatch gradient: occurrences over the whole call
                 per_row = torch.bincount(flat, minlength=v).to(d.dtype)
                 df = df / per_row[flat].unsqueeze(1)
-            tots = {"weight": torch.zeros(v, dim, dtype=d.dtype, device=d.device).index_add_(0, flat, df)}
-        return {"weight": res}, tots
+            totals = {"weight": torch.zeros(v, dim, dtype=d.dtype, device=d.device).index_add_(0, flat, df)}
+        return Sums({"weight": res}, totals)
 
 
 def _occurrences(key: Tensor) -> Tensor:
