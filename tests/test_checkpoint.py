@@ -275,7 +275,6 @@ README_PRELUDE = textwrap.dedent(r'''
 ''')
 
 
-@pytest.mark.slow
 def test_readme_checkpoint_recipe_resumes_bit_identically(tmp_path):
     """The README's checkpoint block, pasted as it stands: a run interrupted after 2 experiences and
     resumed in a fresh process ends with the parameters, Adam moments and plugin state of a run that

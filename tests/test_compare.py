@@ -670,7 +670,6 @@ def test_stop_flag_ends_the_sweep_before_the_next_run(tmp_path):
 CELL = Settings(epochs=1, max_train_per_class=8, max_test_per_class=4)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("scenario", runner.SCENARIOS)
 def test_every_method_trains_in_every_scenario_or_is_left_out_for_a_true_reason(scenario):
     """Every method of the catalog (the default set among them) trains one tiny run in every
@@ -786,7 +785,6 @@ def test_cli_decades_with_quick_is_refused(tmp_path, capsys):
     assert "--decades is not used with --quick" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_cli_ctrl_c_on_a_worker_pool_prints_no_worker_traceback(tmp_path):
     """Ctrl-C at a terminal reaches every process of the group: the workers leave quietly and the
     parent says what it kept."""

@@ -123,7 +123,6 @@ def test_every_import_is_declared_and_every_declared_package_is_imported():
     assert core <= used_core | used_exp and experiments <= used_exp, "a declared dependency is never imported"
 
 
-@pytest.mark.slow
 def test_math_modules_import_neither_avalanche_nor_plotting():
     # one fresh interpreter imports them one by one and looks at sys.modules after each
     # (not for tqdm: torch.hub imports it with torch)
@@ -199,23 +198,28 @@ def test_wheel_metadata(wheel):
     assert "pcreg-compare = avalanche_pcreg.experiments.compare:main" in entry_points
 
 
-def test_conftest_marker_rules_name_existing_tests():
-    """A renamed test must not silently drop out of the slow / upstream sets."""
+def test_slow_tier_is_measured_and_names_existing_tests():
+    """The slow tier comes from tests/durations.json (make durations): every test it marks slow was
+    measured above the threshold, and every measured test still exists (a renamed test would drop out
+    of the slow tier silently)."""
+    import json
+
     import conftest
 
-    def source(module):
-        path = ROOT / "tests" / module
-        assert path.is_file(), f"conftest names {module}, which does not exist"
-        return path.read_text()
-
-    for module in conftest.SLOW_MODULES:
-        source(module)
-    for module, fixture in conftest.SLOW_FIXTURES:
-        text = source(module)
-        assert re.search(rf"^def {fixture}\(", text, re.M), (module, fixture)
-        assert re.search(rf"^def test_\w+\([^)]*\b{fixture}\b", text, re.M), (module, fixture)
-    for module, func in conftest.SLOW_TESTS | conftest.UPSTREAM_TESTS:
-        assert re.search(rf"^def {func}\(", source(module), re.M), (module, func)
+    data = json.loads(conftest.DURATIONS.read_text())
+    tests = data["tests"]
+    assert tests and data["seconds_slow"] == conftest.SLOW_SECONDS
+    slow = [k for k, v in tests.items() if v > conftest.SLOW_SECONDS]
+    assert slow, "nothing measured slow: the tier would be empty"
+    for nodeid in tests:
+        path, _, name = nodeid.partition("::")
+        text = (ROOT / path).read_text() if (ROOT / path).is_file() else ""
+        func = name.split("[")[0].split("::")[-1]
+        assert re.search(rf"^\s*(async )?def {func}\(", text, re.M), f"durations.json names {nodeid}, which does not exist"
+    for key in data["fixtures"]:
+        module, _, fixture = key.partition("::")
+        if module != "*":
+            assert re.search(rf"^def {fixture}\(", (ROOT / "tests" / module).read_text(), re.M), key
 
 
 def test_pytest_markers_are_registered():

@@ -50,12 +50,11 @@ def test_qpsolvers_warns_without_solvers():
 
 @pytest.mark.parametrize("entry", [
     "import avalanche_pcreg\nfrom avalanche_pcreg import ParameterChangePlugin",
-    pytest.param("from avalanche_pcreg.training import EWC", marks=pytest.mark.slow),
-    pytest.param("from avalanche_pcreg.experiments.data import make_benchmark", marks=pytest.mark.slow),
-    pytest.param("import torch\nfrom avalanche_pcreg import compute_importance\n"
-                 "x, y = torch.randn(8, 3), torch.arange(8) % 2\n"
-                 "compute_importance(torch.nn.Linear(3, 2), torch.utils.data.TensorDataset(x, y), 'empirical_fisher')",
-                 marks=pytest.mark.slow),
+    "from avalanche_pcreg.training import EWC",
+    "from avalanche_pcreg.experiments.data import make_benchmark",
+    "import torch\nfrom avalanche_pcreg import compute_importance\n"
+    "x, y = torch.randn(8, 3), torch.arange(8) % 2\n"
+    "compute_importance(torch.nn.Linear(3, 2), torch.utils.data.TensorDataset(x, y), 'empirical_fisher')",
 ])
 def test_no_qp_solver_warning_at_import(entry):
     r = _run(entry + "\nimport avalanche.training\n" + CHECK)

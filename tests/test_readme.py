@@ -150,7 +150,6 @@ def test_readme_blocks_are_self_contained_or_say_what_they_continue():
                                "them, or start it with '# continues the block above'")
 
 
-@pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path, monkeypatch):
     """Each block as pasted: a self-contained one alone in a fresh namespace, a continuation after the
     block it continues, in that block's namespace."""
