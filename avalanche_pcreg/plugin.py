@@ -4,13 +4,17 @@ Where it lives in Avalanche's loop (0.6):
 
 * ``before_training_exp``: the model has adapted (heads have grown); the state is aligned to
   the current parameters (grown entries padded and free), and a trajectory estimator (SI,
-  RWalk) starts its path statistics.
+  RWalk) starts its path statistics. With ``factor="auto"`` the factor is searched for here, on
+  copies of the model and the experience's data (:mod:`avalanche_pcreg.factor_search`).
 * ``before_training_iteration``, ``after_backward``, ``before_update``, ``after_update``: forwarded
   to a trajectory estimator (``si``, ``avalanche_si``, ``rwalk``, ...; see ``importance.trajectory``).
 * ``before_backward``: ``strategy.loss += penalty``; a non-finite penalty is reported at once
   (on CUDA, at the end of the epoch, without a per-step host synchronisation).
 * ``before_training_epoch`` / ``after_training_epoch``: the epoch's mean penalty, from a clean
-  log of its penalties (one float64 entry per step, on their device), is published.
+  log of its penalties (one float64 entry per step, on their device), is published. In the last
+  epoch of an experience with a penalty, ``after_training_iteration`` counts the correct
+  predictions (on the device), and its end checks whether the penalty holds the model
+  (:mod:`avalanche_pcreg._guards`).
 * ``after_training_exp``: at a real task boundary, importances are estimated, merged with the
   current parameters as anchors, and swapped in only once everything succeeded.
 
@@ -30,17 +34,21 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import _avalanche  # noqa: F401  (before Avalanche: its import without qpsolvers' warning)
 from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.utils import _at_task_boundary
 
 from ._checks import check_choice, check_finite_parameter, check_nonneg_finite, check_positive_int, check_seed
 from ._data import IMPORTANCE_DATA, importance_criterion, importance_dataset
-from ._guards import capped, penalty_ratio_message, sgd_instability
+from ._guards import (PlasticityMonitor, capped, held_message, held_statistics, near_chance, penalty_ratio_message,
+                      sgd_instability)
+from .factor_search import as_factor_search, optimizer_like, probe_balance, search_factor
 from ._stats import importance_stats
 from .importance import TrajectoryEstimator, compute_importance, resolve_estimator
-from .importance._common import check_output_transform, eval_mode, model_forward
+from .importance._common import check_criterion, check_output_transform, eval_mode, model_output
 from .selection import ParameterSelection, canonical_name, named_parameters, raw_names, unwrap
+from .penalty import IMPLS
 from .state import ConsolidatedState
 
 __all__ = ["ParameterChangePlugin", "IMPORTANCE_DATA"]
@@ -53,7 +61,18 @@ ON_NONFINITE = ("raise", "warn")
 class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
     """Parameter-change regularization ``factor * sum_i w_i (theta_i - theta*_i)**2``.
 
-    :param factor: lambda/2 of the EWC paper; equals Avalanche's ``ewc_lambda``. Finite, >= 0.
+    :param factor: lambda/2 of the EWC paper; equals Avalanche's ``ewc_lambda``. Finite, >= 0; or
+        ``"auto"``: chosen at the start of every experience after the first by a short search on
+        that experience's own data (a maximal-plasticity fine-tuning, then a factor decayed from a
+        high, scale-aware start until the new experience's held-out accuracy is within ``tol`` of
+        the plastic one: De Lange et al. 2021; :mod:`avalanche_pcreg.factor_search`,
+        docs/factor-search.md). The search trains copies of the model, never the model; each choice
+        goes to ``history`` (``"factor"``, ``"factor_search"``) and to Avalanche's loggers
+        (``ParameterChange/factor``, ``.../search_plastic_accuracy``, ``.../search_accuracy``);
+        ``state_dict`` keeps the current factor.
+    :param factor_search: the options of ``factor="auto"``: a
+        :class:`~avalanche_pcreg.factor_search.FactorSearch` (``tol=0.2, decay=0.5, epochs=1,
+        validation=0.2, max_steps=10, start_ratio=16``) or a dict of its fields; None: the defaults.
     :param importance: a registered estimator name (data passes: ``uniform``,
         ``empirical_fisher``, ``fisher``, ``expected_fisher``, ``minibatch_fisher``, ``mas``,
         ``avalanche_mas``; trajectory estimators: ``si``, ``avalanche_si``, ``rwalk``,
@@ -68,12 +87,33 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
     :param decay: online mode's decay (default 1.0); an error with ``mode="separate"``.
     :param batch_size: batch size of the importance pass; None uses ``train_mb_size``.
     :param num_samples: a seeded random subset of the experience; None uses all of it.
-    :param criterion: the loss of ``empirical_fisher`` (per sample) and ``minibatch_fisher``.
-        None: cross-entropy for the per-sample Fisher (the model's log-likelihood) and the
-        strategy's criterion for ``minibatch_fisher`` (as Avalanche's ``EWCPlugin``).
+    :param criterion: the loss of the importance pass; None (default): the strategy's criterion.
+        ``empirical_fisher`` (and ``rwalk_fisher``'s Fisher) uses it per sample: a torch loss with
+        ``reduction='none'``, summed over the non-sample dimensions (``MSELoss``,
+        ``BCEWithLogitsLoss``, ``L1Loss``, ``HuberLoss``, ``CrossEntropyLoss`` with class weights:
+        ``weight[y_n] * loss_n``...), or a callable ``(output, target) -> per-sample losses [N]``.
+        ``fisher`` and ``expected_fisher`` take its likelihood: ``CrossEntropyLoss`` /
+        ``NLLLoss`` a softmax, ``BCEWithLogitsLoss`` a Bernoulli per output, ``MSELoss`` a
+        unit-variance Gaussian per output; another criterion is a ValueError naming it.
+        ``minibatch_fisher`` uses it as it is (Avalanche's ``EWCPlugin``). A strategy criterion
+        that is not a torch loss (a function, ICaRL's loss...) cannot be made per sample: the
+        per-sample estimators then use the model's likelihood on class-index targets, with a
+        warning, and float targets are a ValueError asking for ``criterion=``.
+        What it receives: a criterion given here gets the logits (the output after
+        ``output_transform``, or as found in a dict / ``.logits`` output); the strategy's
+        criterion, where it is called as it is (``minibatch_fisher``, ``rwalk``'s task gradient),
+        gets the model's raw output, as the strategy and Avalanche's plugins give it (a criterion
+        written for a dict output keeps working); the per-sample estimators use it only when it
+        is a torch loss, which gets the logits.
     :param include, exclude: name patterns (``fnmatch``, e.g. ``"features.*"``,
         ``"*.bn*"``) of parameters to regularize / leave out.
     :param parameters: a callable ``(name, param) -> bool`` selecting parameters.
+    :param include_modules, exclude_modules: select by the module that holds a parameter: an
+        ``nn.Module`` subclass, a tuple of them, or a predicate ``(module) -> bool``; the parameters
+        held directly by the modules it selects are regularized / left out.
+        ``exclude_modules=norm_layers`` (:func:`avalanche_pcreg.selection.norm_layers`) leaves out
+        every normalization layer (BatchNorm, GroupNorm, LayerNorm, ...) whatever its name.
+        ``include_modules`` that holds no parameter is an error at the first experience.
     :param importance_data: ``"experience"`` (the experience's dataset) or ``"adapted"`` (what
         the strategy trained on, replay buffer included); both with eval transforms.
     :param xi: SI's damping term in ``omega / (delta**2 + xi)``.
@@ -92,9 +132,23 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         with a warning; the stored state is unchanged. False (default): warn only. Where SGD is
         stable the cap does not bind and nothing changes.
     :param warn_ratio: warn when, on the first iteration of an experience where the penalty is
-        non-zero, it exceeds the task loss by this factor (None: never).
+        non-zero, it exceeds the task loss by this factor (None: never). The warning names the
+        estimator in use and the factor at which the two would be equal.
+    :param warn_frozen: after the last epoch of an experience with a penalty, warn (any optimizer)
+        when the training accuracy on the experience stays near chance (within 10 % of the way
+        from chance, 1 / the classes its labels cover, to 1) while the penalty's gradient is at
+        least half the task loss's and the factor is above twice the *balance factor* (the factor
+        at which a few unpenalized optimizer steps on the last minibatch gain as much task loss
+        as they cost penalty, measured on a copy): the penalty holds the model at its anchors.
+        The warning names the estimator and the balance factor. True by default.
+    :param keep_importance_data: also keep the importances each consolidation merged (after
+        ``importance_scale``), per experience, in ``kept_importances`` (``{experience: {name:
+        tensor}}``, CPU copies; O(T * P) memory) and in ``state_dict``, for inspection, like
+        Avalanche's ``EWCPlugin(keep_importance_data=True)``. The penalty uses the consolidated
+        state either way. False by default.
     :param seed: seeds the importance subset and ``fisher``'s sampled labels.
-    :param impl: penalty kernel, ``"foreach"`` or ``"forloop"``; None picks per device.
+    :param impl: penalty kernel, ``"compiled"``, ``"forloop"`` or ``"foreach"``; None picks per
+        device and size (:func:`avalanche_pcreg.penalty.default_impl`).
     :param chunk_size: samples whose per-sample gradients the importance pass forms at once
         (see :func:`~avalanche_pcreg.compute_importance`); None: 16 on the CPU, 256 on a GPU.
     :param strict: stored parameter names missing from the model at the start of an experience
@@ -102,7 +156,9 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
     :param on_nonfinite: a non-finite penalty raises FloatingPointError (``"raise"``) or warns
         once (``"warn"``).
     :param output_transform: ``model_output -> logits`` for the importance pass of a model that
-        returns a tuple, dict or object (see :func:`compute_importance`); ``criterion`` then gets logits.
+        returns a tuple, dict or object (see :func:`compute_importance`); the estimators and a
+        ``criterion`` given here then get those logits. The strategy's criterion, where called as
+        it is (``minibatch_fisher``, ``rwalk``), gets the raw output (see ``criterion``).
 
     Frozen parameters (``requires_grad=False``) are never regularized. Parameters that got no
     gradient get zero importance. Names are those of the plain model: DDP/DataParallel's
@@ -114,7 +170,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
 
     def __init__(
         self,
-        factor: float,
+        factor: Union[float, str],
         importance: Union[str, Callable] = "empirical_fisher",
         mode: str = "separate",
         decay: Optional[float] = None,
@@ -125,6 +181,8 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         include=None,
         exclude=None,
         parameters: Optional[Callable[[str, Tensor], bool]] = None,
+        include_modules=None,
+        exclude_modules=None,
         importance_data: str = "experience",
         xi: float = 0.1,
         seed: int = 0,
@@ -138,9 +196,31 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         strict: bool = True,
         on_nonfinite: str = "raise",
         output_transform: Optional[Callable] = None,
+        factor_search=None,
+        keep_importance_data: bool = False,
+        warn_frozen: bool = True,
     ):
         super().__init__()
+        # factor="auto": chosen per experience by a short search (avalanche_pcreg.factor_search)
+        self.factor_search = None
+        if isinstance(factor, str):
+            if factor != "auto":
+                raise TypeError(f"factor must be a real number >= 0 or 'auto', got str {factor!r}")
+            self.factor_search, factor = as_factor_search(factor_search), 0.0
+        elif factor_search is not None:
+            raise ValueError("factor_search is used only with factor='auto'; got factor="
+                             f"{factor!r} with factor_search={factor_search!r}")
         self.factor = check_nonneg_finite("factor", factor)
+        if not isinstance(keep_importance_data, bool):
+            raise TypeError(f"keep_importance_data must be a bool, got {type(keep_importance_data).__name__}")
+        self.keep_importance_data = keep_importance_data
+        self.kept_importances: Dict[int, Dict[str, Tensor]] = {}  # experience -> what it merged (on request)
+        if not isinstance(warn_frozen, bool):
+            raise TypeError(f"warn_frozen must be a bool, got {type(warn_frozen).__name__}")
+        self.warn_frozen = warn_frozen
+        self._monitor: Optional[PlasticityMonitor] = None  # the last epoch's training accuracy
+        self._frozen_check = False
+        self._search_record: Optional[dict] = None  # the search of the current experience, for history
         # The state checks mode and decay, and resolves online mode's default decay (1.0).
         self._state = ConsolidatedState(mode, decay)
         self._record = resolve_estimator(importance)
@@ -181,11 +261,11 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         self.warn_ratio = None if warn_ratio is None else check_nonneg_finite("warn_ratio", warn_ratio)
         self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
         self.num_samples = check_positive_int("num_samples", num_samples, allow_none=True)
-        self.criterion = criterion
-        self._selection = ParameterSelection(include, exclude, parameters)
+        self.criterion = check_criterion(criterion)
+        self._selection = ParameterSelection(include, exclude, parameters, include_modules, exclude_modules)
         self.importance_data = check_choice("importance_data", importance_data, IMPORTANCE_DATA)
         if impl is not None:
-            check_choice("impl", impl, ("foreach", "forloop"))
+            check_choice("impl", impl, IMPLS)
         self.seed, self.impl = check_seed("seed", seed), impl
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be a bool, got {type(strict).__name__} {strict!r}")
@@ -230,6 +310,14 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         return self._selection.parameters
 
     @property
+    def include_modules(self):
+        return self._selection.include_modules
+
+    @property
+    def exclude_modules(self):
+        return self._selection.exclude_modules
+
+    @property
     def importances(self) -> Dict[str, Tensor]:
         """A (the consolidated importance) per parameter name."""
         return dict(self._state.importances)
@@ -249,7 +337,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
 
     def selected_parameters(self, model: nn.Module) -> Dict[str, Tensor]:
         """The parameters this plugin regularizes, by canonical name (trainable and selected)."""
-        return self._selection.select(named_parameters(model))
+        return self._selection.select(named_parameters(model), model)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -257,11 +345,16 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
               "state": self._state.state_dict(), "history": list(self.history)}
         if self._tracker is not None:
             sd["tracker"] = self._tracker.state_dict()
+        if self.factor_search is not None:
+            sd["factor_search"] = self.factor_search.as_dict()
+        if self.keep_importance_data:
+            sd["kept_importances"] = {k: dict(v) for k, v in self.kept_importances.items()}
         return sd
 
     def load_state_dict(self, sd: dict, map_location=None, strict: bool = False) -> None:
         """Restore a :meth:`state_dict`. One saved with another ``importance`` or ``factor`` warns,
-        or raises ValueError with ``strict=True``; another mode or decay always raises."""
+        or raises ValueError with ``strict=True``; another mode or decay always raises. With
+        ``factor="auto"`` the saved factor (the last one chosen) is taken over."""
         if not isinstance(sd, dict):
             raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
         missing = [k for k in ("version", "importance", "state") if k not in sd]
@@ -277,7 +370,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             )
         differ = [f"{key}={sd[key]!r} (this plugin: {key}={mine!r})"
                   for key, mine in (("importance", self.importance_name), ("factor", self.factor))
-                  if key in sd and sd[key] != mine]
+                  if key in sd and sd[key] != mine and not (key == "factor" and self.factor_search is not None)]
         if differ:
             msg = ("state_dict was saved with " + ", ".join(differ) + "; the loaded importances and anchors are "
                    "used as they are, with this plugin's settings from now on")
@@ -287,6 +380,10 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         self._state = state
         self._penalty_state = None
         self.history = list(sd.get("history", []))
+        if self.factor_search is not None and "factor" in sd:
+            self.factor = check_nonneg_finite("factor", sd["factor"])
+        if self.keep_importance_data:
+            self.kept_importances = {int(k): dict(v) for k, v in sd.get("kept_importances", {}).items()}
         if self._tracker is not None and "tracker" in sd:
             self._tracker.load_state_dict(sd["tracker"])
 
@@ -318,7 +415,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_exp(self, strategy, *args, **kwargs):
         named = named_parameters(strategy.model)
-        self._selection.check_patterns(named)
+        self._selection.check_patterns(named, strategy.model)
         if self._open_task is not None and _at_task_boundary(strategy.experience, before=True):
             # A new task starts but the previous one was never closed by an is_last_subexp flag:
             # consolidate it now, with the model as it left that task.
@@ -330,17 +427,25 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             if self.strict:
                 raise ValueError(msg + ". Pass strict=False to train on without them.")
             warnings.warn(msg, stacklevel=2)
-        params = self._selection.select(named)
+        params = self._selection.select(named, strategy.model)
         self._selected_names = tuple(params)
         self._state = self._state.aligned(named)
         if self._tracker is not None and _at_task_boundary(strategy.experience, before=True):
             self._tracker.begin(params)
+        if (self.factor_search is not None and not self._state.empty
+                and _at_task_boundary(strategy.experience, before=True)):
+            self._search_factor(strategy)
         self._ratio_checked = self.warn_ratio is None
         self._check_stability(strategy)
+        self._frozen_check = self.warn_frozen and not self._state.empty and self.factor > 0
+        self._monitor = None
 
     def before_training_epoch(self, strategy, *args, **kwargs):
         self._reset_counters()  # an epoch interrupted by an exception leaks nothing into this one
         self._epoch = strategy.clock.train_exp_epochs
+        # the held-by-the-penalty check reads the training accuracy of the experience's last epoch
+        last = self._epoch == int(getattr(strategy, "train_epochs", 1) or 1) - 1
+        self._monitor = PlasticityMonitor() if self._frozen_check and last else None
 
     def before_training_iteration(self, strategy, *args, **kwargs):
         self._iterations += 1
@@ -349,12 +454,13 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
 
     def _task_gradient(self, strategy) -> None:
         """The gradient of the strategy's criterion alone on the current minibatch, in eval mode
-        (as Avalanche's RWalkPlugin computes it), handed to the trajectory estimator."""
+        (as Avalanche's RWalkPlugin computes it), handed to the trajectory estimator. The criterion
+        gets the model's raw output, as in training and in Avalanche's RWalkPlugin."""
         params = self._tracked_params(strategy)
         model = unwrap(strategy.model)
         names = [n for n, p in params.items() if p.requires_grad]
         with eval_mode(model), torch.enable_grad():
-            out = model_forward(model, strategy.mb_x, strategy.mb_task_id)
+            out = model_output(model, strategy.mb_x, strategy.mb_task_id)
             loss = strategy._criterion(out, strategy.mb_y)
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         self._tracker.task_gradient(params, dict(zip(names, grads)))
@@ -363,21 +469,24 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         self._backwards += 1
         if self._state.empty:
             return
-        params = named_parameters(strategy.model)
-        name, A = next(iter(self._state.importances.items()))
-        if name in params and params[name].device != A.device:  # the model moved mid-experience
-            self._state = self._state.aligned(params)
-            self._check_stability(strategy)
+        # names matched to parameters once, until the model's parameters change (ConsolidatedState.bind)
         state = self._penalty_state if self._penalty_state is not None else self._state
-        pen = state.penalty(params, self.factor, impl=self.impl)
+        bound = state.bind(strategy.model)
+        if bound.moved:  # the model moved to another device mid-experience
+            self._state = self._state.aligned(named_parameters(strategy.model))
+            self._check_stability(strategy)
+            state = self._penalty_state if self._penalty_state is not None else self._state
+            bound = state.bind(strategy.model)
+        pen = bound(self.factor, impl=self.impl)
         if not self._ratio_checked:
             self._check_ratio(strategy, pen)
         strategy.loss += pen
         detached = pen.detach()
         self._log_penalty(detached)
         if detached.device.type in self._check_every_step_on:
-            if not bool(torch.isfinite(detached)):  # free on the CPU
-                self._nonfinite(strategy, float(detached), self._iterations)
+            value = float(detached)  # free on the CPU
+            if not abs(value) < float("inf"):  # NaN or +-inf (a Python comparison: no tensor op)
+                self._nonfinite(strategy, value, self._iterations)
         # elsewhere the log is read once, at the end of the epoch (first non-finite iteration, mean)
 
     def _log_penalty(self, value: Tensor) -> None:
@@ -455,6 +564,10 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         if self._tracker is not None:
             self._tracker.after_update(self._tracked_params(strategy))
 
+    def after_training_iteration(self, strategy, *args, **kwargs):
+        if self._monitor is not None:
+            self._monitor.update(strategy.mb_output, strategy.mb_y, self.output_transform)
+
     def after_training_epoch(self, strategy, *args, **kwargs):
         if self._iterations > 0 and self._backwards == 0:
             raise RuntimeError(
@@ -473,6 +586,9 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             mean = float(values.sum()) / count
             self._publish(strategy, "penalty_epoch", mean, strategy.clock.train_iterations)
         self._reset_counters()
+        if self._monitor is not None:  # the last epoch of an experience with a penalty
+            monitor, self._monitor = self._monitor, None
+            self._check_frozen(strategy, monitor)
 
     def after_training_exp(self, strategy, *args, **kwargs):
         experience = strategy.experience
@@ -487,7 +603,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         self._open_task = None
         model = unwrap(strategy.model)
         named = named_parameters(model)
-        params = self._selection.select(named)
+        params = self._selection.select(named, model)
         for name, p in params.items():  # before the importance pass: a clear error, state unchanged
             check_finite_parameter(name, p.detach())
         exp_id = getattr(experience, "current_experience", strategy.clock.train_exp_counter)
@@ -536,7 +652,90 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         elapsed = time.perf_counter() - start
         self._state = new_state
         self._penalty_state = None
+        if self.keep_importance_data:
+            self.kept_importances[int(exp_id)] = {n: v.detach().to("cpu", copy=True) for n, v in importances.items()}
         self._publish_importance_stats(strategy, importances, elapsed, exp_id)
+
+    # ------------------------------------------------------------------ factor="auto" and the frozen check
+    def _search_factor(self, strategy) -> None:
+        """``factor="auto"``: choose this experience's factor by a short search on copies of the model,
+        with the experience's own data only (:mod:`avalanche_pcreg.factor_search`)."""
+        exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
+        model = unwrap(strategy.model)
+        optimizer = strategy.optimizer
+        data = strategy.experience.dataset
+        names_by_id = {id(p): canonical_name(n) for n, p in model.named_parameters()}
+        steps = -(-len(data) // int(strategy.train_mb_size)) * int(getattr(strategy, "train_epochs", 1) or 1)
+        states: dict = {}
+
+        def state_for(factor: float):
+            """The stored state at ``factor``; None where the penalty alone would make plain SGD
+            unstable (a short phase may not show it; the search then passes over the factor)."""
+            if factor not in states:
+                unstable, _ = sgd_instability(optimizer, self._state.importances, names_by_id, factor, steps,
+                                              self.importance_name, None)
+                states[factor] = None if unstable else self._state
+            return states[factor]
+
+        result = search_factor(
+            model, data, options=self.factor_search,
+            make_optimizer=lambda copy: optimizer_like(optimizer, model, copy),
+            criterion=strategy._criterion,
+            penalty=lambda copy, f: state_for(f).penalty(named_parameters(copy), f, impl=self.impl),
+            batch_size=int(strategy.train_mb_size),
+            eval_batch_size=getattr(strategy, "eval_mb_size", None),
+            device=strategy.device,
+            seed=self.seed + int(strategy.clock.train_exp_counter),
+            output_transform=self.output_transform,
+            train_epochs=int(getattr(strategy, "train_epochs", 1) or 1),
+            admissible=lambda f: state_for(f) is not None,
+        )
+        self.factor = result.factor
+        self._search_record = result.record()
+        if not result.met:
+            warnings.warn(
+                f"factor='auto': in experience {exp_id} no factor tried reached (1 - tol) * the plastic accuracy "
+                f"= {result.threshold:.4f} on the held-out data (tried {[f'{f:.3g}' for f, _ in result.tried]}, "
+                f"accuracies {[('SGD-unstable' if a is None else f'{a:.3f}') for _, a in result.tried]}); using the "
+                f"smallest, {result.factor:.4g}. "
+                "Raise FactorSearch(max_steps=...) or lower start_ratio", RuntimeWarning)
+        x = int(strategy.clock.train_exp_counter)
+        for name, value in (("factor", result.factor), ("search_plastic_accuracy", result.plastic_accuracy),
+                            ("search_accuracy", result.accuracy)):
+            self._publish(strategy, name, value, x)
+
+    def _check_frozen(self, strategy, monitor: PlasticityMonitor) -> None:
+        """After the last epoch of an experience with a penalty: warn when the training accuracy is
+        near chance, the penalty's gradient is at least half the task loss's and the factor is above
+        twice the balance factor of a short probe (any optimizer)."""
+        accuracy, n_classes = monitor.result()
+        if accuracy is None or not near_chance(accuracy, n_classes) or self.factor == 0:
+            return
+        x, y, t = getattr(strategy, "mb_x", None), getattr(strategy, "mb_y", None), getattr(strategy, "mb_task_id", None)
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            return
+        model = unwrap(strategy.model)
+        state = self._penalty_state if self._penalty_state is not None else self._state
+        try:
+            stats = held_statistics(model, state, self.factor, x, y, t, strategy._criterion, impl=self.impl)
+        except Exception:  # noqa: BLE001  a strategy whose minibatch is not (x, y) as it trains on (AR1...):
+            return  # the check is a diagnosis, never a reason for a run to fail
+        if stats is None or stats["pen_grad"] < 0.5 * stats["task_grad"]:
+            return
+        try:
+            balance = probe_balance(model, x, y, t, make_optimizer=lambda copy: optimizer_like(strategy.optimizer, model, copy),
+                                    criterion=strategy._criterion,
+                                    penalty=lambda copy, f: state.penalty(named_parameters(copy), f, impl=self.impl))
+        except Exception:  # noqa: BLE001  an optimizer that cannot be rebuilt...: the warning goes without it
+            balance = None
+        if balance is not None and self.factor < 2.0 * balance:
+            return  # the factor is not above the balance: whatever holds the model, it is not the penalty alone
+        exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
+        warnings.warn(held_message(exp_id=exp_id, accuracy=accuracy, n_classes=n_classes, factor=self.factor,
+                                   importance=self.importance_name, optimizer=type(strategy.optimizer).__name__,
+                                   pen_grad=stats["pen_grad"], task_grad=stats["task_grad"],
+                                   cosine=stats["cosine"], balance=balance,
+                                   auto=self.factor_search is not None), RuntimeWarning)
 
     # ------------------------------------------------------------------ helpers
     def _publish(self, strategy, name: str, value: float, x: int) -> None:
@@ -552,5 +751,9 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         x = int(strategy.clock.train_exp_counter)
         for k, v in stats.items():
             self._publish(strategy, k, v, x)
-        self.history.append({"experience": exp_id, **stats, "importance_time_s": elapsed,
-                             "state_bytes": self._state.nbytes()})
+        entry = {"experience": exp_id, **stats, "importance_time_s": elapsed, "state_bytes": self._state.nbytes()}
+        if self.factor_search is not None:  # the factor this experience trained with, and how it was chosen
+            entry["factor"] = self.factor
+            if self._search_record is not None:
+                entry["factor_search"], self._search_record = self._search_record, None
+        self.history.append(entry)

@@ -30,16 +30,17 @@ Framework-free: torch only.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+import weakref
+from typing import Dict, Mapping, Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._checks import check_choice, check_finite_parameter, check_importance_tensor, check_nonneg_finite, leading_slice
-from .penalty import quadratic_penalty
-from .selection import canonical_name
+from .penalty import IMPLS, apply_penalty, check_impl, compiled_kernel, default_impl
+from .selection import canonical_name, named_parameters
 
-__all__ = ["ConsolidatedState", "MODES", "STATE_VERSION"]
+__all__ = ["ConsolidatedState", "BoundPenalty", "MODES", "STATE_VERSION"]
 
 MODES = ("separate", "online")
 STATE_VERSION = 1
@@ -75,6 +76,7 @@ class ConsolidatedState:
         self.const = torch.zeros((), dtype=torch.float64)
         self.num_consolidations = 0
         self._const_cache: Dict[tuple, Tensor] = {}
+        self._bound: Optional["BoundPenalty"] = None
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -95,7 +97,18 @@ class ConsolidatedState:
         new.const = self.const
         new.num_consolidations = self.num_consolidations
         new._const_cache = {}
+        new._bound = None
         return new
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_const_cache"], d["_bound"] = {}, None  # caches: device tensors, weak references
+        return d
+
+    def __setstate__(self, d):
+        d.setdefault("_const_cache", {})
+        d.setdefault("_bound", None)
+        self.__dict__.update(d)
 
     # ------------------------------------------------------------------ updates
     def consolidated(self, importances: Mapping[str, Tensor], params: Mapping[str, Tensor],
@@ -187,23 +200,47 @@ class ConsolidatedState:
 
     # ------------------------------------------------------------------ penalty
     def _const_on(self, device, dtype, factor: float) -> Tensor:
-        """c on ``device``: in ``dtype``, or in float64 where ``factor * c`` would not fit ``dtype``."""
+        """``factor * c`` on ``device``: in ``dtype``, or in float64 where it would not fit ``dtype``."""
         key = (device, dtype, factor)
         c = self._const_cache.get(key)
         if c is None:
-            value = float(self.const)  # a CPU tensor: no device synchronisation
-            fits = value * max(factor, 1.0) <= torch.finfo(dtype).max / 4  # headroom for the quadratic part
-            c = self.const.to(device=device, dtype=dtype if fits else torch.float64)
+            value = float(self.const) * factor  # a CPU tensor: no device synchronisation
+            fits = value <= torch.finfo(dtype).max / 4  # headroom for the quadratic part
+            c = torch.tensor(value, dtype=dtype if fits else torch.float64, device=device)
             self._const_cache[key] = c
         return c
 
-    def penalty(self, params: Mapping[str, Tensor], factor: float, impl: Optional[str] = None) -> Tensor:
+    def bind(self, model: nn.Module) -> "BoundPenalty":
+        """The penalty of this state for ``model``, with the parameters matched to the stored names
+        once and kept until the model's parameters change (see :class:`BoundPenalty`)."""
+        bound = self._bound
+        if bound is None or not bound.valid(model):
+            bound = self._bound = BoundPenalty(self, model)
+        return bound
+
+    def penalty(self, params: Union[Mapping[str, Tensor], nn.Module], factor: float,
+                impl: Optional[str] = None) -> Tensor:
         """``factor * (sum A (theta - mu)**2 + c)`` over the stored names present in ``params``.
 
-        Parameters absent from ``params`` are skipped; grown ones are compared on their leading
-        block (call :meth:`aligned` once per experience to avoid the slicing). The value has the
-        parameters' dtype, or float64 when c does not fit that dtype.
+        ``params`` maps canonical names to parameters, or is the model itself (then the matching is
+        done once and cached: :meth:`bind`). Parameters absent from ``params`` are skipped; grown
+        ones are compared on their leading block (call :meth:`aligned` once per experience to avoid
+        the slicing). The value has the parameters' dtype, or float64 when c does not fit that
+        dtype. ``impl``: see :func:`~avalanche_pcreg.penalty.quadratic_penalty`.
         """
+        if isinstance(params, nn.Module):
+            return self.bind(params)(factor, impl)
+        check_impl(impl)
+        thetas, weights, anchors = self._matched(params)
+        if not thetas:
+            return torch.zeros(())
+        factor = float(factor)
+        return apply_penalty(thetas, tuple(weights), tuple(anchors), factor, self._const_for(thetas, weights, factor),
+                             impl or default_impl(thetas))
+
+    def _matched(self, params: Mapping[str, Tensor]):
+        """(thetas, weights, anchors) of the stored names present in ``params``; grown parameters
+        sliced to their stored leading block."""
         thetas, weights, anchors = [], [], []
         for name, A in self.importances.items():
             theta = params.get(name)
@@ -215,11 +252,12 @@ class ConsolidatedState:
             thetas.append(theta)
             weights.append(A)
             anchors.append(self.anchors[name])
-        if not thetas:
-            return torch.zeros(())
-        dtype = torch.promote_types(thetas[0].dtype, weights[0].dtype)
-        const = self._const_on(thetas[0].device, dtype, float(factor)) if self.mode == "separate" else None
-        return quadratic_penalty(thetas, weights, anchors, factor, const=const, impl=impl)
+        return thetas, weights, anchors
+
+    def _const_for(self, thetas, weights, factor: float) -> Optional[Tensor]:
+        if self.mode != "separate":
+            return None
+        return self._const_on(thetas[0].device, torch.promote_types(thetas[0].dtype, weights[0].dtype), factor)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to(self, device) -> "ConsolidatedState":
@@ -277,3 +315,107 @@ class ConsolidatedState:
         new.const = torch.as_tensor(sd["const"], dtype=torch.float64).cpu()
         new.num_consolidations = int(sd["num_consolidations"])
         return new
+
+
+# Parameter and submodule registrations anywhere in the process, counted: a model whose parameters
+# were replaced (a head grown by model adaptation, a layer swapped) registered them, so a
+# BoundPenalty made before that is stale. Counted by two global nn.Module hooks, installed on first use.
+_REGISTRATIONS = [0]
+_REGISTRATION_HOOKS: list = []
+
+
+def _count_registration(*args):
+    _REGISTRATIONS[0] += 1
+
+
+def _registrations() -> int:
+    if not _REGISTRATION_HOOKS:
+        from torch.nn.modules import module as _module
+
+        _REGISTRATION_HOOKS.append(_module.register_module_parameter_registration_hook(_count_registration))
+        _REGISTRATION_HOOKS.append(_module.register_module_module_registration_hook(_count_registration))
+    return _REGISTRATIONS[0]
+
+
+class BoundPenalty:
+    """A state's penalty for one model: the stored names matched to the model's parameters once.
+
+    Per step this costs a few attribute reads instead of walking the model and matching names.
+    It is rebuilt (:meth:`ConsolidatedState.bind` checks :meth:`valid` on every call) when another
+    model is passed, when any module registered a parameter or a submodule since (model adaptation
+    replaces parameter objects that way: a grown head, a new layer), when one of the parameters is
+    gone or changed its shape or dtype, or when the first one changed its device (``model.to``
+    keeps the parameter objects). Parameters are held through weak references, so a bound penalty
+    keeps no model alive. ``moved`` is True when a parameter is not on its stored tensors' device
+    (the caller moves the state: :meth:`ConsolidatedState.aligned`).
+    """
+
+    __slots__ = ("_model", "_count", "_refs", "_shapes", "_first", "_index", "weights", "anchors", "moved",
+                 "_state", "_dtype", "_impl", "_const", "_kernel")
+
+    def __init__(self, state: ConsolidatedState, model: nn.Module):
+        self._count = _registrations()
+        self._model = weakref.ref(model)
+        self._state = state
+        named = named_parameters(model)
+        refs, shapes, index, weights, anchors = [], [], [], [], []
+        for name, A in state.importances.items():
+            p = named.get(name)
+            if p is None:
+                continue
+            refs.append(weakref.ref(p))
+            shapes.append((p.shape, p.dtype))
+            index.append(None if p.shape == A.shape else leading_slice(name, p.shape, A.shape, what="stored state"))
+            weights.append(A)
+            anchors.append(state.anchors[name])
+        self._refs, self._shapes = tuple(refs), tuple(shapes)
+        self._index = tuple(index) if any(i is not None for i in index) else None
+        self.weights, self.anchors = tuple(weights), tuple(anchors)
+        first = refs[0]() if refs else None
+        self._first = None if first is None else first.device
+        self.moved = any(r().device != A.device for r, A in zip(refs, weights))
+        self._dtype = None if first is None else torch.promote_types(first.dtype, weights[0].dtype)
+        self._impl = default_impl([r() for r in refs]) if refs else None
+        self._const = None  # (factor, factor * c)
+        self._kernel = None  # impl="compiled": the kernel of these inputs, once asked for
+
+    def valid(self, model: nn.Module) -> bool:
+        if self._model() is not model or self._count != _REGISTRATIONS[0]:
+            return False
+        for r, (shape, dtype) in zip(self._refs, self._shapes):
+            p = r()
+            if p is None or p.shape != shape or p.dtype != dtype:
+                return False
+        if self._refs and self._refs[0]().device != self._first:
+            return False
+        return True
+
+    def parameters(self):
+        """The matched parameters (sliced to the stored block where they grew)."""
+        params = [r() for r in self._refs]
+        if self._index is not None:
+            params = [p if i is None else p[i] for p, i in zip(params, self._index)]
+        return params
+
+    def __call__(self, factor: float, impl: Optional[str] = None) -> Tensor:
+        if not self._refs:
+            return torch.zeros(())
+        if impl is None:
+            impl = self._impl
+        elif impl not in IMPLS:
+            check_impl(impl)
+        factor = float(factor)
+        const = None
+        if self._state.mode == "separate":
+            cached = self._const
+            if cached is None or cached[0] != factor:
+                p = self._refs[0]()
+                cached = self._const = (factor, self._state._const_on(p.device, self._dtype, factor))
+            const = cached[1]
+        params = self.parameters()
+        kernel = None
+        if impl == "compiled":
+            kernel = self._kernel
+            if kernel is None or kernel.broken or (const is not None and kernel.const_dtype != const.dtype):
+                kernel = self._kernel = compiled_kernel(params, self.weights, self.anchors, const)
+        return apply_penalty(params, self.weights, self.anchors, factor, const, impl, kernel)

@@ -9,17 +9,24 @@ Variants (each with its own copy of the model and optimizer, all timed interleav
 * ``avalanche``: Avalanche 0.6 ``EWCPlugin`` (its real ``before_backward``), separate mode with
   T stored experiences (``saved_params[t]``/``importances[t]`` filled with ``ParamData``), and
   online mode;
-* ``ours-forloop`` / ``ours-foreach``: ``ParameterChangePlugin`` whose state holds T
-  consolidations of the same importances and anchors (separate), and online mode.
+* ``ours-compiled`` / ``ours-forloop`` / ``ours-foreach``: ``ParameterChangePlugin`` (one per
+  ``impl``) whose state holds T consolidations of the same importances and anchors (separate), and
+  online mode.
 
 Also times the penalty alone (``before_backward`` on a zero loss + its backward), and checks
 that our penalty value and gradient equal Avalanche's at T=5.
+
+``--candidates`` times, in one interleaved run at one T, the kernels that were candidates for the
+penalty step (the kept ones, the previous one and some that were not kept: flat buffers for A
+and mu, a value-only forward with the gradient made in the backward) next to a floor: a penalty
+whose forward is one ``addcmul`` pass per parameter and computes no value.
 
     python benchmarks/bench_penalty.py                    # CPU, MLP 784-400-400-10 (~1.5 min on 2 idle cores)
     python benchmarks/bench_penalty.py --quick            # smoke test
     python benchmarks/bench_penalty.py --device cuda      # MLP + ResNet-18 (3x3 stem), 100 classes
     python benchmarks/bench_penalty.py --resnet           # CPU with ResNet-18 as well (slow)
     python benchmarks/bench_penalty.py --profile          # + torch.profiler of ours at the largest T
+    python benchmarks/bench_penalty.py --threads 1 --candidates --T 20   # the kernels' A/B table
 """
 
 from __future__ import annotations
@@ -42,12 +49,18 @@ from avalanche.training.plugins import EWCPlugin  # noqa: E402
 from avalanche.training.utils import ParamData  # noqa: E402
 
 from avalanche_pcreg import ParameterChangePlugin  # noqa: E402
+from avalanche_pcreg import penalty as penalty_mod  # noqa: E402
+from avalanche_pcreg.selection import named_parameters  # noqa: E402
+
+IMPLS = ("compiled", "forloop", "foreach")
 
 FACTOR = 1.0
 DECAY = 0.9
 LR = 0.01
 BATCH = 128
 TARGET = 1.2
+TARGET_FUSED = 1.05  # the fused kernel, CPU, 1 thread (RESULTS.md section 1e)
+DEFAULT_CPU_IMPL = "compiled"
 DEVICE_NOTE = ""
 
 
@@ -116,7 +129,262 @@ class Runner:
         self.fake.loss.backward()
 
 
-def check_value(base_model, pool, device, T=5):
+# ---------------------------------------------------------------------------------------- candidates
+# Kernels that were candidates for the penalty step, next to the kept ones (``ours-<impl>``). Each
+# is a stand-in for the plugin's ``before_backward``: it adds its penalty of the same state to the
+# loss. Those not kept live here only, to be re-measured.
+
+class _PreviousPenalty(torch.autograd.Function):
+    """The kernel before the fused ones: sub, mul, dot per parameter in the forward, saving
+    ``A * (theta - mu)``; a mul per parameter in the backward."""
+
+    @staticmethod
+    def forward(ctx, factor, const, weights, anchors, *params):
+        with torch.no_grad():
+            wdiffs, dots = [], []
+            for p, w, a in zip(params, weights, anchors):
+                d = p - a
+                wd = d * w
+                wdiffs.append(wd)
+                dots.append(torch.dot(wd.reshape(-1), d.reshape(-1)))
+            value = dots[0] if len(dots) == 1 else torch.stack(dots).sum()
+            value = (value + const) * factor
+        ctx.factor = factor
+        ctx.save_for_backward(*wdiffs)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        scale = grad_out * (2.0 * ctx.factor)
+        return (None, None, None, None, *[wd * scale for wd in ctx.saved_tensors])
+
+
+class _ValueFirst(torch.autograd.Function):
+    """Value-only forward (compiled: 3 passes, nothing saved but the inputs); the gradient
+    ``2 f A (theta - mu)`` made in the backward by a compiled kernel (4 passes)."""
+
+    @staticmethod
+    def forward(ctx, factor, const, weights, anchors, *params):
+        two_f = penalty_mod._scalar(2.0 * factor, weights[0].dtype, weights[0].device)
+        v = _compiled_value()(list(params), list(weights), list(anchors), two_f)
+        ctx.factor, ctx.weights, ctx.anchors, ctx.two_f = factor, weights, anchors, two_f
+        ctx.save_for_backward(*params)
+        return v + const
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = _compiled_grad()(list(ctx.saved_tensors), list(ctx.weights), list(ctx.anchors), ctx.two_f * grad_out)
+        return (None, None, None, None, *grads)
+
+
+def _value_body(params, weights, anchors, two_f):
+    return torch.stack([(w * (p - a) ** 2).sum() for p, w, a in zip(params, weights, anchors)]).sum() * (two_f * 0.5)
+
+
+def _grad_body(params, weights, anchors, scale):
+    return [w * (p - a) * scale for p, w, a in zip(params, weights, anchors)]
+
+
+def _flat_body(params, A_flat, mu_flat, offsets, two_f, const):
+    """The fused body with A and mu read from one flat buffer each (views per parameter)."""
+    grads, parts = [], []
+    for p, (o, n) in zip(params, offsets):
+        d = p - mu_flat[o:o + n].view(p.shape)
+        g = A_flat[o:o + n].view(p.shape) * d * two_f
+        grads.append(g)
+        parts.append((g.reshape(-1) * d.reshape(-1)).sum())
+    return const + torch.stack(parts).sum() * 0.5, grads
+
+
+_COMPILED_CANDIDATES = {}
+
+
+def _compiled_value():
+    return _COMPILED_CANDIDATES.setdefault("value", torch.compile(_value_body, fullgraph=True))
+
+
+def _compiled_grad():
+    return _COMPILED_CANDIDATES.setdefault("grad", torch.compile(_grad_body, fullgraph=True))
+
+
+def _dynamo_kernel(params, weights, anchors, factor, const):
+    """The kept fused body, through ``torch.compile`` (Dynamo guards on every call) instead of
+    the library's direct Inductor kernel."""
+    fn = _COMPILED_CANDIDATES.setdefault("dynamo", torch.compile(penalty_mod._fused_body, fullgraph=True))
+    two_f = penalty_mod._scalar(2.0 * factor, weights[0].dtype, weights[0].device)
+    v, grads = fn(list(params), list(weights), list(anchors), two_f, const)
+    return v, grads, 1.0
+
+
+def _flat_kernel(layout):
+    """A kernel for ``penalty._KERNELS`` reading A and mu from flat buffers (``layout``: the
+    buffers and each parameter's (offset, numel)), compiled by Inductor like the kept one."""
+    from torch._inductor import compile as inductor_compile
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    A_flat, mu_flat, offsets = layout
+    n = len(offsets)
+    state = {}
+
+    def flat(*args):
+        v, grads = _flat_body(args[:n], args[n], args[n + 1], offsets, args[n + 2], args[n + 3])
+        return [v, *grads]
+
+    def kernel(params, weights, anchors, factor, const):
+        two_f = penalty_mod._scalar(2.0 * factor, A_flat.dtype, A_flat.device)
+        if "fn" not in state:
+            example = [p.detach() for p in params] + [A_flat, mu_flat, two_f, const]
+            with torch.no_grad():
+                state["fn"] = inductor_compile(make_fx(flat)(*example), example)
+        out = state["fn"](*params, A_flat, mu_flat, two_f, const)
+        return out[0], list(out[1:]), 1.0
+    return kernel
+
+
+class _Floor(torch.autograd.Function):
+    """Not a penalty: the least an autograd-visible term with a gradient can cost. One pass per
+    parameter writes a fresh gradient-sized tensor from theta, mu and A (``addcmul``, 4 memory
+    passes), no value is computed, the backward hands the tensor out; autograd then adds it to the
+    loss's gradient (3 passes), as for every candidate."""
+
+    @staticmethod
+    def forward(ctx, weights, anchors, *params):
+        ctx.grads = [torch.addcmul(a, w, p) for p, w, a in zip(params, weights, anchors)]
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, ctx.grads = ctx.grads, None
+        return (None, None, *grads)
+
+
+class CandidatePlugin:
+    """``before_backward`` of one candidate over the state of ``plugin`` (a ParameterChangePlugin):
+    the penalty added to the loss, without the plugin's per-step bookkeeping (the epoch's penalty
+    log, the finiteness check), which the ``ours-*`` rows include."""
+
+    def __init__(self, name, plugin):
+        self.name, self.plugin, self.state = name, plugin, plugin._state
+        self._layout = None
+
+    def _lists(self, model):
+        bound = self.state.bind(model)
+        return bound.parameters(), bound.weights, bound.anchors, bound
+
+    def before_backward(self, strategy):
+        state, f = self.state, FACTOR
+        if self.name == "previous":  # as before: the name matching and the lists every step
+            params = named_parameters(strategy.model)
+            thetas, weights, anchors = state._matched(params)
+            const = state._const_on(thetas[0].device, thetas[0].dtype, 1.0)
+            pen = _PreviousPenalty.apply(f, const, tuple(weights), tuple(anchors), *thetas)
+        elif self.name == "value-first":
+            thetas, weights, anchors, bound = self._lists(strategy.model)
+            const = state._const_on(thetas[0].device, thetas[0].dtype, f)
+            pen = _ValueFirst.apply(f, const, weights, anchors, *thetas)
+        elif self.name in ("compiled", "forloop"):  # the kept kernels, without the plugin's bookkeeping
+            pen = state.bind(strategy.model)(f, impl=self.name)
+        elif self.name == "torch.compile":
+            thetas, weights, anchors, bound = self._lists(strategy.model)
+            penalty_mod._KERNELS["torch.compile"] = _dynamo_kernel
+            const = state._const_on(thetas[0].device, thetas[0].dtype, f)
+            pen = penalty_mod.apply_penalty(thetas, weights, anchors, f, const, "torch.compile")
+        elif self.name == "flat-compiled":
+            thetas, weights, anchors, bound = self._lists(strategy.model)
+            if self._layout is None:
+                offsets, o = [], 0
+                for w in weights:
+                    offsets.append((o, w.numel()))
+                    o += w.numel()
+                A_flat = torch.cat([w.reshape(-1) for w in weights])
+                mu_flat = torch.cat([a.reshape(-1) for a in anchors])
+                self._layout = (A_flat, mu_flat, tuple(offsets))
+                penalty_mod._KERNELS["flat-compiled"] = _flat_kernel(self._layout)
+            const = state._const_on(thetas[0].device, thetas[0].dtype, f)
+            pen = penalty_mod.apply_penalty(thetas, weights, anchors, f, const, "flat-compiled")
+        elif self.name == "floor":
+            thetas, weights, anchors, bound = self._lists(strategy.model)
+            pen = _Floor.apply(weights, anchors, *thetas)
+        else:
+            raise ValueError(self.name)
+        strategy.loss += pen
+
+    def parameters_note(self):
+        return ""
+
+
+CANDIDATES = ("previous", "forloop", "compiled", "torch.compile", "flat-compiled", "value-first", "floor")
+
+
+def candidate_plugin(name, plugin):
+    return CandidatePlugin(name, plugin)
+
+
+def memory_floor(model, device, args, naive_ms, log):
+    """What the memory traffic alone costs: one pass that reads three parameter-sized tensors and
+    writes one (the fused forward: theta, mu, A in, the gradient out), and one that reads two and
+    writes one (autograd adding the penalty's gradient to the loss's), over the model's shapes."""
+    params = [p.detach() for p in model.parameters()]
+    n = sum(p.numel() for p in params)
+    A = [torch.rand_like(p) for p in params]
+    mu = [p + 0.01 for p in params]
+    out = [torch.empty_like(p) for p in params]
+    parts = {"read 3, write 1 (addcmul, out=)": lambda: [torch.addcmul(a, w, p, out=o) for p, w, a, o in zip(params, A, mu, out)],
+             "read 2, write 1 (add, out=)": lambda: [torch.add(p, a, out=o) for p, a, o in zip(params, mu, out)]}
+    res = interleaved(parts, device, rounds=args.rounds, steps=max(args.steps, 50), block=args.block,
+                      warmup=args.warmup, log=None)
+    ms = {k: statistics.median(v["wall"]) * 1e3 for k, v in res.items()}
+    rows = []
+    for k, t in ms.items():
+        passes = 4 if k.startswith("read 3") else 3
+        rows.append([k, f"{t:.3f}", f"{passes * n * params[0].element_size() / (t * 1e-3) / 1e9:.1f}"])
+    floor_ms = sum(ms.values())
+    rows.append(["both: the least a penalty term with its gradient moves (7 passes)", f"{floor_ms:.3f}",
+                 f"{floor_ms / naive_ms:.3f} of the naive step"])
+    log(f"\nmemory floor over the model's {n:,} parameters (median of {args.rounds} rounds)")
+    print_table(["pass", "ms", "GB/s"], rows)
+
+
+def run_candidates(base, x, y, device, pool, T, args, log):
+    """The A/B table: every candidate and kept kernel at one T, interleaved in one run."""
+    runners = {"naive": Runner(base, x, y, device)}
+    for impl in IMPLS:
+        runners[f"ours-{impl}"] = Runner(base, x, y, device, our_plugin(pool, T, impl), T)
+    for c in CANDIDATES:
+        runners[f"cand-{c}"] = Runner(base, x, y, device, candidate_plugin(c, our_plugin(pool, T, "forloop")), T)
+    runners[f"avalanche T={T}"] = Runner(base, x, y, device, avalanche_plugin(pool, T, device), T)
+    for r in runners.values():  # compile before timing
+        r.step()
+    log(f"timing {len(runners)} candidates at T={T}: {args.rounds} rounds x up to {args.steps} steps, interleaved ...")
+    t0 = time.time()
+    steps = interleaved({k: r.step for k, r in runners.items()}, device, rounds=args.rounds, steps=args.steps,
+                        block=args.block, warmup=args.warmup, budget_s=args.budget, min_steps=args.min_steps, log=log)
+    log(f"  ({time.time() - t0:.0f} s)")
+    pens = interleaved({k: r.penalty_only for k, r in runners.items() if r.plugin is not None}, device,
+                       rounds=args.rounds, steps=args.steps, block=args.block, warmup=args.warmup,
+                       budget_s=args.budget / 2, min_steps=args.min_steps, log=None)
+    metrics = ["wall"] + (["cpu"] if device.type == "cpu" else [])
+    rows = []
+    naive_ms = statistics.median(steps["naive"]["wall"]) * 1e3
+    for k, ts in steps.items():
+        rat = ratios(ts["wall"], steps["naive"]["wall"])
+        extra = [(a - b) * 1e3 for a, b in zip(ts["wall"], steps["naive"]["wall"])]
+        row = [k, fmt_spread(ts["wall"], 1e3, 3), fmt_spread(rat, 1, 3), fmt_spread(extra, 1, 3)]
+        if "cpu" in metrics:
+            row.append(fmt_spread(ratios(ts["cpu"], steps["naive"]["cpu"]), 1, 3))
+        row.append(fmt_spread(pens[k]["wall"], 1e3, 3) if k in pens else "-")
+        rows.append(row)
+    header = ["variant", "wall ms/step", "wall ratio to naive", "added ms/step (wall)"]
+    header += ["CPU-time ratio"] if "cpu" in metrics else []
+    header += ["penalty alone, wall ms"]
+    print(f"\ncandidates, T={T}, {device.type}, {torch.get_num_threads()} threads: median [min, max] over "
+          f"{args.rounds} rounds of the per-round median; naive step {naive_ms:.3f} ms")
+    table = print_table(header, rows)
+    memory_floor(runners["naive"].model, device, args, naive_ms, log)
+    return table, {m: {k: med_spread(ratios(v[m], steps["naive"][m]))[0] for k, v in steps.items()} for m in metrics}, runners
+
+
+def check_value(base_model, pool, device, T=5, candidates=False):
     """Penalty value and gradient at T stored experiences (same F, theta*): Avalanche, ours, and a
     float64 reference straight from the definition ``factor * sum_t sum F_t (theta - theta*_t)**2``."""
     g = torch.Generator().manual_seed(123)
@@ -125,9 +393,11 @@ def check_value(base_model, pool, device, T=5):
         for p in moved.parameters():
             p.add_((0.05 * torch.randn(p.shape, generator=g)).to(device))
     out = {}
-    for name, plugin in (("avalanche", avalanche_plugin(pool, T, device)),
-                         ("ours-forloop", our_plugin(pool, T, "forloop")),
-                         ("ours-foreach", our_plugin(pool, T, "foreach"))):
+    plugins = [("avalanche", avalanche_plugin(pool, T, device))]
+    plugins += [(f"ours-{impl}", our_plugin(pool, T, impl)) for impl in IMPLS]
+    if candidates:
+        plugins += [(f"cand-{c}", candidate_plugin(c, our_plugin(pool, T, "forloop"))) for c in CANDIDATES]
+    for name, plugin in plugins:
         model = copy.deepcopy(moved)
         fake = fake_strategy(model, device, T, loss=torch.zeros((), device=device))
         plugin.before_backward(fake)
@@ -159,24 +429,28 @@ def run_model(model_name, args, device, Ts, log):
     # -- correctness at T=5 (or the largest T in a quick run)
     Tc = 5 if Tmax >= 5 else Tmax
     torch.manual_seed(123)
-    vals = check_value(base, pool, device, Tc)
+    vals = check_value(base, pool, device, Tc, candidates=args.candidates)
     av_val, av_grad = vals["avalanche"]
     ref_val, ref_grad = vals["float64 reference"]
-    for name in ("ours-forloop", "ours-foreach", "avalanche"):
+    for name in [k for k in vals if k.startswith(("ours", "cand"))] + ["avalanche"]:
         v, gr = vals[name]
         rel = abs(v - av_val) / abs(av_val)
         grel = ((gr - av_grad).norm() / av_grad.norm()).item()
         rrel = abs(v - ref_val) / abs(ref_val)
         rgrel = ((gr - ref_grad).norm() / ref_grad.norm()).item()
-        log(f"value check T={Tc}: {name:12s} penalty {v:.9g} (Avalanche {av_val:.9g}): rel diff vs Avalanche "
+        if name.startswith("cand-") and not args.candidates:
+            continue
+        log(f"value check T={Tc}: {name:20s} penalty {v:.9g} (Avalanche {av_val:.9g}): rel diff vs Avalanche "
             f"{rel:.2e}, vs float64 {rrel:.2e}; gradient rel diff vs Avalanche {grel:.2e}, vs float64 {rgrel:.2e}")
 
     # -- variants
+    if args.candidates:
+        return run_candidates(base, x, y, device, pool, Tmax, args, log)
     runners = {"naive": Runner(base, x, y, device)}
     for T in Ts:
         runners[f"avalanche T={T}"] = Runner(base, x, y, device, avalanche_plugin(pool, T, device), T)
     runners["avalanche online"] = Runner(base, x, y, device, avalanche_plugin(pool, Tmax, device, online=True), Tmax)
-    for impl in ("forloop", "foreach"):
+    for impl in IMPLS:
         for T in Ts:
             runners[f"ours-{impl} T={T}"] = Runner(base, x, y, device, our_plugin(pool, T, impl), T)
         runners[f"ours-{impl} online"] = Runner(base, x, y, device, our_plugin(pool, Tmax, impl, online=True), Tmax)
@@ -234,7 +508,7 @@ def profile(runners, T, device, args, log=print):
         p.grad = torch.zeros_like(p)
 
     parts = {"naive step": naive.step}
-    for impl in ("forloop", "foreach"):
+    for impl in IMPLS:
         r = runners[f"ours-{impl} T={T}"]
         mparams = dict(r.model.named_parameters())
         for p in mparams.values():
@@ -242,10 +516,10 @@ def profile(runners, T, device, args, log=print):
 
         def fwd(r=r, mparams=mparams, impl=impl):
             with torch.no_grad():
-                r.plugin._state.penalty(mparams, FACTOR, impl=impl)
+                r.plugin._state.penalty(r.model, FACTOR, impl=impl)
 
         def fwd_bwd(r=r, mparams=mparams, impl=impl):
-            r.plugin._state.penalty(mparams, FACTOR, impl=impl).backward()
+            r.plugin._state.penalty(r.model, FACTOR, impl=impl).backward()
 
         def plugin_fwd_bwd(r=r):
             r.fake.loss = torch.zeros((), device=device)
@@ -287,7 +561,7 @@ def profile(runners, T, device, args, log=print):
         return out
 
     base = op_times(naive.step)
-    for impl in ("forloop", "foreach"):
+    for impl in IMPLS:
         ours = op_times(runners[f"ours-{impl} T={T}"].step)
         rows = []
         for k in set(base) | set(ours):
@@ -304,8 +578,7 @@ def profile(runners, T, device, args, log=print):
                     [[k, f"{d:+.0f}", f"{tb:.0f}", f"{to:.0f}", f"{cb:.0f}", f"{co:.0f}"]
                      for d, k, tb, to, cb, co in rows[:14]])
 
-    for name in ("forloop: penalty forward + backward (accumulate into .grad)",
-                 "foreach: penalty forward + backward (accumulate into .grad)"):
+    for name in [f"{impl}: penalty forward + backward (accumulate into .grad)" for impl in IMPLS]:
         fn = parts[name]
         for _ in range(5):
             fn()
@@ -325,6 +598,7 @@ def plot(summaries, Ts, path, metric="wall"):
     fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 4.2), squeeze=False)
     for ax, (model_name, s) in zip(axes[0], summaries.items()):
         for label, prefix, style in (("Avalanche EWCPlugin (separate)", "avalanche", "o-"),
+                                     ("ours, compiled (separate)", "ours-compiled", "D-"),
                                      ("ours, forloop (separate)", "ours-forloop", "s-"),
                                      ("ours, foreach (separate)", "ours-foreach", "^-")):
             ax.plot(Ts, [s[f"{prefix} T={T}"] for T in Ts], style, label=label)
@@ -352,6 +626,8 @@ def main():
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per variant before timing")
     p.add_argument("--block", type=int, default=None, help="consecutive calls of one variant when interleaving")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of ours at the largest T")
+    p.add_argument("--candidates", action="store_true",
+                   help="the A/B table of the penalty kernels (kept and not kept) at the largest T, instead of the T sweep")
     p.add_argument("--plot", default=os.path.join(HERE, "step_time_vs_T.png"))
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
                    help="models to run (default: mlp; mlp resnet18 with --resnet or --device cuda)")
@@ -389,6 +665,13 @@ def main():
                 setattr(a, k, v)
         table, summary, runners = run_model(model_name, a, device, Ts, print)
         tables[model_name] = table
+        if args.candidates:
+            for m, summ in summary.items():
+                best = min((k for k in summ if k.startswith("ours")), key=summ.get)
+                print(f"{m} time: fastest kept kernel {best} at {summ[best]:.3f}x naive; floor "
+                      f"{summ['cand-floor']:.3f}x; previous kernel {summ['cand-previous']:.3f}x")
+            del runners
+            continue
         for m, summ in summary.items():
             ours = {k: v for k, v in summ.items() if k.startswith("ours")}
             worst, best = max(ours, key=ours.get), min(ours, key=ours.get)
@@ -397,6 +680,11 @@ def main():
                     f"{'MET' if met else 'MISSED'}") if m == "wall" else \
                 f"diagnostic, process CPU time ratio ({model_name}): {'all' if met else 'not all'} <= {TARGET}"
             print(f"{what}; ours from {ours[best]:.3f}x ({best}) to {ours[worst]:.3f}x ({worst})")
+            fused = {k: v for k, v in ours.items() if k.startswith(f"ours-{DEFAULT_CPU_IMPL}")}
+            if m == "wall" and fused and device.type == "cpu":
+                print(f"target ours-{DEFAULT_CPU_IMPL} <= {TARGET_FUSED}x naive ({model_name}, cpu, wall): "
+                      f"{'MET' if all(v <= TARGET_FUSED for v in fused.values()) else 'MISSED'}; "
+                      f"{min(fused.values()):.3f}x to {max(fused.values()):.3f}x")
             print(f"  Avalanche separate ({m} time): {summ[f'avalanche T={min(Ts)}']:.2f}x at T={min(Ts)} ... "
                   f"{summ[f'avalanche T={max(Ts)}']:.2f}x at T={max(Ts)}; online {summ['avalanche online']:.2f}x")
         summaries[model_name] = summary
