@@ -797,6 +797,7 @@ def test_cli_ctrl_c_on_a_worker_pool_prints_no_worker_traceback(tmp_path):
     out = tmp_path / "out"
     args = [*CLI_SWEEP, "--out", str(out)]
     args[args.index("--workers") + 1] = "2"
+    args[args.index("--seeds") + 1] = "40"  # 120 runs: the sweep is still going when the interrupt comes
     p = subprocess.Popen([sys.executable, "-m", "avalanche_pcreg.experiments", *args],
                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
