@@ -2,8 +2,9 @@
 
 Framework-free (torch only). Three implementations of one kernel, as in ``torch/optim``:
 
-* ``compiled``: ``torch.compile`` (Inductor) of the per-parameter loop below. Each parameter is
-  one fused loop that reads theta, mu and A once and produces both the value and the gradient
+* ``compiled``: the per-parameter loop below compiled by Inductor (the compiler behind
+  ``torch.compile``), once per signature of its inputs. Each parameter is one fused loop that
+  reads theta, mu and A once and produces both the value and the gradient
   ``2 * factor * A * (theta - mu)``: 4 memory passes per entry instead of 8. Where no compiler works
   (no C compiler, an unsupported platform) it falls back to ``forloop`` on the first call, with one
   warning, for the rest of the process;
@@ -41,11 +42,12 @@ __all__ = ["quadratic_penalty", "default_impl", "IMPLS"]
 IMPLS = ("compiled", "forloop", "foreach")
 
 # Tuning, in one place (benchmarks/RESULTS.md, section 1e, measured on a 2-core CPU, 1 thread):
-# * CUDA: ``foreach`` (section 5: launches, not bytes, are what a GPU step pays for; the compiled
-#   kernel has not been measured on a GPU);
-# * CPU: ``compiled`` from COMPILE_MIN_NUMEL regularized entries on, ``forloop`` below. Under it the
-#   per-step cost is Python and dispatch, which the compiled call does not lower, and compiling
-#   (seconds, once per process and model) would not pay back.
+# * CPU: ``compiled`` from COMPILE_MIN_NUMEL regularized entries on (MLP 784-400-400-10: 0.45-0.56 ms
+#   a step against 0.65-0.69 ms for ``forloop``, within 0.02 of a step of the memory-traffic floor),
+#   ``forloop`` below it: there a step's penalty costs tens of microseconds either way, and
+#   compiling (about 5 s, once per process and model) would not pay back;
+# * CUDA: ``foreach`` (section 5a: launches, not bytes, are what a GPU step pays for; ``compiled``
+#   has not been measured on a GPU).
 COMPILE_MIN_NUMEL = 1 << 16
 
 
@@ -144,7 +146,11 @@ class CompiledKernel:
     def __init__(self, fn, key, const_dtype):
         self.fn, self.key, self.const_dtype, self.broken = fn, key, const_dtype, False
 
-    def run(self, params, weights, anchors, two_f, const):
+    def run(self, params, weights, anchors, factor: float, const):
+        """(value, gradients) for these inputs, or None when the call failed (then ``broken``)."""
+        if const.dtype != self.const_dtype:  # the compiled code would read it as its own dtype
+            return None
+        two_f = _scalar(2.0 * factor, torch.float64, params[0].device)  # rounded to the kernel's dtype in it
         try:
             out = self.fn(*params, *weights, *anchors, two_f, const)
         except Exception:  # noqa: BLE001 - the eager kernel runs instead (and raises real errors)
@@ -227,8 +233,7 @@ def _compiled(params, weights, anchors, factor: float, const=None, kernel=None) 
     if kernel is None or kernel.broken or kernel.const_dtype != const.dtype:
         kernel = compiled_kernel(params, weights, anchors, const)
     if kernel is not None:
-        two_f = _scalar(2.0 * factor, torch.float64, params[0].device)  # rounded to the kernel's dtype in it
-        out = kernel.run(params, weights, anchors, two_f, const)
+        out = kernel.run(params, weights, anchors, factor, const)
         if out is not None:
             return out[0], out[1], 1.0
     return _forloop(params, weights, anchors, factor, const)

@@ -329,7 +329,8 @@ def memory_floor(model, device, args, naive_ms, log):
     A = [torch.rand_like(p) for p in params]
     mu = [p + 0.01 for p in params]
     out = [torch.empty_like(p) for p in params]
-    parts = {"read 3, write 1 (addcmul, out=)": lambda: [torch.addcmul(a, w, p, out=o) for p, w, a, o in zip(params, A, mu, out)],
+    parts = {"read 3, write 1 (addcmul, out=)":
+             lambda: [torch.addcmul(a, w, p, out=o) for p, w, a, o in zip(params, A, mu, out)],
              "read 2, write 1 (add, out=)": lambda: [torch.add(p, a, out=o) for p, a, o in zip(params, mu, out)]}
     res = interleaved(parts, device, rounds=args.rounds, steps=max(args.steps, 50), block=args.block,
                       warmup=args.warmup, log=None)
@@ -381,7 +382,8 @@ def run_candidates(base, x, y, device, pool, T, args, log):
           f"{args.rounds} rounds of the per-round median; naive step {naive_ms:.3f} ms")
     table = print_table(header, rows)
     memory_floor(runners["naive"].model, device, args, naive_ms, log)
-    return table, {m: {k: med_spread(ratios(v[m], steps["naive"][m]))[0] for k, v in steps.items()} for m in metrics}, runners
+    summary = {m: {k: med_spread(ratios(v[m], steps["naive"][m]))[0] for k, v in steps.items()} for m in metrics}
+    return table, summary, runners
 
 
 def check_value(base_model, pool, device, T=5, candidates=False):

@@ -214,7 +214,7 @@ def test_compiled_is_the_fused_kernel_when_a_compiler_works():
     kernel = penalty_mod.compiled_kernel(params, weights, anchors)
     assert isinstance(kernel, penalty_mod.CompiledKernel) and not kernel.broken
     assert penalty_mod.compiled_kernel(params, weights, anchors) is kernel
-    v, grads = kernel.run(params, weights, anchors, torch.tensor(2.0 * 1.5, dtype=torch.float64), torch.tensor(0.0))  # 2f in float64, as the penalty passes it
+    v, grads = kernel.run(params, weights, anchors, 1.5, torch.tensor(0.0))
     ref_val, ref_grads = _brute(params, weights, anchors, 1.5)
     assert v.item() == pytest.approx(ref_val, rel=1e-6)
     for gi, ri in zip(grads, ref_grads):
