@@ -84,7 +84,7 @@ def _colors(methods: Sequence[str]) -> Dict[str, Any]:
 
 def make_plots(result, out: str | os.PathLike, dpi: int = 120) -> List[str]:
     """Write the figures of the module docstring under ``out``; returns their paths."""
-    from .runner import format_notes
+    from .runner import _scenario_ranks, format_notes
     from .studies import _experience_ticks, style
 
     plt = style()
@@ -92,11 +92,8 @@ def make_plots(result, out: str | os.PathLike, dpi: int = 120) -> List[str]:
     out.mkdir(parents=True, exist_ok=True)
     files: List[str] = []
     chosen = result.chosen
-    order = {}
-    for r in chosen:
-        order.setdefault(r["scenario"], None)
-    builtin = [s for s in SCENARIO_TITLES if s in order]
-    scenarios = builtin + [s for s in order if s not in builtin]
+    present = {r["scenario"] for r in chosen}
+    scenarios = [s for s in _scenario_ranks(list(present)) if s in present]  # the tables' order
     methods = comparison_order({r["method"] for r in chosen})
     colors = _colors(methods)
     cfg = result.config.get("settings", {})

@@ -904,12 +904,6 @@ def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def _nanmean(vals: Sequence[float]) -> float:
-    a = np.asarray(vals, dtype=float)
-    a = a[~np.isnan(a)]
-    return float(a.mean()) if a.size else float("nan")
-
-
 def summarize(chosen: Sequence[Mapping[str, Any]], selection: Mapping) -> List[Dict[str, Any]]:
     """One dict per (scenario, method), in scenario then method order: test accuracy,
     forgetting and BWT mean and std (sample std over seeds), chosen factor, edge flag, times,
@@ -931,8 +925,8 @@ def summarize(chosen: Sequence[Mapping[str, Any]], selection: Mapping) -> List[D
             "valid_accuracy": sel["valid_accuracy"], "at_edge": sel["at_edge"], "ties": sel.get("ties", 0),
             "grid_min": sel["grid"][0] if sel["grid"] else None,
             "grid_max": sel["grid"][-1] if sel["grid"] else None,
-            "mean_step_time_ms": 1e3 * _nanmean([r["mean_step_time_s"] for r in rs]),
-            "importance_time_s": _nanmean([r["importance_time_s"] for r in rs]),
+            "mean_step_time_ms": 1e3 * _mean_std([r["mean_step_time_s"] for r in rs])[0],
+            "importance_time_s": _mean_std([r["importance_time_s"] for r in rs])[0],
             "n_failed": sel.get("n_failed", 0), "errors": list(sel.get("errors", [])),
             "all_failed": bool(sel.get("all_failed", False)),
         })
