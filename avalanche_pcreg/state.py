@@ -22,6 +22,9 @@ parameters' dtype.
 Grown parameters: A is padded with zeros and mu with the new anchor before the merge, so new
 entries start free. Parameters that first appear later have A = 0 until they get importance.
 
+Kronecker-factored layers (``importance="kfac"``) keep their blocks in a :class:`~.kron_state.KronState`
+(``state.kron``) beside the diagonal entries; the penalty is the sum of both.
+
 Names are canonical (:func:`avalanche_pcreg.selection.canonical_name`): no ``torch.compile``
 prefix. Every update returns a **new** state; the old one is never modified, so a failed merge loses
 nothing (the plugin swaps the new state in only once everything has been computed).
@@ -37,6 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_finite_parameter, check_importance_tensor, check_nonneg_finite, leading_slice
+from .importance.kfac import KroneckerImportance
+from .kron_state import KronState
 from .penalty import IMPLS, apply_penalty, check_impl, compiled_kernel, default_impl
 from .selection import canonical_name, named_parameters
 
@@ -64,13 +69,14 @@ def _pad_to(old: Tensor, shape, fill: Tensor, name: str) -> Tensor:
 class ConsolidatedState:
     """Immutable-by-convention (A, mu, c) per parameter name. See the module docstring."""
 
-    def __init__(self, mode: str = "separate", decay: Optional[float] = None):
+    def __init__(self, mode: str = "separate", decay: Optional[float] = None, kfac_merge: str = "exact"):
         self.mode = check_choice("mode", mode, MODES)
         if mode == "separate" and decay is not None:
             raise ValueError("decay is only used with mode='online'; got decay=%r with mode='separate'" % (decay,))
         if mode == "online":
             decay = 1.0 if decay is None else check_nonneg_finite("decay", decay)
         self.decay = decay
+        self.kron = KronState(mode, decay, kfac_merge)  # the Kronecker-factored layers
         self.importances: Dict[str, Tensor] = {}
         self.anchors: Dict[str, Tensor] = {}
         self.const = torch.zeros((), dtype=torch.float64)
@@ -80,18 +86,20 @@ class ConsolidatedState:
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
-        return len(self.importances)
+        return len(self.importances) + len(self.kron.names)
 
     @property
     def empty(self) -> bool:
-        return not self.importances
+        return not self.importances and not self.kron.layers
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.importances, self.anchors) for t in d.values())
+        return (sum(t.numel() * t.element_size() for d in (self.importances, self.anchors) for t in d.values())
+                + self.kron.nbytes())
 
     def _copy(self) -> "ConsolidatedState":
         new = ConsolidatedState.__new__(ConsolidatedState)
         new.mode, new.decay = self.mode, self.decay
+        new.kron = self.kron
         new.importances = dict(self.importances)
         new.anchors = dict(self.anchors)
         new.const = self.const
@@ -108,6 +116,7 @@ class ConsolidatedState:
     def __setstate__(self, d):
         d.setdefault("_const_cache", {})
         d.setdefault("_bound", None)
+        d.setdefault("kron", KronState(d["mode"], d["decay"]))
         self.__dict__.update(d)
 
     # ------------------------------------------------------------------ updates
@@ -121,8 +130,22 @@ class ConsolidatedState:
         separate mode (F = 0); in online mode their A is decayed and their anchor moves to
         ``params[name]`` when given. Non-finite parameters raise ValueError; ``self`` is never
         modified.
+
+        ``importances`` may be a :class:`~.importance.kfac.KroneckerImportance`: its blocks merge
+        into :attr:`kron`, its diagonal part as above.
         """
         new = self._copy()
+        if isinstance(importances, KroneckerImportance):
+            for blk in importances.blocks.values():
+                for nm in blk.names:
+                    if nm not in params:
+                        raise ValueError(f"Kronecker factors given for parameter {nm!r}, which is not among the "
+                                         "model's parameters")
+                    check_finite_parameter(nm, params[nm].detach())
+                for what, t in (("A", blk.A), ("G", blk.G)):
+                    check_importance_tensor(f"{blk.weight} (Kronecker factor {what})", t.diagonal(), estimator)
+            new.kron = self.kron.merged(importances, params)
+            importances = importances.diagonal
         delta_c = torch.zeros((), dtype=torch.float64)
         todo = dict(importances)
         if self.mode == "online":
@@ -196,6 +219,9 @@ class ConsolidatedState:
                 A, mu = A.to(theta.device), mu.to(theta.device)
                 changed = True
             new.importances[name], new.anchors[name] = A, mu
+        kron = self.kron.aligned(params)
+        if kron is not self.kron:
+            new.kron, changed = kron, True
         return new if changed else self
 
     # ------------------------------------------------------------------ penalty
@@ -232,11 +258,13 @@ class ConsolidatedState:
             return self.bind(params)(factor, impl)
         check_impl(impl)
         thetas, weights, anchors = self._matched(params)
-        if not thetas:
-            return torch.zeros(())
         factor = float(factor)
-        return apply_penalty(thetas, tuple(weights), tuple(anchors), factor, self._const_for(thetas, weights, factor),
-                             impl or default_impl(thetas))
+        kron = self.kron.penalty(params, factor) if self.kron.layers else None
+        if not thetas:
+            return torch.zeros(()) if kron is None else kron
+        value = apply_penalty(thetas, tuple(weights), tuple(anchors), factor, self._const_for(thetas, weights, factor),
+                              impl or default_impl(thetas))
+        return value if kron is None else value + kron
 
     def _matched(self, params: Mapping[str, Tensor]):
         """(thetas, weights, anchors) of the stored names present in ``params``; grown parameters
@@ -262,6 +290,7 @@ class ConsolidatedState:
     # ------------------------------------------------------------------ (de)serialisation
     def to(self, device) -> "ConsolidatedState":
         new = self._copy()
+        new.kron = self.kron.to(device)
         new.importances = {k: v.to(device) for k, v in self.importances.items()}
         new.anchors = {k: v.to(device) for k, v in self.anchors.items()}
         return new
@@ -275,6 +304,7 @@ class ConsolidatedState:
             "const": self.const.clone(),
             "importances": {k: v.detach().clone() for k, v in self.importances.items()},
             "anchors": {k: v.detach().clone() for k, v in self.anchors.items()},
+            **({"kron": self.kron.state_dict()} if self.kron.layers else {}),
         }
 
     @classmethod
@@ -314,6 +344,8 @@ class ConsolidatedState:
                 store[name] = t.detach().to(state_dtype(t.dtype), copy=True)
         new.const = torch.as_tensor(sd["const"], dtype=torch.float64).cpu()
         new.num_consolidations = int(sd["num_consolidations"])
+        if "kron" in sd:
+            new.kron = KronState.from_state_dict(sd["kron"], map_location)
         return new
 
 
@@ -351,7 +383,7 @@ class BoundPenalty:
     """
 
     __slots__ = ("_model", "_count", "_refs", "_shapes", "_first", "_index", "weights", "anchors", "moved",
-                 "_state", "_dtype", "_impl", "_const", "_kernel")
+                 "_state", "_dtype", "_impl", "_const", "_kernel", "_kron")
 
     def __init__(self, state: ConsolidatedState, model: nn.Module):
         self._count = _registrations()
@@ -378,6 +410,8 @@ class BoundPenalty:
         self._impl = default_impl([r() for r in refs]) if refs else None
         self._const = None  # (factor, factor * c)
         self._kernel = None  # impl="compiled": the kernel of these inputs, once asked for
+        # the Kronecker-factored layers' parameters: {name: (weak reference, shape)}
+        self._kron = {n: (weakref.ref(named[n]), named[n].shape) for n in state.kron.names if n in named}
 
     def valid(self, model: nn.Module) -> bool:
         if self._model() is not model or self._count != _REGISTRATIONS[0]:
@@ -388,6 +422,10 @@ class BoundPenalty:
                 return False
         if self._refs and self._refs[0]().device != self._first:
             return False
+        for r, shape in self._kron.values():
+            p = r()
+            if p is None or p.shape != shape:
+                return False
         return True
 
     def parameters(self):
@@ -398,8 +436,15 @@ class BoundPenalty:
         return params
 
     def __call__(self, factor: float, impl: Optional[str] = None) -> Tensor:
+        kron = None
+        if self._kron:
+            kron = self._state.kron.penalty({n: r() for n, (r, _) in self._kron.items()}, factor)
         if not self._refs:
-            return torch.zeros(())
+            return torch.zeros(()) if kron is None else kron
+        value = self._diagonal(factor, impl)
+        return value if kron is None else value + kron
+
+    def _diagonal(self, factor: float, impl: Optional[str]) -> Tensor:
         if impl is None:
             impl = self._impl
         elif impl not in IMPLS:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from .._checks import check_importance_tensors, check_positive_int
 from ._common import check_criterion, check_output_transform, eval_mode, model_device, resolve_names
 from .loading import make_loader, shard_uniforms
+from .kfac import KroneckerImportance, check_blocks
 from .persample import Policy, default_policy
 from .registry import data_pass_estimator
 
@@ -121,8 +122,17 @@ def compute_importance(
     with (eval_mode(model) if rec.eval_mode else contextlib.nullcontext()), torch.enable_grad():
         result = fn(model, loader, names=names, criterion=criterion, device=device, seed=seed,
                     limit=limit, chunk_size=chunk_size, **extra)
+    if isinstance(result, KroneckerImportance):
+        check_blocks(result, dict(model.named_parameters()), name)
+        result.diagonal = _checked(result.diagonal, model, name)
+        return result
     if not isinstance(result, dict):
         raise TypeError(f"importance estimator {name!r} must return a dict name -> Tensor, got {type(result).__name__}")
+    return _checked(result, model, name)
+
+
+def _checked(result: dict, model: nn.Module, name: str) -> dict:
+    """``result`` detached, after checking names, values (finite, >= 0) and shapes."""
     result = {n: imp.detach() if isinstance(imp, Tensor) else imp for n, imp in result.items()}
     params = dict(model.named_parameters())
     for n in result:

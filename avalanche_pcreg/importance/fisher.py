@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ._common import (BERNOULLI, CRITERION_HOW, GAUSSIAN, SOFTMAX, StrategyCriterion, all_reduce_sums, batches,
                       criterion_likelihood, describe_criterion, functional_forward, is_torch_loss, model_forward,
                       per_sample_criterion, unwrap_criterion)
-from .persample import PerSampleGradNorms, Policy
+from .persample import PerSampleGradNorms, Policy, Quantity
 
 __all__ = ["empirical_fisher", "fisher", "expected_fisher", "per_sample_mean", "sample_labels", "sample_outcomes",
            "softmax_sqrt_hessian", "bernoulli_sqrt_hessian", "gaussian_sqrt_hessian", "LossTerm"]
@@ -71,18 +71,20 @@ def per_sample_mean(
     chunk_size: Optional[int] = None,
     output_transform: Optional[Callable] = None,
     policy: Optional[Policy] = None,
+    quantity: Optional[Quantity] = None,
 ) -> Dict[str, Tensor]:
     """Mean over samples n of ``sum_k |grad l_k(x_n)|**power``.
 
     ``make_terms(outputs, y)`` returns the :class:`LossTerm` s of one batch (or plain
     ``(losses, recompute)`` pairs); ``outputs`` are the logits (the model's output through
     ``output_transform``). Sums are accumulated in float32 or wider and cast to each parameter's
-    dtype at the end. Under ``torch.distributed`` the sums and sample counts are all-reduced, so
+    dtype at the end (sums of another shape, e.g. ``quantity=KroneckerFactors()``'s packed blocks,
+    stay in their accumulation dtype). Under ``torch.distributed`` the sums and sample counts are all-reduced, so
     each rank may pass its own shard of the data and all get the estimate on the union.
     """
     n = 0
     params = dict(model.named_parameters())
-    with PerSampleGradNorms(model, names, power=power, chunk_size=chunk_size, policy=policy) as psg:
+    with PerSampleGradNorms(model, names, power=power, chunk_size=chunk_size, policy=policy, quantity=quantity) as psg:
         for x, y, t in batches(data, device, need_labels, estimator, limit):
             terms = [LossTerm(*tm) for tm in make_terms(model_forward(model, x, t, output_transform), y)]
             for k, term in enumerate(terms):
@@ -101,7 +103,8 @@ def per_sample_mean(
     n = all_reduce_sums(sums, n)  # distributed: each rank saw its shard of the data
     if n == 0:
         raise ValueError(f"estimator {estimator!r} got empty data: no samples to estimate importances from")
-    return {k: (v.detach() / n).to(params[k].dtype) for k, v in sums.items()}
+    return {k: (v.detach() / n).to(params[k].dtype if v.shape == params[k].shape else v.dtype)
+            for k, v in sums.items()}
 
 
 def _check_logits(out: Tensor, estimator: str) -> None:
@@ -214,7 +217,7 @@ def _empirical_losses(criterion: Optional[Callable]) -> Callable[[Tensor, Tensor
 
 
 def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=None,
-                     output_transform=None, policy=None, **_):
+                     output_transform=None, policy=None, quantity=None, **_):
     """Empirical Fisher: mean over samples of the squared per-sample gradient at the true target.
 
     ``criterion`` is used per sample: ``reduction='none'``, summed over the non-sample dimensions
@@ -230,7 +233,7 @@ def empirical_fisher(model, data, *, names, criterion=None, device=None, limit=N
 
     return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=True,
                            estimator="empirical_fisher", limit=limit, chunk_size=chunk_size,
-                           output_transform=output_transform, policy=policy)
+                           output_transform=output_transform, policy=policy, quantity=quantity)
 
 
 class _Likelihood:
@@ -276,7 +279,7 @@ class _Likelihood:
 
 
 def fisher(model, data, *, names, criterion=None, device=None, seed=0, limit=None, chunk_size=None, uniforms=None,
-           output_transform=None, policy=None, **_):
+           output_transform=None, policy=None, quantity=None, **_):
     """Fisher at one outcome per sample drawn from the model's predictive distribution.
 
     Sample n's outcome comes from a uniform u_n: a softmax class is the inverse CDF of p(.|x_n) at
@@ -323,7 +326,7 @@ def fisher(model, data, *, names, criterion=None, device=None, seed=0, limit=Non
 
     return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=False,
                            estimator="fisher", limit=limit, chunk_size=chunk_size,
-                           output_transform=output_transform, policy=policy)
+                           output_transform=output_transform, policy=policy, quantity=quantity)
 
 
 def sample_labels(logits: Tensor, u: Tensor) -> Tensor:
@@ -403,7 +406,7 @@ def gaussian_sqrt_hessian(outputs: Tensor) -> Tensor:
 
 
 def expected_fisher(model, data, *, names, criterion=None, device=None, limit=None, chunk_size=None,
-                    output_transform=None, policy=None, **_):
+                    output_transform=None, policy=None, quantity=None, **_):
     """Exact expected Fisher: mean over samples of ``E_y[g_y**2]`` under the model's likelihood.
 
     ``criterion`` picks the likelihood: ``CrossEntropyLoss`` / ``NLLLoss`` a softmax over classes
@@ -425,5 +428,5 @@ def expected_fisher(model, data, *, names, criterion=None, device=None, limit=No
 
     return per_sample_mean(model, data, names, terms, power=2, device=device, need_labels=False,
                            estimator="expected_fisher", limit=limit, chunk_size=chunk_size,
-                           output_transform=output_transform, policy=policy)
+                           output_transform=output_transform, policy=policy, quantity=quantity)
 

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .fisher import empirical_fisher, expected_fisher, fisher
+from .kfac import kfac
 from .mas import mas
 from .minibatch import avalanche_mas, minibatch_fisher
 from .rwalk import RWalkFisherTracker, RWalkTracker
@@ -154,6 +155,12 @@ register_importance("minibatch_fisher", minibatch_fisher, own_rng=False, strateg
 register_importance("mas", mas, shardable=True)
 # Avalanche's MASPlugin: global-RNG DataLoader, pass run in train mode.
 register_importance("avalanche_mas", avalanche_mas, own_rng=False, eval_mode=False)
+# Kronecker-factored blocks (and the diagonal of the same Fisher for every other parameter).
+register_importance("kfac", functools.partial(kfac, fisher="expected"), shardable=True, strategy_criterion=True)
+register_importance("kfac_sampled", functools.partial(kfac, fisher="sampled"), shardable=True, uses_uniforms=True,
+                    strategy_criterion=True)
+register_importance("kfac_empirical", functools.partial(kfac, fisher="empirical"), shardable=True,
+                    strategy_criterion=True)
 register_importance("si", tracker=SITracker)
 register_importance("avalanche_si", tracker=AvalancheSITracker)
 register_importance("rwalk", tracker=RWalkTracker)

@@ -53,9 +53,11 @@ class SelfCheck:
     """The check of a pass over ``params`` ({name: parameter}) summing ``quantity``;
     ``piece``: elements per piece of its float64 reductions."""
 
-    def __init__(self, params: Dict[str, Tensor], quantity: Quantity, piece: int):
+    def __init__(self, params: Dict[str, Tensor], quantity: Quantity, piece: int,
+                 quantities: Optional[Dict[str, Quantity]] = None):
         self.params = params
         self.quantity = quantity
+        self.quantities = quantities or {}  # a parameter's own quantity, where not ``quantity``
         self.piece = piece
         self.gen = torch.Generator().manual_seed(1234)
 
@@ -184,7 +186,8 @@ class SelfCheck:
         p = self.params[name]
         if values is None or total is None:
             return False, "its rule returned no gradient for it"
-        if tuple(total.shape) != tuple(p.shape) or tuple(values.shape) != tuple(p.shape):
+        q = self.quantities.get(name, self.quantity)
+        if tuple(total.shape) != tuple(p.shape) or tuple(values.shape) != q.value_shape(name.rpartition(".")[2], p):
             return False, f"its rule returned shape {tuple(total.shape)}, the parameter has {tuple(p.shape)}"
         # norms in the sums' dtype (no float64 copies of large parameters); scalars in float64,
         # read back to the host together (one synchronisation a parameter on a GPU)
@@ -198,7 +201,7 @@ class SelfCheck:
         if not finite:
             return False, "its rule gave non-finite values"
         rel, abs_mult = _tolerance(p.dtype)
-        bound = self.quantity.check_scale(vsum, count)  # Σ_n ||g_n||: the true sum's rounding scales with it
+        bound = q.check_bound(values, vsum, count)  # Σ_n ||g_n||: the true sum's rounding scales with it
         tol = rel * (t_norm + s_norm) + abs_mult * bound + 1e-30
         if diff <= tol:
             return True, ""

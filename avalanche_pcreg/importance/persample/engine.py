@@ -113,11 +113,18 @@ class PerSampleGradNorms:
         self.policy = policy
 
         self.targets = Targets(model, self.names, self._params)
-        self.totals = Totals(self._params)
+        # each parameter's own quantity: the pass's, or a layer's block of a quantity of layers
+        self.quantities: Dict[str, Quantity] = {}
+        for m, nms in self.targets.modules.items():
+            attrs = {self.targets.attr[nm] for nm in nms}
+            for nm in nms:
+                self.quantities[nm] = self.quantity.for_param(m, self.targets.attr[nm], attrs)
+        self.totals = Totals(self._params, {nm: q.value_shape(self.targets.attr[nm], self._params[nm])
+                                            for nm, q in self.quantities.items()})
         self.recorder = Recorder(model, self.targets.modules)
-        self.selfcheck = SelfCheck(self._params, self.quantity, policy.reduction_piece)
+        self.selfcheck = SelfCheck(self._params, self.quantity, policy.reduction_piece, self.quantities)
         self._warned: set = set()
-        self.module_sums = ModuleSums(self.targets, self.quantity, policy,
+        self.module_sums = ModuleSums(self.targets, self.quantities, policy,
                                       lambda why: warn_fallback(why, self._warned))
         self._entered = False
         self._failed: Dict[str, str] = {}  # name -> why it went to the whole-model fallback
@@ -324,6 +331,7 @@ class PerSampleGradNorms:
             for nm in model_names:
                 out.pop(nm, None)  # partial sums from columns done before it moved
             model_list = [x for x in self.names if x in model_names]
+            self._refuse_blocks(model_list, layer_names)
             self._last_model = set(model_list)
             self._last_nonrule = set(model_list) | layer_names
             if model_list:
@@ -385,6 +393,18 @@ class PerSampleGradNorms:
         warn_fallback({nm: w for nm, w in why.items() if w != NO_AXIS}, self._warned)
         self._axes[sig] = axes
         return moved
+
+    def _refuse_blocks(self, model_list, layer_names) -> None:
+        """A layer's Kronecker block has no per-sample term: no fallback can compute it."""
+        bad = [nm for nm in model_list + sorted(layer_names) if nm in self.quantities
+               and self.quantities[nm].value_shape(self.targets.attr[nm], self._params[nm]) != tuple(self._params[nm].shape)]
+        if bad:
+            m = self.targets.owner[bad[0]]
+            why = self._model_why.get(bad[0], "its rule does not support this call")
+            raise RuntimeError(
+                f"Kronecker factors: {self.targets.describe(m)} cannot be computed from its input and output "
+                f"gradient ({why}), and a Kronecker block has no per-sample fallback; leave its parameters out "
+                f"of the selection or use a diagonal importance (e.g. 'expected_fisher') for this model")
 
     # ------------------------------------------------------------------ whole-model fallback
     def _whole_model(self, fallback, model_list: list, n: int, cot: Optional[Tensor]) -> Dict[str, Tensor]:

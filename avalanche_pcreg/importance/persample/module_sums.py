@@ -14,7 +14,7 @@ import torch
 from .layer_fallback import layer_sums, masked_layer_sums
 from .plan import Axes, ModulePlan, Targets
 from .policy import Policy
-from .quantity import Quantity, Request
+from .quantity import KronBlock, Quantity, Request
 from .rules import rule_for
 from .sums import acc_dtype
 
@@ -35,9 +35,9 @@ class ModuleSums:
     """``(values, totals)`` of a module's rule and per-layer names, keyed by parameter name, or
     None when the per-layer fallback cannot run. ``warn({name: why})`` reports such a failure."""
 
-    def __init__(self, targets: Targets, quantity: Quantity, policy: Policy, warn: Callable):
+    def __init__(self, targets: Targets, quantities: Dict[str, Quantity], policy: Policy, warn: Callable):
         self.targets = targets
-        self.quantity = quantity
+        self.quantities = quantities  # each parameter's quantity (:meth:`.quantity.Quantity.for_param`)
         self.policy = policy
         self.warn = warn
         self.columns: Optional[Columns] = None
@@ -49,25 +49,33 @@ class ModuleSums:
         dt = acc_dtype(params[plan.used[0]].dtype)
         if plan.rule:
             rule = rule_for(m)
+            quantity = self.quantities[plan.rule[0]]
             ax = axes.inputs[0]
             off = 1 if batched else 0
             d = deltas[0]
             if d is None:  # the output does not reach the loss
                 for nm in plan.rule:
-                    values[nm] = torch.zeros(params[nm].shape, dtype=dt, device=params[nm].device)
-                    totals[nm] = values[nm].clone()
+                    shape = self.quantities[nm].value_shape(attr[nm], params[nm])
+                    values[nm] = torch.zeros(shape, dtype=dt, device=params[nm].device)
+                    totals[nm] = torch.zeros(params[nm].shape, dtype=dt, device=params[nm].device)
             else:
                 a = call.first.movedim(ax, 0)
                 if a.is_floating_point():
                     a = a.to(dt)
                 d = d.movedim(ax + off, off).to(dt)
                 want = {attr[nm]: nm for nm in plan.rule}
-                acc = None if total else self._accumulator(m, rule, a, d, set(want), batched)
+                if isinstance(quantity, KronBlock):  # a layer's Kronecker block: its rows, not its rule
+                    res = quantity.sums(m, a, d, set(want), total, batched)
+                    values.update({nm: res.values[a_] for a_, nm in want.items()})
+                    if total:
+                        totals.update({nm: res.totals[a_] for a_, nm in want.items()})
+                    want = {}
+                acc = None if total or not want else self._accumulator(m, rule, quantity, a, d, set(want), batched)
                 if acc is not None:
                     acc.add(d if batched else d.unsqueeze(0))  # its names come at the run's end
                     want = {a_: nm for a_, nm in want.items() if a_ not in acc.covers}
                 if want:
-                    req = Request(self.quantity, frozenset(want), total, self.policy)
+                    req = Request(quantity, frozenset(want), total, self.policy)
                     res = rule.column_sums(m, a, d, req) if batched else rule.sums(m, a, d, req)
                     for a_, nm in want.items():
                         if a_ in res.values:
@@ -77,7 +85,7 @@ class ModuleSums:
         if plan.layer:
             attrs = [attr[nm] for nm in plan.layer]
             ps = [params[nm] for nm in plan.layer]
-            args = (m, attrs, ps, call, axes, deltas, batched, dt, self.quantity)
+            args = (m, attrs, ps, call, axes, deltas, batched, dt, self.quantities[plan.layer[0]])
             try:
                 try:
                     v, t = layer_sums(*args, self.policy.chunk_size)
@@ -90,7 +98,7 @@ class ModuleSums:
             totals.update({nm: t[a_] for a_, nm in zip(attrs, plan.layer)})
         return values, (totals if total else None)
 
-    def _accumulator(self, m, rule, a, d, want, batched):
+    def _accumulator(self, m, rule, quantity, a, d, want, batched):
         """The rule's accumulator for module m in this K-column run (created at its first piece
         within what is left of the budget), or None."""
         cols = self.columns
@@ -98,7 +106,7 @@ class ModuleSums:
             return None
         if m not in cols.acc:
             shape = tuple(d.shape[1:] if batched else d.shape)
-            req = Request(self.quantity, frozenset(want), False, self.policy, columns=cols.k)
+            req = Request(quantity, frozenset(want), False, self.policy, columns=cols.k)
             acc = rule.column_accumulator(m, a, shape, req)
             if acc is not None and acc.nbytes > cols.left:
                 acc = None

@@ -12,7 +12,7 @@ a float64 reduction of a float32 tensor would otherwise first make a float64 cop
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -41,17 +41,20 @@ def even_size(n: int, most: int) -> int:
 
 
 class Totals:
-    """The running sums ``{name: Tensor}`` of a pass, zeros of each parameter's shape.
+    """The running sums ``{name: Tensor}`` of a pass, zeros of each parameter's shape (or of the
+    shape in ``shapes``: a quantity's own, see ``Quantity.value_shape``).
 
     ``touched``: names whose sums have had anything added; ``provisional``: names added by the
     self-check's batch before their check (their sums were zero, so a failed check zeroes them)."""
 
-    def __init__(self, params: Dict[str, Tensor]):
+    def __init__(self, params: Dict[str, Tensor], shapes: Optional[Dict[str, tuple]] = None):
         self.params = params
+        self.shapes = {n: tuple(p.shape) for n, p in params.items()}
+        self.shapes.update(shapes or {})
         self.reset()
 
     def reset(self) -> None:
-        self.sums: Dict[str, Tensor] = {n: torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device)
+        self.sums: Dict[str, Tensor] = {n: torch.zeros(self.shapes[n], dtype=acc_dtype(p.dtype), device=p.device)
                                         for n, p in self.params.items()}
         self.touched: set = set()
         self.provisional: set = set()

@@ -1,0 +1,353 @@
+"""Kronecker-factored importance and its penalty, against curvlinops' KFACLinearOperator and against
+float64 loops over samples, positions and classes."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from avalanche_pcreg.importance import compute_importance
+from avalanche_pcreg.importance.kfac import KronFactors, KroneckerImportance, kfac
+from avalanche_pcreg.importance.persample import PerSampleGradNorms, Policy
+from avalanche_pcreg.importance.persample.quantity import KronBlock, KroneckerFactors
+from avalanche_pcreg.kron_state import KronState, block_matrix
+from avalanche_pcreg.state import ConsolidatedState
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from curvlinops import KFACLinearOperator
+
+
+def _mlp(bias=True):
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 7, bias=bias), nn.Tanh(), nn.Linear(7, 4, bias=bias))
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 2, stride=2, dilation=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 5), nn.Tanh(), nn.Linear(5, 4))
+
+
+def _cnn1d():
+    return nn.Sequential(nn.Conv1d(3, 4, 3, padding=2, dilation=2), nn.Tanh(), nn.Conv1d(4, 2, 2, stride=2),
+                         nn.Flatten(), nn.Linear(2 * 3, 4))
+
+
+MODELS = {"mlp": (_mlp, (12,)), "mlp_nobias": (lambda: _mlp(False), (12,)), "cnn": (_cnn, (2, 4, 4)),
+          "cnn1d": (_cnn1d, (3, 6))}
+
+
+def _data(shape, n=23, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+def _dense_kv(imp: KroneckerImportance, v: dict) -> dict:
+    """K v per parameter from our blocks: G [ΔW | Δb] A, split back into the parameters."""
+    out = {}
+    for blk in imp.blocks.values():
+        w = v[blk.weight]
+        delta = block_matrix(w, v[blk.bias] if blk.bias else None)
+        kv = blk.G @ delta @ blk.A
+        out[blk.weight] = kv[:, :w[0].numel()].reshape(w.shape)
+        if blk.bias:
+            out[blk.bias] = kv[:, -1]
+    return out
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "mlp_nobias", "cnn"])  # curvlinops has no Conv1d
+@pytest.mark.parametrize("ours,theirs", [("expected", "type-2"), ("empirical", "empirical")])
+def test_factors_equal_curvlinops_kfac(model_name, ours, theirs):
+    make, shape = MODELS[model_name]
+    torch.manual_seed(1)
+    model = make().double()
+    x, y = _data(shape)
+    params = [p for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = KFACLinearOperator(model, nn.CrossEntropyLoss(reduction="mean"), params, [(x[:12], y[:12]), (x[12:], y[12:])],
+                                    fisher_type=theirs, separate_weight_and_bias=False, check_deterministic=False)
+    # our batches differ from the oracle's: the factors are means over the whole data
+    imp = kfac(model, [(x[:5], y[:5]), (x[5:], y[5:])], names=names, fisher=ours)
+    assert sorted(n for b in imp.blocks.values() for n in b.names) == sorted(names) and not imp.diagonal
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+        want = oracle @ v
+        got = _dense_kv(imp, dict(zip(names, v)))
+        for n, w in zip(names, want):
+            torch.testing.assert_close(got[n], w, rtol=1e-10, atol=1e-13, msg=f"K v of {n}")
+
+
+def _patch_rows(m, x):
+    """Brute force: the patches of conv layer m at every position, by slicing (float64)."""
+    if isinstance(m, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    conv2d = isinstance(m, nn.Conv2d)
+    x = x if conv2d else x.unsqueeze(2)
+    k = m.kernel_size if conv2d else (1,) + m.kernel_size
+    st = m.stride if conv2d else (1,) + m.stride
+    dl = m.dilation if conv2d else (1,) + m.dilation
+    pd = m.padding if conv2d else (0,) + m.padding
+    xp = F.pad(x, (pd[1], pd[1], pd[0], pd[0]))
+    rows = []
+    for n in range(x.shape[0]):
+        oh = (xp.shape[2] - dl[0] * (k[0] - 1) - 1) // st[0] + 1
+        ow = (xp.shape[3] - dl[1] * (k[1] - 1) - 1) // st[1] + 1
+        for i in range(oh):
+            for j in range(ow):
+                patch = xp[n, :, i * st[0]: i * st[0] + dl[0] * (k[0] - 1) + 1: dl[0],
+                           j * st[1]: j * st[1] + dl[1] * (k[1] - 1) + 1: dl[1]]
+                rows.append(patch.reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "cnn1d"])
+def test_factors_equal_float64_loops_over_samples_positions_and_classes(model_name):
+    make, shape = MODELS[model_name]
+    torch.manual_seed(3)
+    model = make().double().eval()
+    x, y = _data(shape, n=9)
+    names = [n for n, _ in model.named_parameters()]
+    imp = kfac(model, [(x, y)], names=names, fisher="expected")
+    layers = [m for m in model if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    # per sample: the layer inputs, and per class c the gradient of log p_c ... as the exact Fisher's
+    # columns sqrt(p_c) (e_c - p) backpropagated from the logits
+    for li, layer in enumerate(layers):
+        a_sum = torch.zeros_like(imp.blocks[names[2 * li]].A)
+        g_sum = torch.zeros_like(imp.blocks[names[2 * li]].G)
+        rows_total = 0
+        for n in range(x.shape[0]):
+            acts = {}
+            h = layer.register_forward_hook(lambda m, i, o: acts.update(a=i[0], out=o))
+            logits = model(x[n:n + 1])
+            h.remove()
+            p = logits.softmax(-1)[0]
+            arow = _patch_rows(layer, acts["a"].detach())
+            arow = torch.cat([arow, torch.ones(arow.shape[0], 1, dtype=arow.dtype)], 1)
+            a_sum += arow.t() @ arow
+            rows_total += arow.shape[0]
+            for c in range(p.shape[0]):
+                cot = p[c].sqrt() * (torch.eye(p.shape[0], dtype=p.dtype)[c] - p)
+                (d,) = torch.autograd.grad(logits[0], acts["out"], cot.detach(), retain_graph=True)
+                d = d[0].reshape(d.shape[1], -1).t() if d.dim() > 2 else d
+                g_sum += d.t() @ d
+        blk = imp.blocks[names[2 * li]]
+        torch.testing.assert_close(blk.A, a_sum / rows_total, rtol=1e-11, atol=1e-14)
+        torch.testing.assert_close(blk.G, g_sum / x.shape[0], rtol=1e-11, atol=1e-14)
+
+
+def test_sequence_inputs_expand_over_positions_and_sequence_first():
+    """A Linear on [T, N, in] (sequence first): every position is a row of both factors."""
+    torch.manual_seed(4)
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 5)
+            self.head = nn.Linear(5, 4)
+
+        def forward(self, x):  # x: [N, T, 3] -> sequence first inside
+            h = torch.tanh(self.proj(x.transpose(0, 1)))  # [T, N, 5]
+            return self.head(h.mean(0))
+
+    model = Seq().double()
+    x, y = _data((6, 3), n=7)
+    imp = kfac(model, [(x, y)], names=[n for n, _ in model.named_parameters()], fisher="empirical")
+    rows = torch.cat([x.reshape(-1, 3), torch.ones(7 * 6, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(imp.blocks["proj.weight"].A, rows.t() @ rows / rows.shape[0], rtol=1e-12, atol=1e-14)
+    g = torch.zeros(5, 5, dtype=torch.float64)
+    for n in range(7):
+        out = {}
+        h = model.proj.register_forward_hook(lambda m, i, o: out.update(o=o))
+        loss = F.cross_entropy(model(x[n:n + 1]), y[n:n + 1], reduction="sum")
+        h.remove()
+        (d,) = torch.autograd.grad(loss, out["o"])
+        d = d.reshape(-1, 5)
+        g += d.t() @ d
+    torch.testing.assert_close(imp.blocks["proj.weight"].G, g / 7, rtol=1e-11, atol=1e-14)
+
+
+def test_other_layers_get_the_diagonal_of_the_same_fisher_in_the_same_pass():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+    x, y = _data((2, 6, 6), n=10, classes=3)
+    names = [n for n, _ in model.named_parameters()]
+    imp = compute_importance(model, TensorDataset(x, y), "kfac", batch_size=4)
+    diag = compute_importance(model, TensorDataset(x, y), "expected_fisher", batch_size=4)
+    assert list(imp.blocks) == ["3.weight"]  # the grouped conv has no block
+    assert sorted(imp.diagonal) == sorted(n for n in names if not n.startswith("3."))
+    for n, v in imp.diagonal.items():
+        torch.testing.assert_close(v, diag[n], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("columns", [None, 1])
+def test_engine_quantity_is_independent_of_batching_and_column_pieces(columns):
+    torch.manual_seed(6)
+    model = _cnn().double()
+    x, y = _data((2, 4, 4), n=16)
+    names = [n for n, _ in model.named_parameters()]
+    ref = kfac(model, [(x, y)], names=names)
+    policy = Policy().replace(columns_per_backward=columns, chunk_size=3)
+    got = kfac(model, [(x[:7], y[:7]), (x[7:], y[7:])], names=names, policy=policy)
+    for n, blk in ref.blocks.items():
+        torch.testing.assert_close(got.blocks[n].A, blk.A, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(got.blocks[n].G, blk.G, rtol=1e-12, atol=1e-15)
+
+
+def test_a_block_that_no_rule_can_take_is_refused_with_its_module_named():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.shared(torch.tanh(self.shared(x))))
+
+    model = Twice()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(RuntimeError, match=r"Kronecker factors: .*shared.*called more than once"):
+        kfac(model, [(x, y)], names=[n for n, _ in model.named_parameters()])
+
+
+def test_fisher_choice_is_validated():
+    with pytest.raises(ValueError, match="fisher must be one of"):
+        kfac(_mlp(), [], names=["1.weight"], fisher="true")
+
+
+# ----------------------------------------------------------------------------- state and penalty
+def _perturbed(model, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_penalty_value_and_gradient_equal_the_sum_over_experiences(mode):
+    torch.manual_seed(7)
+    model = _cnn().double()
+    names = [n for n, _ in model.named_parameters()]
+    state = KronState(mode, 0.6)
+    history = []
+    for t in range(3):
+        _perturbed(model, 0.3, t)
+        imp = kfac(model, [_data((2, 4, 4), n=11, seed=t)], names=names)
+        params = dict(model.named_parameters())
+        history.append({k: (b, block_matrix(params[b.weight], params[b.bias]).clone()) for k, b in imp.blocks.items()})
+        state = state.merged(imp, params)
+    _perturbed(model, 0.3, 9)
+    params = dict(model.named_parameters())
+    value = state.penalty(params, 2.5)
+    grads = torch.autograd.grad(value, list(params.values()))
+    ref = 0
+    for t, h in enumerate(history):
+        for k, (blk, anchor) in h.items():
+            w = params[blk.weight]
+            theta = torch.cat([w.reshape(w.shape[0], -1), params[blk.bias][:, None]], 1)  # with autograd
+            if mode == "separate":
+                ref = ref + blk.quadratic(theta - anchor)
+            else:
+                ref = ref + 0.6 ** (2 - t) * blk.quadratic(theta - history[-1][k][1])
+    ref = 2.5 * ref
+    ref_grads = torch.autograd.grad(ref, list(params.values()))
+    assert value.item() == pytest.approx(ref.item(), rel=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-13)
+
+
+def _block(a, g, weight="w", bias="b"):
+    return KronFactors(A=a, G=g, weight=weight, bias=bias)
+
+
+def test_sum_merge_is_exact_when_inputs_do_not_change_and_approximate_otherwise():
+    g = torch.Generator().manual_seed(8)
+
+    def spd(k):
+        m = torch.randn(k, k, generator=g, dtype=torch.float64)
+        return m @ m.t() / k + torch.eye(k, dtype=torch.float64) * 0.1
+
+    w = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    a1, a2, g1, g2 = spd(5), spd(5), spd(3), spd(3)
+    for same_a, equal in ((True, True), (False, False)):
+        states = {m: KronState("online", 0.5, m) for m in ("exact", "sum")}
+        for a, gg in ((a1, g1), (a1 if same_a else a2, g2)):
+            imp = KroneckerImportance({"w": _block(a, gg)}, {})
+            states = {k: s.merged(imp, {"w": w, "b": b}) for k, s in states.items()}
+        assert len(states["exact"].layers["w"].pairs) == 2 and len(states["sum"].layers["w"].pairs) == 1
+        with torch.no_grad():
+            w.copy_(torch.randn(3, 4, generator=g, dtype=torch.float64))
+        vals = {k: s.penalty({"w": w, "b": b}, 1.0).item() for k, s in states.items()}
+        assert (vals["sum"] == pytest.approx(vals["exact"], rel=1e-12)) is equal
+        with torch.no_grad():
+            w.zero_()
+
+
+def test_growing_head_keeps_old_entries_and_frees_new_ones():
+    torch.manual_seed(9)
+    model = _mlp().double()
+    names = [n for n, _ in model.named_parameters()]
+    state = ConsolidatedState("separate")
+    state = state.consolidated(kfac(model, [_data((12,), n=10)], names=names), dict(model.named_parameters()))
+    _perturbed(model, 0.2, 1)
+    before = state.penalty(model, 1.0).item()
+    old = model[3]
+    grown = nn.Linear(7, 6).double()
+    with torch.no_grad():
+        grown.weight[:4].copy_(old.weight)
+        grown.bias[:4].copy_(old.bias)
+    model[3] = grown
+    aligned = state.aligned(dict(model.named_parameters()))
+    assert aligned.penalty(model, 1.0).item() == pytest.approx(before, rel=1e-12)
+    with torch.no_grad():
+        grown.weight[4:].add_(5.0)  # the new outputs are free
+        grown.bias[4:].add_(5.0)
+    assert aligned.penalty(model, 1.0).item() == pytest.approx(before, rel=1e-12)
+    assert state.penalty(model, 1.0).item() == pytest.approx(before, rel=1e-12)  # padded on the fly too
+
+
+def test_checkpoint_round_trip_keeps_value_and_gradient():
+    torch.manual_seed(10)
+    model = _cnn()
+    names = [n for n, _ in model.named_parameters()]
+    state = ConsolidatedState("online", decay=0.9, kfac_merge="exact")
+    for t in range(2):
+        x, y = _data((2, 4, 4), n=8, seed=t)
+        state = state.consolidated(kfac(model, [(x.float(), y)], names=names), dict(model.named_parameters()))
+        _perturbed(model, 0.1, t)
+    buf = __import__("io").BytesIO()
+    torch.save(state.state_dict(), buf)
+    buf.seek(0)
+    loaded = ConsolidatedState.from_state_dict(torch.load(buf, weights_only=True))
+    assert len(loaded.kron.layers["0.weight"].pairs) == 2
+    v1, v2 = state.penalty(model, 3.0), loaded.penalty(model, 3.0)
+    g1 = torch.autograd.grad(v1, list(model.parameters()))
+    g2 = torch.autograd.grad(v2, list(model.parameters()))
+    assert v1.item() == v2.item() and v1.item() > 0
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_penalty_refuses_a_second_derivative():
+    model = _mlp()
+    names = [n for n, _ in model.named_parameters()]
+    state = KronState().merged(kfac(model, [(torch.randn(6, 12), torch.randint(0, 4, (6,)))], names=names),
+                               dict(model.named_parameters()))
+    _perturbed(model, 0.1, 0)
+    (g,) = torch.autograd.grad(state.penalty(dict(model.named_parameters()), 1.0), [model[1].weight], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), [model[1].weight])
+
+
+def test_kron_block_packing_round_trip():
+    q = KroneckerFactors().for_param(nn.Linear(3, 2), "weight", {"weight", "bias"})
+    assert isinstance(q, KronBlock) and (q.out, q.inp, q.bias) == (2, 3, True)
+    gs, as_ = torch.arange(4.).reshape(2, 2), torch.arange(16.).reshape(4, 4)
+    g2, a2, rows = q.unpack(q.pack(gs, as_, 7))
+    assert torch.equal(g2, gs) and torch.equal(a2, as_) and rows.item() == 7
+    assert KroneckerFactors().for_param(nn.Conv2d(2, 2, 3, groups=2), "weight", {"weight"}) == KroneckerFactors().rest
