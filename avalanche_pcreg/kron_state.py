@@ -10,10 +10,12 @@ For each layer, the penalty of all past experiences is one quadratic in Δ = [W 
   all anchored at the latest parameters: Σ_t γ^(T−t) ⟨Δ, G_t Δ A_t⟩, B = 0, c = 0.
 
 A sum of Kronecker products is not a Kronecker product. ``merge="exact"`` keeps every pair (memory
-and step cost grow with the number of experiences: two products a pair). ``merge="sum"`` keeps one
-pair, Σ_t w_t A_t ⊗ G_t ≈ Ā ⊗ Σ_t w_t G_t with Ā the w-weighted mean of the A_t (exact when the
-layer's input statistics do not change between experiences); its error against the exact form is
-measured in ``benchmarks/bench_kfac.py``.
+and step cost grow with the number of experiences: two products a pair). ``merge="nearest"`` keeps
+one pair a layer: at each merge, the nearest Kronecker product in Frobenius norm (Van Loan &
+Pitsianis 1993) to the old pair plus the new one, A' ⊗ G' ≈ A ⊗ G + A_new ⊗ G_new. It is exact when
+the layer's input statistics (all A_t equal) or its cotangent statistics (all G_t equal) do not
+change between experiences; its error against the exact form is measured in
+``benchmarks/bench_kfac.py``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from torch import Tensor
 from .importance.kfac import KronFactors, KroneckerImportance
 from .kron_penalty import kron_apply, kron_penalty
 
-__all__ = ["KronLayer", "KronState", "KRON_MERGES", "block_matrix"]
+__all__ = ["KronLayer", "KronState", "KRON_MERGES", "block_matrix", "nearest_kronecker"]
 
 #: how the blocks of several experiences are kept
-KRON_MERGES = ("exact", "sum")
+KRON_MERGES = ("exact", "nearest")
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -46,8 +48,7 @@ def block_matrix(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 @dataclass
 class KronLayer:
     """One layer's consolidated penalty: ``pairs`` [(A_t, G_t)], anchor ``mu`` [out, in'], linear
-    term ``lin`` (None: zero), constant ``const`` (float64), and for ``merge="sum"`` the total
-    weight ``mass`` of the experiences averaged into A."""
+    term ``lin`` (None: zero) and constant ``const`` (float64)."""
 
     weight: str
     bias: Optional[str]
@@ -55,7 +56,6 @@ class KronLayer:
     mu: Tensor
     lin: Optional[Tensor] = None
     const: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
-    mass: float = 0.0
 
     def quadratic(self, delta: Tensor) -> Tensor:
         """Σ_t ⟨Δ, G_t Δ A_t⟩ (in Δ's dtype)."""
@@ -71,7 +71,7 @@ class KronState:
 
     :param mode: ``"separate"`` or ``"online"``.
     :param decay: γ of online mode (1.0 if None).
-    :param merge: ``"exact"`` (every pair kept) or ``"sum"`` (one pair; see the module docstring).
+    :param merge: ``"exact"`` (every pair kept) or ``"nearest"`` (one pair; see the module docstring).
     """
 
     def __init__(self, mode: str = "separate", decay: Optional[float] = None, merge: str = "exact"):
@@ -110,7 +110,7 @@ class KronState:
         mu_new = theta.to(dt).clone()
         if old is None:
             return KronLayer(blk.weight, blk.bias, [(a_new, g_new)], mu_new, None,
-                             torch.zeros((), dtype=torch.float64, device=theta.device), 1.0)
+                             torch.zeros((), dtype=torch.float64, device=theta.device))
         gamma = self.decay if self.mode == "online" else 1.0
         pairs = [(a, g * gamma) for a, g in old.pairs] if gamma != 1.0 else list(old.pairs)
         lin, const = None, torch.zeros((), dtype=torch.float64, device=theta.device)
@@ -120,12 +120,10 @@ class KronState:
             lin64 = qs if old.lin is None else qs + old.lin.double()
             const = old.const + (s * qs).sum() + (2 * (s * old.lin.double()).sum() if old.lin is not None else 0.0)
             lin = lin64.to(dt)
-        if self.merge == "exact":
-            return KronLayer(blk.weight, blk.bias, pairs + [(a_new, g_new)], mu_new, lin, const, old.mass + 1)
-        (a_old, g_old), = pairs
-        mass = gamma * old.mass
-        a_mean = (a_old * mass + a_new) / (mass + 1.0)
-        return KronLayer(blk.weight, blk.bias, [(a_mean, g_old + g_new)], mu_new, lin, const, mass + 1.0)
+        pairs = pairs + [(a_new, g_new)]
+        if self.merge == "nearest":
+            pairs = [nearest_kronecker(pairs)]
+        return KronLayer(blk.weight, blk.bias, pairs, mu_new, lin, const)
 
     # ------------------------------------------------------------------ growing layers
     def aligned(self, params: Mapping[str, Tensor]) -> "KronState":
@@ -183,8 +181,8 @@ class KronState:
     def state_dict(self) -> dict:
         return {"mode": self.mode, "decay": self.decay, "merge": self.merge,
                 "layers": {k: {"weight": v.weight, "bias": v.bias, "A": [a for a, _ in v.pairs],
-                               "G": [g for _, g in v.pairs], "mu": v.mu, "lin": v.lin, "const": v.const,
-                               "mass": v.mass} for k, v in self.layers.items()}}
+                               "G": [g for _, g in v.pairs], "mu": v.mu, "lin": v.lin, "const": v.const}
+                           for k, v in self.layers.items()}}
 
     @classmethod
     def from_state_dict(cls, sd: Mapping, map_location=None) -> "KronState":
@@ -195,8 +193,30 @@ class KronState:
             if len(v["A"]) != len(v["G"]) or not v["A"]:
                 raise ValueError(f"kfac state of {k!r}: {len(v['A'])} A factors and {len(v['G'])} G factors")
             st.layers[k] = KronLayer(v["weight"], v["bias"], [(mv(a), mv(g)) for a, g in zip(v["A"], v["G"])],
-                                     mv(v["mu"]), mv(v["lin"]), mv(v["const"]), float(v["mass"]))
+                                     mv(v["mu"]), mv(v["lin"]), mv(v["const"]))
         return st
+
+
+def nearest_kronecker(pairs: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    """(A, G) whose A ⊗ G is nearest in Frobenius norm to Σ_t A_t ⊗ G_t (Van Loan & Pitsianis).
+
+    Σ_t A_t ⊗ G_t rearranges to the matrix R = Σ_t vec(A_t) vec(G_t)ᵀ = P Qᵀ, and A ⊗ G to
+    vec(A) vec(G)ᵀ: the best rank-one approximation of R. Its left vector is P c with c the top
+    eigenvector of (QᵀQ)(PᵀP), a T × T matrix of inner products of the factors (non-negative for
+    positive semi-definite factors, so c ≥ 0 and A, G stay positive semi-definite)."""
+    if len(pairs) == 1:
+        return pairs[0]
+    dt = pairs[0][0].dtype
+    p = torch.stack([a.reshape(-1).double() for a, _ in pairs], 1)
+    q = torch.stack([g.reshape(-1).double() for _, g in pairs], 1)
+    ma, mg = p.t() @ p, q.t() @ q
+    vals, vecs = torch.linalg.eig(mg @ ma)
+    c = vecs[:, vals.real.argmax()].real
+    c = c * torch.sign(c.sum())
+    d = (ma @ c) / (c @ ma @ c)
+    a = sum(ci * ai.double() for ci, (ai, _) in zip(c.tolist(), pairs))
+    g = sum(di * gi.double() for di, (_, gi) in zip(d.tolist(), pairs))
+    return a.to(dt), g.to(dt)
 
 
 def _grown(layer: KronLayer, theta: Tensor, wshape) -> KronLayer:
