@@ -8,15 +8,15 @@ Where it lives in Avalanche's loop (0.6):
   copies of the model and the experience's data (:mod:`avalanche_pcreg.factor_search`).
 * ``before_training_iteration``, ``after_backward``, ``before_update``, ``after_update``: forwarded
   to a trajectory estimator (``si``, ``avalanche_si``, ``rwalk``, ...; see ``importance.trajectory``).
-* ``before_backward``: ``strategy.loss += penalty``; a non-finite penalty is reported at once
-  (on CUDA, at the end of the epoch, without a per-step host synchronisation).
-* ``before_training_epoch`` / ``after_training_epoch``: the epoch's mean penalty, from a clean
-  log of its penalties (one float64 entry per step, on their device), is published. In the last
-  epoch of an experience with a penalty, ``after_training_iteration`` counts the correct
-  predictions (on the device), and its end checks whether the penalty holds the model
-  (:mod:`avalanche_pcreg._guards`).
-* ``after_training_exp``: at a real task boundary, importances are estimated, merged with the
-  current parameters as anchors, and swapped in only once everything succeeded.
+* ``before_backward``: ``strategy.loss += penalty``.
+* ``after_training_exp``: at a real task boundary, importances are estimated (``_estimate``),
+  merged with the current parameters as anchors (``_merge``), and swapped in only once everything
+  succeeded.
+
+What the plugin watches meanwhile (the epoch's penalty log and its published mean, non-finite
+penalties, the penalty against the task loss, a penalty that holds the model) is
+:class:`avalanche_pcreg.monitoring.PenaltyMonitor`'s, which the callbacks call. The less often
+changed settings are one frozen :class:`avalanche_pcreg.options.PluginOptions`, checked in one place.
 
 Everything is keyed by canonical parameter name (:mod:`avalanche_pcreg.selection`: no
 DDP/DataParallel/``torch.compile`` prefix) and read from ``strategy.model`` every time. Which
@@ -36,26 +36,24 @@ from torch import Tensor, nn
 
 from . import _avalanche  # noqa: F401  (before Avalanche: its import without qpsolvers' warning)
 from avalanche.core import SupervisedPlugin
-from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.utils import _at_task_boundary
 
-from ._checks import check_choice, check_finite_parameter, check_nonneg_finite, check_positive_int, check_seed
+from ._checks import check_finite_parameter, check_nonneg_finite
 from ._data import IMPORTANCE_DATA, importance_criterion, importance_dataset
-from ._guards import (PlasticityMonitor, capped, held_message, held_statistics, near_chance, penalty_ratio_message,
-                      sgd_instability)
-from .factor_search import as_factor_search, optimizer_like, probe_balance, search_factor
+from ._guards import capped, sgd_instability
+from .factor_search import as_factor_search, optimizer_like, search_factor
 from ._stats import importance_stats
 from .importance import TrajectoryEstimator, compute_importance, resolve_estimator
-from .importance._common import check_criterion, check_output_transform, eval_mode, model_output
+from .importance._common import eval_mode, model_output
+from .importance.persample import Policy
+from .monitoring import PenaltyMonitor, experience_id, publish
+from .options import OPTION_NAMES, OptionAttribute, PluginOptions
 from .selection import ParameterSelection, canonical_name, named_parameters, raw_names, unwrap
-from .penalty import IMPLS
 from .state import ConsolidatedState
 
-__all__ = ["ParameterChangePlugin", "IMPORTANCE_DATA"]
+__all__ = ["ParameterChangePlugin", "PluginOptions", "IMPORTANCE_DATA"]
 
 PLUGIN_VERSION = 1
-METRIC_PREFIX = "ParameterChange"
-ON_NONFINITE = ("raise", "warn")
 
 
 class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
@@ -159,14 +157,27 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         returns a tuple, dict or object (see :func:`compute_importance`); the estimators and a
         ``criterion`` given here then get those logits. The strategy's criterion, where called as
         it is (``minibatch_fisher``, ``rwalk``), gets the raw output (see ``criterion``).
+    :param policy: how the importance pass's per-sample engine runs (chunk sizes, byte budgets,
+        convolution paths): a :class:`~avalanche_pcreg.importance.persample.Policy`, handed to
+        :func:`~avalanche_pcreg.compute_importance`, e.g. ``Policy.gpu().replace(chunk_size=64)``
+        to bound a GPU pass's memory; ``chunk_size``, when given, replaces its ``chunk_size``.
+        None (default): the device's (``Policy.for_device``, or the one installed by
+        ``using_policy``). It changes speed and memory, never the importances beyond
+        floating-point rounding.
+
+    The keyword settings other than the parameter selection and ``factor_search`` are held in
+    ``options``, a frozen :class:`~avalanche_pcreg.options.PluginOptions` that checks them, and read
+    as read-only attributes (``plugin.seed``, ``plugin.policy``, ...).
 
     Frozen parameters (``requires_grad=False``) are never regularized. Parameters that got no
     gradient get zero importance. Names are those of the plain model: DDP/DataParallel's
     ``module.`` and ``torch.compile``'s ``_orig_mod.`` are looked through.
     """
 
-    # devices where reading the penalty every step costs nothing (no asynchronous queue to drain)
-    _check_every_step_on = ("cpu",)
+    # the settings held in ``options`` (a frozen PluginOptions), read-only: plugin.seed, plugin.policy...
+    (batch_size, num_samples, criterion, importance_data, xi, seed, impl, chunk_size, estimator_options,
+     importance_scale, running_average, stability_guard, warn_ratio, strict, on_nonfinite, output_transform,
+     keep_importance_data, warn_frozen, policy) = (OptionAttribute() for _ in OPTION_NAMES)
 
     def __init__(
         self,
@@ -199,6 +210,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         factor_search=None,
         keep_importance_data: bool = False,
         warn_frozen: bool = True,
+        policy: Optional[Policy] = None,
     ):
         super().__init__()
         # factor="auto": chosen per experience by a short search (avalanche_pcreg.factor_search)
@@ -211,78 +223,59 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             raise ValueError("factor_search is used only with factor='auto'; got factor="
                              f"{factor!r} with factor_search={factor_search!r}")
         self.factor = check_nonneg_finite("factor", factor)
-        if not isinstance(keep_importance_data, bool):
-            raise TypeError(f"keep_importance_data must be a bool, got {type(keep_importance_data).__name__}")
-        self.keep_importance_data = keep_importance_data
-        self.kept_importances: Dict[int, Dict[str, Tensor]] = {}  # experience -> what it merged (on request)
-        if not isinstance(warn_frozen, bool):
-            raise TypeError(f"warn_frozen must be a bool, got {type(warn_frozen).__name__}")
-        self.warn_frozen = warn_frozen
-        self._monitor: Optional[PlasticityMonitor] = None  # the last epoch's training accuracy
-        self._frozen_check = False
-        self._search_record: Optional[dict] = None  # the search of the current experience, for history
         # The state checks mode and decay, and resolves online mode's default decay (1.0).
         self._state = ConsolidatedState(mode, decay)
         self._record = resolve_estimator(importance)
-        self.importance_name, self._estimator = self._record.name, self._record.fn
-        if estimator_options is not None and not isinstance(estimator_options, dict):
-            raise TypeError(f"estimator_options must be a dict, got {type(estimator_options).__name__}")
-        if estimator_options and not (self._record.trajectory and isinstance(importance, str)):
+        self.importance_name = self._record.name
+        self.options = PluginOptions(
+            batch_size=batch_size, num_samples=num_samples, criterion=criterion, importance_data=importance_data,
+            xi=xi, seed=seed, impl=impl, chunk_size=chunk_size, estimator_options=estimator_options,
+            importance_scale=importance_scale, running_average=running_average, stability_guard=stability_guard,
+            warn_ratio=warn_ratio, strict=strict, on_nonfinite=on_nonfinite, output_transform=output_transform,
+            keep_importance_data=keep_importance_data, warn_frozen=warn_frozen, policy=policy)
+        if self.running_average and self.mode != "online":
+            raise ValueError("running_average=True needs mode='online' (it averages A with weight decay)")
+        # a trajectory estimator's tracker (None for a data pass), and the data pass's estimator, if any
+        self._tracker, self._data_pass = self._estimators(importance)
+        self._selection = ParameterSelection(include, exclude, parameters, include_modules, exclude_modules)
+        self._monitor = PenaltyMonitor(
+            on_nonfinite=self.on_nonfinite, warn_ratio=self.warn_ratio, warn_frozen=self.warn_frozen,
+            output_transform=self.output_transform, impl=self.impl, importance=self.importance_name,
+            importance_scale=self.importance_scale, auto=self.factor_search is not None)
+
+        self._penalty_state: Optional[ConsolidatedState] = None  # capped by the stability guard
+        self._owner = None  # weakref to the strategy this instance is bound to
+        self._selected_names: tuple = ()
+        self._open_task = None  # an online task whose end the stream did not flag (yet)
+        self._search_record: Optional[dict] = None  # the search of the current experience, for history
+        self.kept_importances: Dict[int, Dict[str, Tensor]] = {}  # experience -> what it merged (on request)
+        self.history: list = []  # one dict of figures per consolidation (timings included)
+
+    def _estimators(self, importance):
+        """``(tracker, data pass)``: a trajectory estimator's tracker, built with ``estimator_options``
+        (and ``xi`` for ``si``), or None; and the record of the data-pass estimator the end of a task
+        runs (the estimator itself, a tracker's ``data_estimator``), or None."""
+        options = self.estimator_options
+        if options and not (self._record.trajectory and isinstance(importance, str)):
             raise ValueError(
                 f"estimator_options are for trajectory estimators given by name; importance {self.importance_name!r} "
                 "takes none"
             )
-        self._tracker: Optional[TrajectoryEstimator] = None
-        self._data_record = None
-        if self._record.trajectory:
-            opts = dict(estimator_options or {})
-            if self._record.name == "si" and isinstance(importance, str):
-                opts.setdefault("xi", xi)
-            try:
-                self._tracker = self._record.tracker(**opts)
-            except TypeError as err:
-                raise TypeError(f"estimator_options {opts} do not fit importance {self.importance_name!r}: {err}") from None
-            if self._tracker.data_estimator is not None:
-                self._data_record = resolve_estimator(self._tracker.data_estimator)
-                if self._data_record.trajectory:
-                    raise ValueError(f"data_estimator {self._tracker.data_estimator!r} must be a data-pass estimator")
-        self.importance_scale = check_nonneg_finite("importance_scale", importance_scale)
-        if self.importance_scale == 0:
-            raise ValueError("importance_scale must be > 0, got 0")
-        if not isinstance(running_average, bool):
-            raise TypeError(f"running_average must be a bool, got {type(running_average).__name__}")
-        if running_average and self.mode != "online":
-            raise ValueError("running_average=True needs mode='online' (it averages A with weight decay)")
-        self.running_average = running_average
-        if not isinstance(stability_guard, bool):
-            raise TypeError(f"stability_guard must be a bool, got {type(stability_guard).__name__}")
-        self.stability_guard = stability_guard
-        self._penalty_state: Optional[ConsolidatedState] = None  # capped by the stability guard
-        self.warn_ratio = None if warn_ratio is None else check_nonneg_finite("warn_ratio", warn_ratio)
-        self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
-        self.num_samples = check_positive_int("num_samples", num_samples, allow_none=True)
-        self.criterion = check_criterion(criterion)
-        self._selection = ParameterSelection(include, exclude, parameters, include_modules, exclude_modules)
-        self.importance_data = check_choice("importance_data", importance_data, IMPORTANCE_DATA)
-        if impl is not None:
-            check_choice("impl", impl, IMPLS)
-        self.seed, self.impl = check_seed("seed", seed), impl
-        if not isinstance(strict, bool):
-            raise TypeError(f"strict must be a bool, got {type(strict).__name__} {strict!r}")
-        self.strict = strict
-        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
-        self.chunk_size = check_positive_int("chunk_size", chunk_size, allow_none=True)
-        self.output_transform = check_output_transform(output_transform)
-        self.xi = xi
-        self._ratio_checked = True  # the penalty/loss check runs once per experience
-
-        self._owner = None  # weakref to the strategy this instance is bound to
-        self._selected_names: tuple = ()
-        self._open_task = None  # an online task whose end the stream did not flag (yet)
-        self._warned_nonfinite = False
-        self._epoch = 0  # the current epoch of the experience, for messages
-        self._reset_counters()
-        self.history: list = []  # one dict of figures per consolidation (timings included)
+        if not self._record.trajectory:
+            return None, self._record
+        opts = dict(options or {})
+        if self._record.name == "si" and isinstance(importance, str):
+            opts.setdefault("xi", self.xi)
+        try:
+            tracker: TrajectoryEstimator = self._record.tracker(**opts)
+        except TypeError as err:
+            raise TypeError(f"estimator_options {opts} do not fit importance {self.importance_name!r}: {err}") from None
+        if tracker.data_estimator is None:
+            return tracker, None
+        data_pass = resolve_estimator(tracker.data_estimator)
+        if data_pass.trajectory:
+            raise ValueError(f"data_estimator {tracker.data_estimator!r} must be a data-pass estimator")
+        return tracker, data_pass
 
     # ------------------------------------------------------------------ public state
     @property
@@ -393,16 +386,21 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         d["_open_task"] = None
         return d
 
-    # ------------------------------------------------------------------ callbacks
-    def _reset_counters(self) -> None:
-        """Per-epoch counters and the epoch's running penalty sum."""
-        self._iterations = 0
-        self._backwards = 0
-        # The epoch's penalties, one float64 entry per backward, kept where they were computed (off
-        # the CPU: no host synchronisation per step, one copy into the log), and their iterations.
-        self._pen_log: Optional[Tensor] = None
-        self._pen_iters: list = []
+    # the monitor's devices with a per-step finiteness check (() forces the other devices' path) and
+    # the iterations of the current epoch's penalty log
+    @property
+    def _check_every_step_on(self) -> tuple:
+        return self._monitor.check_every_step_on
 
+    @_check_every_step_on.setter
+    def _check_every_step_on(self, devices: tuple) -> None:
+        self._monitor.check_every_step_on = devices
+
+    @property
+    def _pen_iters(self) -> list:
+        return self._monitor.log_iterations
+
+    # ------------------------------------------------------------------ callbacks
     def before_training(self, strategy, *args, **kwargs):
         owner = self._owner() if self._owner is not None else None
         if owner is not None and owner is not strategy:
@@ -435,20 +433,14 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         if (self.factor_search is not None and not self._state.empty
                 and _at_task_boundary(strategy.experience, before=True)):
             self._search_factor(strategy)
-        self._ratio_checked = self.warn_ratio is None
         self._check_stability(strategy)
-        self._frozen_check = self.warn_frozen and not self._state.empty and self.factor > 0
-        self._monitor = None
+        self._monitor.begin_experience(penalized=not self._state.empty and self.factor > 0)
 
     def before_training_epoch(self, strategy, *args, **kwargs):
-        self._reset_counters()  # an epoch interrupted by an exception leaks nothing into this one
-        self._epoch = strategy.clock.train_exp_epochs
-        # the held-by-the-penalty check reads the training accuracy of the experience's last epoch
-        last = self._epoch == int(getattr(strategy, "train_epochs", 1) or 1) - 1
-        self._monitor = PlasticityMonitor() if self._frozen_check and last else None
+        self._monitor.begin_epoch(strategy)
 
     def before_training_iteration(self, strategy, *args, **kwargs):
-        self._iterations += 1
+        self._monitor.count_iteration()
         if self._tracker is not None and self._tracker.needs_task_gradient:
             self._task_gradient(strategy)
 
@@ -466,64 +458,19 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         self._tracker.task_gradient(params, dict(zip(names, grads)))
 
     def before_backward(self, strategy, *args, **kwargs):
-        self._backwards += 1
+        self._monitor.count_backward()
         if self._state.empty:
             return
         # names matched to parameters once, until the model's parameters change (ConsolidatedState.bind)
-        state = self._penalty_state if self._penalty_state is not None else self._state
-        bound = state.bind(strategy.model)
+        bound = self._applied_state.bind(strategy.model)
         if bound.moved:  # the model moved to another device mid-experience
             self._state = self._state.aligned(named_parameters(strategy.model))
             self._check_stability(strategy)
-            state = self._penalty_state if self._penalty_state is not None else self._state
-            bound = state.bind(strategy.model)
+            bound = self._applied_state.bind(strategy.model)
         pen = bound(self.factor, impl=self.impl)
-        if not self._ratio_checked:
-            self._check_ratio(strategy, pen)
+        self._monitor.check_ratio(strategy, pen, self.factor)  # against the task loss alone
         strategy.loss += pen
-        detached = pen.detach()
-        self._log_penalty(detached)
-        if detached.device.type in self._check_every_step_on:
-            value = float(detached)  # free on the CPU
-            if not abs(value) < float("inf"):  # NaN or +-inf (a Python comparison: no tensor op)
-                self._nonfinite(strategy, value, self._iterations)
-        # elsewhere the log is read once, at the end of the epoch (first non-finite iteration, mean)
-
-    def _log_penalty(self, value: Tensor) -> None:
-        """Append ``value`` to the epoch's penalty log: one copy into a float64 buffer on its device
-        (grown by doubling), and the iteration on the host."""
-        i, log = len(self._pen_iters), self._pen_log
-        if log is None or i == log.numel() or log.device != value.device:
-            grown = torch.empty(max(64, 2 * i), dtype=torch.float64, device=value.device)
-            if i:
-                grown[:i].copy_(log[:i])
-            self._pen_log = log = grown
-        log[i].copy_(value)
-        self._pen_iters.append(self._iterations)
-
-    def _nonfinite(self, strategy, value: Optional[float], iteration: int) -> None:
-        exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
-        what = "not finite" if value is None else f"{value} (not finite)"
-        msg = (f"ParameterChangePlugin penalty is {what} at experience {exp_id}, epoch "
-               f"{self._epoch}, iteration {iteration} of the epoch, with factor={self.factor}: "
-               "the model (or the loaded state) diverged; lower the learning rate or the factor")
-        if self.on_nonfinite == "raise":
-            raise FloatingPointError(msg + " (on_nonfinite='warn' trains on with a warning)")
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(msg + " (warned once)", RuntimeWarning, stacklevel=3)
-
-    def _check_ratio(self, strategy, pen: Tensor) -> None:
-        """Warn once per experience when the penalty dwarfs the task loss (one host sync)."""
-        p, loss = float(pen.detach()), float(strategy.loss.detach())
-        if p == 0.0:
-            return  # at the anchor: look again on the next iteration
-        self._ratio_checked = True
-        exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
-        msg = penalty_ratio_message(p, loss, self.warn_ratio, exp_id=exp_id, factor=self.factor,
-                                    importance=self.importance_name, importance_scale=self.importance_scale)
-        if msg:
-            warnings.warn(msg, RuntimeWarning)
+        self._monitor.record(strategy, pen, self.factor)
 
     def _check_stability(self, strategy) -> None:
         """Warn when the penalty alone makes plain SGD unstable; with ``stability_guard``, cap
@@ -546,6 +493,11 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             state.importances = capped(self._state.importances, caps)
             self._penalty_state = state
 
+    @property
+    def _applied_state(self) -> ConsolidatedState:
+        """The state the penalty uses: the stored one, or its copy capped by the stability guard."""
+        return self._penalty_state if self._penalty_state is not None else self._state
+
     def _tracked_params(self, strategy) -> Dict[str, Tensor]:
         # Selection is resolved once per experience (patterns are not matched every step);
         # the tensors themselves are read from strategy.model every time.
@@ -565,30 +517,10 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             self._tracker.after_update(self._tracked_params(strategy))
 
     def after_training_iteration(self, strategy, *args, **kwargs):
-        if self._monitor is not None:
-            self._monitor.update(strategy.mb_output, strategy.mb_y, self.output_transform)
+        self._monitor.after_iteration(strategy)
 
     def after_training_epoch(self, strategy, *args, **kwargs):
-        if self._iterations > 0 and self._backwards == 0:
-            raise RuntimeError(
-                f"{type(strategy).__name__} ran {self._iterations} training iterations without firing "
-                "before_backward, so ParameterChangePlugin cannot add its penalty to the loss (meta-learning "
-                "templates such as MER/LaMAML and StreamingLDA work this way). Refusing to train silently "
-                "without the regularizer."
-            )
-        count = len(self._pen_iters)
-        if count:
-            values = self._pen_log[:count]
-            if values.device.type not in self._check_every_step_on:
-                bad = torch.nonzero(~torch.isfinite(values))  # the epoch's one host synchronisation
-                if bad.numel():
-                    self._nonfinite(strategy, None, self._pen_iters[int(bad[0, 0])])
-            mean = float(values.sum()) / count
-            self._publish(strategy, "penalty_epoch", mean, strategy.clock.train_iterations)
-        self._reset_counters()
-        if self._monitor is not None:  # the last epoch of an experience with a penalty
-            monitor, self._monitor = self._monitor, None
-            self._check_frozen(strategy, monitor)
+        self._monitor.end_epoch(strategy, self, self.factor, self._applied_state)
 
     def after_training_exp(self, strategy, *args, **kwargs):
         experience = strategy.experience
@@ -599,52 +531,29 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             return
         self._consolidate(strategy, experience)
 
+    # ------------------------------------------------------------------ the end of a task
     def _consolidate(self, strategy, experience) -> None:
+        """This task's importances (:meth:`_estimate`) merged into a new state (:meth:`_merge`),
+        which replaces the current one only once everything succeeded."""
         self._open_task = None
         model = unwrap(strategy.model)
         named = named_parameters(model)
         params = self._selection.select(named, model)
         for name, p in params.items():  # before the importance pass: a clear error, state unchanged
             check_finite_parameter(name, p.detach())
-        exp_id = getattr(experience, "current_experience", strategy.clock.train_exp_counter)
+        exp_id = experience_id(strategy, experience)
         start = time.perf_counter()
-        data_record = self._record if self._tracker is None else self._data_record
-        data_importance = None
-        if data_record is not None:
+        data = None
+        if self._data_pass is not None:
             data = importance_dataset(strategy, experience, self.importance_data)
             if data is None or len(data) == 0:
                 warnings.warn(
                     f"experience {exp_id} has no samples: importance pass skipped, ParameterChangePlugin state unchanged"
                 )
                 return
-            raw = raw_names(model)
-            data_importance = compute_importance(
-                model, data, data_record,
-                criterion=importance_criterion(strategy, self.criterion, data_record.strategy_criterion),
-                batch_size=self.batch_size or strategy.train_mb_size,
-                num_samples=self.num_samples,
-                device=strategy.device,
-                names=[raw[n] for n in params],
-                seed=self.seed + int(strategy.clock.train_exp_counter),
-                chunk_size=self.chunk_size,
-                output_transform=self.output_transform,
-            )
-            data_importance = {canonical_name(n): t for n, t in data_importance.items()}
         tracker_before = self._tracker.state_dict() if self._tracker is not None else None
-        try:
-            if self._tracker is not None:
-                importances = self._tracker.importance(params, data_importance)
-            else:
-                importances = data_importance
-            scale = self.importance_scale
-            if self.running_average and not self._state.empty:
-                scale *= 1.0 - self.decay
-            if scale != 1.0:
-                importances = {n: v * scale for n, v in importances.items()}
-            # Anything that fails above or here leaves self._state (and the tracker) as it was.
-            # Every parameter is an anchor candidate: online mode moves (and decays) entries that
-            # got no importance too.
-            new_state = self._state.consolidated(importances, named, estimator=self.importance_name)
+        try:  # anything that fails here leaves self._state (and the tracker) as it was
+            importances, new_state = self._merge(self._estimate(strategy, model, params, data), named)
         except BaseException:
             if tracker_before is not None:
                 self._tracker.load_state_dict(tracker_before)
@@ -656,11 +565,47 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             self.kept_importances[int(exp_id)] = {n: v.detach().to("cpu", copy=True) for n, v in importances.items()}
         self._publish_importance_stats(strategy, importances, elapsed, exp_id)
 
-    # ------------------------------------------------------------------ factor="auto" and the frozen check
+    def _estimate(self, strategy, model: nn.Module, params: Dict[str, Tensor], data) -> Dict[str, Tensor]:
+        """This task's importances of ``params`` by canonical name: the data pass on ``data`` (None
+        for a trajectory estimator without one), then a trajectory estimator's path statistics,
+        combined with it."""
+        data_importance = None
+        if data is not None:
+            raw = raw_names(model)
+            data_importance = compute_importance(
+                model, data, self._data_pass,
+                criterion=importance_criterion(strategy, self.criterion, self._data_pass.strategy_criterion),
+                batch_size=self.batch_size or strategy.train_mb_size,
+                num_samples=self.num_samples,
+                device=strategy.device,
+                names=[raw[n] for n in params],
+                seed=self.seed + int(strategy.clock.train_exp_counter),
+                chunk_size=self.chunk_size,
+                output_transform=self.output_transform,
+                policy=self.policy,
+            )
+            data_importance = {canonical_name(n): t for n, t in data_importance.items()}
+        if self._tracker is None:
+            return data_importance
+        return self._tracker.importance(params, data_importance)
+
+    def _merge(self, importances: Dict[str, Tensor], named: Dict[str, Tensor]):
+        """``(importances, state)``: the importances scaled by ``importance_scale`` (and the running
+        average's ``1 - decay``), and the current state with them consolidated, a new object (the
+        current state is left as it is). Every parameter in ``named`` is an anchor candidate: online
+        mode moves (and decays) entries that got no importance too."""
+        scale = self.importance_scale
+        if self.running_average and not self._state.empty:
+            scale *= 1.0 - self.decay
+        if scale != 1.0:
+            importances = {n: v * scale for n, v in importances.items()}
+        return importances, self._state.consolidated(importances, named, estimator=self.importance_name)
+
+    # ------------------------------------------------------------------ factor="auto"
     def _search_factor(self, strategy) -> None:
         """``factor="auto"``: choose this experience's factor by a short search on copies of the model,
         with the experience's own data only (:mod:`avalanche_pcreg.factor_search`)."""
-        exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
+        exp_id = experience_id(strategy)
         model = unwrap(strategy.model)
         optimizer = strategy.optimizer
         data = strategy.experience.dataset
@@ -702,55 +647,16 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         x = int(strategy.clock.train_exp_counter)
         for name, value in (("factor", result.factor), ("search_plastic_accuracy", result.plastic_accuracy),
                             ("search_accuracy", result.accuracy)):
-            self._publish(strategy, name, value, x)
+            publish(strategy, self, name, value, x)
 
-    def _check_frozen(self, strategy, monitor: PlasticityMonitor) -> None:
-        """After the last epoch of an experience with a penalty: warn when the training accuracy is
-        near chance, the penalty's gradient is at least half the task loss's and the factor is above
-        twice the balance factor of a short probe (any optimizer)."""
-        accuracy, n_classes = monitor.result()
-        if accuracy is None or not near_chance(accuracy, n_classes) or self.factor == 0:
-            return
-        x, y, t = getattr(strategy, "mb_x", None), getattr(strategy, "mb_y", None), getattr(strategy, "mb_task_id", None)
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-            return
-        model = unwrap(strategy.model)
-        state = self._penalty_state if self._penalty_state is not None else self._state
-        try:
-            stats = held_statistics(model, state, self.factor, x, y, t, strategy._criterion, impl=self.impl)
-        except Exception:  # noqa: BLE001  a strategy whose minibatch is not (x, y) as it trains on (AR1...):
-            return  # the check is a diagnosis, never a reason for a run to fail
-        if stats is None or stats["pen_grad"] < 0.5 * stats["task_grad"]:
-            return
-        try:
-            balance = probe_balance(model, x, y, t, make_optimizer=lambda copy: optimizer_like(strategy.optimizer, model, copy),
-                                    criterion=strategy._criterion,
-                                    penalty=lambda copy, f: state.penalty(named_parameters(copy), f, impl=self.impl))
-        except Exception:  # noqa: BLE001  an optimizer that cannot be rebuilt...: the warning goes without it
-            balance = None
-        if balance is not None and self.factor < 2.0 * balance:
-            return  # the factor is not above the balance: whatever holds the model, it is not the penalty alone
-        exp_id = getattr(strategy.experience, "current_experience", strategy.clock.train_exp_counter)
-        warnings.warn(held_message(exp_id=exp_id, accuracy=accuracy, n_classes=n_classes, factor=self.factor,
-                                   importance=self.importance_name, optimizer=type(strategy.optimizer).__name__,
-                                   pen_grad=stats["pen_grad"], task_grad=stats["task_grad"],
-                                   cosine=stats["cosine"], balance=balance,
-                                   auto=self.factor_search is not None), RuntimeWarning)
-
-    # ------------------------------------------------------------------ helpers
-    def _publish(self, strategy, name: str, value: float, x: int) -> None:
-        evaluator = getattr(strategy, "evaluator", None)
-        if evaluator is None:
-            return
-        evaluator.publish_metric_value(MetricValue(self, f"{METRIC_PREFIX}/{name}", value, x))
-
+    # ------------------------------------------------------------------ reporting
     def _publish_importance_stats(self, strategy, importances, elapsed, exp_id) -> None:
         stats = importance_stats(importances)
         # Only figures that a resumed run reproduces go through the evaluator; wall-clock time
         # stays in plugin.history.
         x = int(strategy.clock.train_exp_counter)
         for k, v in stats.items():
-            self._publish(strategy, k, v, x)
+            publish(strategy, self, k, v, x)
         entry = {"experience": exp_id, **stats, "importance_time_s": elapsed, "state_bytes": self._state.nbytes()}
         if self.factor_search is not None:  # the factor this experience trained with, and how it was chosen
             entry["factor"] = self.factor

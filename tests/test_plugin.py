@@ -1,6 +1,8 @@
 """ParameterChangePlugin inside Avalanche: arguments, selection, logging, SI, data, multi-task."""
 
 import copy
+import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.supervised import Cumulative, Naive
 
 from avalanche_pcreg import ParameterChangePlugin
+from avalanche_pcreg.importance.persample import Policy
+from avalanche_pcreg.options import PluginOptions
 from helpers import MultiHeadMLP, mlp, tensor_data, tiny_nc
 
 F64 = torch.float64
@@ -589,3 +593,75 @@ def test_integer_like_arguments():
         ParameterChangePlugin(1.0, batch_size=np.float64(16))
     with pytest.raises(ValueError, match=r"num_samples must be a positive int or None, got str '5'"):
         ParameterChangePlugin(1.0, num_samples="5")
+
+
+# ----------------------------------------------------------------------------- options and policy
+class CountingPolicy(Policy):
+    """A policy that counts the convolution layers it was asked about (it reached the engine)."""
+
+    calls = []
+
+    def conv_path_for(self, module, a, weight_numel, positions):
+        CountingPolicy.calls.append(type(module).__name__)
+        return super().conv_path_for(module, a, weight_numel, positions)
+
+
+def _conv_importances(importance, **kw):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 2, 6, 6, generator=g), torch.arange(48) % 3
+    data = make_tensor_classification_dataset(x, y)
+    bench = benchmark_from_datasets(train=[data], test=[data])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    plugin = ParameterChangePlugin(1.0, importance, batch_size=16, **kw)
+    strategy = make_strategy(model, [plugin], mb=16)
+    strategy.train(bench.train_stream[0], shuffle=False)
+    return plugin
+
+
+@pytest.mark.parametrize("importance", ["empirical_fisher", "expected_fisher", "rwalk_fisher"])
+def test_policy_reaches_the_importance_pass_and_changes_no_result(importance):
+    """policy= goes to compute_importance (a trajectory estimator's data pass too): one sample a
+    chunk gives the device default's importances, to float rounding."""
+    default = _conv_importances(importance)
+    CountingPolicy.calls.clear()
+    policy = CountingPolicy(**{f: getattr(Policy.cpu(), f) for f in Policy.__dataclass_fields__}).replace(chunk_size=1)
+    chunked = _conv_importances(importance, policy=policy)
+    assert chunked.policy is policy and chunked.options.policy is policy and default.policy is None
+    assert "Conv2d" in CountingPolicy.calls
+    assert set(chunked.importances) == set(default.importances)
+    for n, t in default.importances.items():
+        torch.testing.assert_close(chunked.importances[n], t, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("bad", [{"chunk_size": 1}, "cpu", 16, Policy])
+def test_error_policy_type(bad):
+    with pytest.raises(TypeError, match=r"^policy must be an avalanche_pcreg\.importance\.persample\.Policy"):
+        ParameterChangePlugin(1.0, policy=bad)
+
+
+def test_options_hold_the_rare_settings_read_only():
+    """The constructor's keyword defaults are PluginOptions' defaults; every option reads as a
+    plugin attribute and cannot be set there."""
+    params = inspect.signature(ParameterChangePlugin).parameters
+    fields = [f.name for f in dataclasses.fields(PluginOptions)]
+    assert {f: params[f].default for f in fields} == {f: getattr(PluginOptions(), f) for f in fields}
+    assert list(params)[-1] == "policy" and params["policy"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert ParameterChangePlugin(1.0).options == PluginOptions()
+    np = pytest.importorskip("numpy")
+    plugin = ParameterChangePlugin(1.0, "si", seed=np.int64(3), xi=0.5, warn_ratio=None, importance_scale=2)
+    assert plugin.options == PluginOptions(seed=3, xi=0.5, warn_ratio=None, importance_scale=2.0)
+    for name in fields:
+        assert getattr(plugin, name) is getattr(plugin.options, name)
+        with pytest.raises(AttributeError, match=name):
+            setattr(plugin, name, getattr(plugin, name))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plugin.options.seed = 4
+    plugin.factor = 2.0  # the factor stays a plain attribute (factor="auto" sets it)
+    assert plugin.penalty(mlp()).item() == 0.0
+    # checked in one place, naming the argument and what it takes
+    with pytest.raises(TypeError, match=r"strict must be a bool, got str 'yes'"):
+        PluginOptions(strict="yes")
+    with pytest.raises(ValueError, match=r"importance_scale must be > 0"):
+        PluginOptions(importance_scale=0)
