@@ -15,6 +15,7 @@ from ._checks import check_choice, check_nonneg_finite, check_positive_int, chec
 from ._data import IMPORTANCE_DATA
 from .importance._common import check_criterion, check_output_transform
 from .importance.persample import Policy
+from .kron_state import KRON_MERGES
 from .penalty import IMPLS
 
 __all__ = ["PluginOptions", "ON_NONFINITE"]
@@ -48,6 +49,7 @@ class PluginOptions:
     keep_importance_data: bool = False
     warn_frozen: bool = True
     policy: Optional[Policy] = None
+    kfac_merge: str = "exact"
 
     def __post_init__(self):
         for name in ("running_average", "stability_guard", "strict", "keep_importance_data", "warn_frozen"):
@@ -73,6 +75,7 @@ class PluginOptions:
             "output_transform": check_output_transform(self.output_transform),
             "importance_data": check_choice("importance_data", self.importance_data, IMPORTANCE_DATA),
             "on_nonfinite": check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE),
+            "kfac_merge": check_choice("kfac_merge", self.kfac_merge, KRON_MERGES),
         }
         if checked["importance_scale"] == 0:
             raise ValueError("importance_scale must be > 0, got 0")

@@ -45,6 +45,7 @@ from .factor_search import as_factor_search, optimizer_like, search_factor
 from ._stats import importance_stats
 from .importance import TrajectoryEstimator, compute_importance, resolve_estimator
 from .importance._common import eval_mode, model_output
+from .importance.kfac import KroneckerImportance
 from .importance.persample import Policy
 from .monitoring import PenaltyMonitor, experience_id, publish
 from .options import OPTION_NAMES, OptionAttribute, PluginOptions
@@ -73,7 +74,8 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         validation=0.2, max_steps=10, start_ratio=16``) or a dict of its fields; None: the defaults.
     :param importance: a registered estimator name (data passes: ``uniform``,
         ``empirical_fisher``, ``fisher``, ``expected_fisher``, ``minibatch_fisher``, ``mas``,
-        ``avalanche_mas``; trajectory estimators: ``si``, ``avalanche_si``, ``rwalk``,
+        ``avalanche_mas``; Kronecker-factored blocks: ``kfac``, ``kfac_sampled``,
+        ``kfac_empirical``, see ``kfac_merge`` and docs/kfac.md; trajectory estimators: ``si``, ``avalanche_si``, ``rwalk``,
         ``rwalk_fisher``), a callable ``(model, data, **kw) -> {name: Tensor}``, or a
         :class:`~avalanche_pcreg.importance.TrajectoryEstimator` object. Avalanche parity:
         ``minibatch_fisher`` (EWCPlugin), ``avalanche_si`` (SynapticIntelligencePlugin, with
@@ -164,6 +166,11 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         None (default): the device's (``Policy.for_device``, or the one installed by
         ``using_policy``). It changes speed and memory, never the importances beyond
         floating-point rounding.
+    :param kfac_merge: with a Kronecker-factored importance (``kfac``...), how the blocks of
+        several experiences are kept: ``"exact"`` (default: one pair of factors per experience
+        and layer; memory and step cost grow with their number) or ``"nearest"`` (one pair per
+        layer, the nearest Kronecker product of the old pair plus the new one; constant cost, an
+        approximation whose error docs/kfac.md reports).
 
     The keyword settings other than the parameter selection and ``factor_search`` are held in
     ``options``, a frozen :class:`~avalanche_pcreg.options.PluginOptions` that checks them, and read
@@ -177,7 +184,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
     # the settings held in ``options`` (a frozen PluginOptions), read-only: plugin.seed, plugin.policy...
     (batch_size, num_samples, criterion, importance_data, xi, seed, impl, chunk_size, estimator_options,
      importance_scale, running_average, stability_guard, warn_ratio, strict, on_nonfinite, output_transform,
-     keep_importance_data, warn_frozen, policy) = (OptionAttribute() for _ in OPTION_NAMES)
+     keep_importance_data, warn_frozen, policy, kfac_merge) = (OptionAttribute() for _ in OPTION_NAMES)
 
     def __init__(
         self,
@@ -211,6 +218,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         keep_importance_data: bool = False,
         warn_frozen: bool = True,
         policy: Optional[Policy] = None,
+        kfac_merge: str = "exact",
     ):
         super().__init__()
         # factor="auto": chosen per experience by a short search (avalanche_pcreg.factor_search)
@@ -223,8 +231,6 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             raise ValueError("factor_search is used only with factor='auto'; got factor="
                              f"{factor!r} with factor_search={factor_search!r}")
         self.factor = check_nonneg_finite("factor", factor)
-        # The state checks mode and decay, and resolves online mode's default decay (1.0).
-        self._state = ConsolidatedState(mode, decay)
         self._record = resolve_estimator(importance)
         self.importance_name = self._record.name
         self.options = PluginOptions(
@@ -232,7 +238,10 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             xi=xi, seed=seed, impl=impl, chunk_size=chunk_size, estimator_options=estimator_options,
             importance_scale=importance_scale, running_average=running_average, stability_guard=stability_guard,
             warn_ratio=warn_ratio, strict=strict, on_nonfinite=on_nonfinite, output_transform=output_transform,
-            keep_importance_data=keep_importance_data, warn_frozen=warn_frozen, policy=policy)
+            keep_importance_data=keep_importance_data, warn_frozen=warn_frozen, policy=policy,
+            kfac_merge=kfac_merge)
+        # The state checks mode and decay, and resolves online mode's default decay (1.0).
+        self._state = ConsolidatedState(mode, decay, kfac_merge=self.kfac_merge)
         if self.running_average and self.mode != "online":
             raise ValueError("running_average=True needs mode='online' (it averages A with weight decay)")
         # a trajectory estimator's tracker (None for a data pass), and the data pass's estimator, if any
@@ -562,7 +571,11 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         self._state = new_state
         self._penalty_state = None
         if self.keep_importance_data:
-            self.kept_importances[int(exp_id)] = {n: v.detach().to("cpu", copy=True) for n, v in importances.items()}
+            self.kept_importances[int(exp_id)] = (
+                importances.to("cpu") if isinstance(importances, KroneckerImportance)
+                else {n: v.detach().to("cpu", copy=True) for n, v in importances.items()})
+        if isinstance(importances, KroneckerImportance):  # the summaries read the blocks' diagonals
+            importances = importances.diagonal_view(named)
         self._publish_importance_stats(strategy, importances, elapsed, exp_id)
 
     def _estimate(self, strategy, model: nn.Module, params: Dict[str, Tensor], data) -> Dict[str, Tensor]:
@@ -584,7 +597,10 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
                 output_transform=self.output_transform,
                 policy=self.policy,
             )
-            data_importance = {canonical_name(n): t for n, t in data_importance.items()}
+            if isinstance(data_importance, KroneckerImportance):
+                data_importance = data_importance.renamed(canonical_name)
+            else:
+                data_importance = {canonical_name(n): t for n, t in data_importance.items()}
         if self._tracker is None:
             return data_importance
         return self._tracker.importance(params, data_importance)
@@ -598,7 +614,8 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         if self.running_average and not self._state.empty:
             scale *= 1.0 - self.decay
         if scale != 1.0:
-            importances = {n: v * scale for n, v in importances.items()}
+            importances = (importances.scaled(scale) if isinstance(importances, KroneckerImportance)
+                           else {n: v * scale for n, v in importances.items()})
         return importances, self._state.consolidated(importances, named, estimator=self.importance_name)
 
     # ------------------------------------------------------------------ factor="auto"

@@ -154,7 +154,6 @@ def main(argv=None):
         args.T, args.rounds, args.steps, args.n, args.batch, args.tasks = [1, 2], 1, 3, 64, 32, 2
     device = resolve_device(args.device)
     print(machine_info(device))
-    print(f"command: python benchmarks/bench_kfac.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     t0 = time.time()
     models = ["mlp"] + (["resnet18"] if args.resnet or device.type == "cuda" else [])
     for name in models:

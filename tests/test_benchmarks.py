@@ -14,7 +14,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
-SCRIPTS = ("bench_penalty.py", "bench_importance.py", "bench_memory.py")
+SCRIPTS = ("bench_penalty.py", "bench_importance.py", "bench_memory.py", "bench_kfac.py")
 
 
 def run(script, *args, cwd, timeout=240):
@@ -60,6 +60,19 @@ def test_help(tmp_path):
             assert "--rounds" in text and "--min-steps" in text
         if script == "bench_memory.py":
             assert "--T T" in text
+        if script == "bench_kfac.py":
+            assert "--T T" in text and "--tasks" in text
+
+
+def test_bench_kfac_quick(tmp_path):
+    """The KFAC tables: every penalty timed against naive, and the nearest pair equal to the exact
+    pairs after one task (and not after two: the inputs are permuted between tasks)."""
+    r = run("bench_kfac.py", "--quick", "--raw-malloc", "--threads", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("diag", "kfac-online", "kfac-exact", "kfac-nearest"):
+        assert len(floats(rf"\| mlp\s+\| \d+\s+\| {name}\s+\| ([0-9.]+) \[", r.stdout)) == 2, name
+    errs = floats(r"\| \d+\s+\| ([0-9.]+)\s+\| [0-9.]+\s+\|\n", r.stdout)
+    assert errs[0] == 0.0 and errs[1] > 0.0
 
 
 def load_script(name):

@@ -184,7 +184,7 @@ def test_other_layers_get_the_diagonal_of_the_same_fisher_in_the_same_pass():
         torch.testing.assert_close(v, diag[n], rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("columns", [None, 1])
+@pytest.mark.parametrize("columns", [None, 1, 2])
 def test_engine_quantity_is_independent_of_batching_and_column_pieces(columns):
     torch.manual_seed(6)
     model = _cnn().double()
@@ -192,7 +192,10 @@ def test_engine_quantity_is_independent_of_batching_and_column_pieces(columns):
     names = [n for n, _ in model.named_parameters()]
     ref = kfac(model, [(x, y)], names=names)
     policy = Policy().replace(columns_per_backward=columns, chunk_size=3)
-    got = kfac(model, [(x[:7], y[:7]), (x[7:], y[7:])], names=names, policy=policy)
+    # batches of 5, 5, 5, 1: the first and the last are self-checked (new shapes), the others not,
+    # and their cotangent columns come in pieces of other weights; every input counts once
+    batches = [(x[s:s + 5], y[s:s + 5]) for s in range(0, 16, 5)]
+    got = kfac(model, batches, names=names, policy=policy)
     for n, blk in ref.blocks.items():
         torch.testing.assert_close(got.blocks[n].A, blk.A, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(got.blocks[n].G, blk.G, rtol=1e-12, atol=1e-15)
@@ -368,3 +371,103 @@ def test_nearest_kronecker_product_is_the_frobenius_optimum():
     torch.testing.assert_close(torch.outer(a.reshape(-1), gg.reshape(-1)), s[0] * torch.outer(u[:, 0], vh[0]),
                                rtol=1e-10, atol=1e-12)
     assert bool((torch.linalg.eigvalsh(a) > -1e-12).all()) and bool((torch.linalg.eigvalsh(gg) > -1e-12).all())
+
+
+# ----------------------------------------------------------------------------- the plugin
+def _plugin_run(importance="kfac", mode="separate", n_experiences=2, model=None, dtype=torch.float32, **kw):
+    from avalanche.training.supervised import Naive
+
+    from avalanche_pcreg import ParameterChangePlugin
+    from helpers import mlp, tiny_nc
+
+    bench = tiny_nc(n_experiences=n_experiences)
+    model = (model or mlp()).to(dtype)
+    plugin = ParameterChangePlugin(factor=3.0, importance=importance, mode=mode, warn_frozen=False, **kw)
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1, plugins=[plugin],
+                     evaluator=None)
+    return bench, model, plugin, strategy
+
+
+def test_plugin_penalty_after_one_experience_is_the_curvlinops_quadratic_form():
+    """The contract: after one experience, plugin.penalty(model) at W* + Δ equals
+    factor · Σ ⟨Δ, G Δ A⟩ with curvlinops' type-2 factors (mean reduction), to 1e-6 relative."""
+    from avalanche.benchmarks import nc_benchmark
+
+    from helpers import make_tensor_classification_dataset, tensor_data
+
+    x, y = tensor_data()
+    train = make_tensor_classification_dataset(x.double(), y)
+    bench = nc_benchmark(train, train, n_experiences=2, task_labels=False, seed=0, shuffle=False)
+    _, model, plugin, strategy = _plugin_run(dtype=torch.float64)
+    exp = bench.train_stream[0]
+    strategy.train(exp)
+    anchor = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    delta = [0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64) for p in model.parameters()]
+    with torch.no_grad():
+        for p, a, d in zip(model.parameters(), anchor, delta):
+            p.copy_(a + d)
+    got = plugin.penalty(model).item()
+    with torch.no_grad():
+        for p, a in zip(model.parameters(), anchor):
+            p.copy_(a)
+    ds = exp.dataset
+    data = [(torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([int(ds[i][1]) for i in range(len(ds))]))]
+    assert data[0][0].dtype == torch.float64 and len(ds) == 120
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = KFACLinearOperator(model, nn.CrossEntropyLoss(reduction="mean"), list(model.parameters()), data,
+                                    fisher_type="type-2", separate_weight_and_bias=False, check_deterministic=False)
+    kd = oracle @ delta
+    want = 3.0 * sum(float((d * k).sum()) for d, k in zip(delta, kd))
+    assert got == pytest.approx(want, rel=1e-6) and want > 0
+
+
+@pytest.mark.parametrize("mode,merge", [("separate", "exact"), ("online", "exact"), ("online", "nearest")])
+def test_plugin_trains_with_kfac_and_checkpoints(mode, merge, tmp_path):
+    from avalanche_pcreg import ParameterChangePlugin
+
+    bench, model, plugin, strategy = _plugin_run(mode=mode, n_experiences=3, kfac_merge=merge)
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+    layers = plugin.state.kron.layers
+    assert sorted(layers) == ["0.weight", "2.weight", "4.weight"] and not plugin.importances
+    assert len(layers["0.weight"].pairs) == (2 if merge == "exact" else 1)
+    assert plugin.history[-1]["state_bytes"] == plugin.state.nbytes() > 0
+    torch.save(plugin.state_dict(), tmp_path / "p.pt")
+    fresh = ParameterChangePlugin(factor=3.0, importance="kfac", mode=mode, kfac_merge=merge)
+    fresh.load_state_dict(torch.load(tmp_path / "p.pt", weights_only=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    assert fresh.penalty(model).item() == plugin.penalty(model).item() > 0
+    strategy.train(bench.train_stream[2])  # the penalty is in the loss of every step: it trains on
+
+
+def test_plugin_kfac_with_a_growing_head_and_norm_layers():
+    from avalanche.models import IncrementalClassifier
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(12, 16), nn.LayerNorm(16), nn.ReLU())
+            self.head = IncrementalClassifier(16, initial_out_features=2)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    bench, model, plugin, strategy = _plugin_run(model=Net(), n_experiences=3)
+    for exp in bench.train_stream:
+        strategy.train(exp)
+    assert sorted(plugin.state.kron.layers) == ["body.0.weight", "head.classifier.weight"]
+    assert sorted(plugin.importances) == ["body.1.bias", "body.1.weight"]  # the diagonal, same pass
+    assert plugin.state.kron.layers["head.classifier.weight"].mu.shape == (6, 17)
+
+
+def test_plugin_kfac_merge_is_checked():
+    from avalanche_pcreg import ParameterChangePlugin
+
+    with pytest.raises(ValueError, match="unknown kfac_merge 'sum'; expected one of 'exact', 'nearest'"):
+        ParameterChangePlugin(factor=1.0, importance="kfac", kfac_merge="sum")

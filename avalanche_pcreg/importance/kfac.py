@@ -18,7 +18,7 @@ diagonal of the same Fisher in the same pass. The factors come from the per-samp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
 import torch
@@ -63,6 +63,34 @@ class KroneckerImportance:
     @property
     def names(self):
         return [n for b in self.blocks.values() for n in b.names] + list(self.diagonal)
+
+    def scaled(self, scale: float) -> "KroneckerImportance":
+        """The importance times ``scale`` (G and the diagonal; A is a mean of inputs)."""
+        return KroneckerImportance({k: replace(b, G=b.G * scale) for k, b in self.blocks.items()},
+                                   {n: v * scale for n, v in self.diagonal.items()})
+
+    def renamed(self, rename) -> "KroneckerImportance":
+        """The names mapped by ``rename`` (e.g. to canonical names)."""
+        return KroneckerImportance(
+            {rename(k): replace(b, weight=rename(b.weight), bias=b.bias and rename(b.bias)) for k, b in self.blocks.items()},
+            {rename(n): v for n, v in self.diagonal.items()})
+
+    def to(self, device) -> "KroneckerImportance":
+        return KroneckerImportance({k: replace(b, A=b.A.to(device, copy=True), G=b.G.to(device, copy=True))
+                                    for k, b in self.blocks.items()},
+                                   {n: v.to(device, copy=True) for n, v in self.diagonal.items()})
+
+    def diagonal_view(self, params) -> Dict[str, Tensor]:
+        """Per-parameter diagonals: those of the blocks, diag(A ⊗ G), in the shapes of ``params``,
+        and the diagonal importances (for summaries that read one number per parameter entry)."""
+        out = dict(self.diagonal)
+        for b in self.blocks.values():
+            a, g = b.A.diagonal(), b.G.diagonal()
+            w = params[b.weight]
+            out[b.weight] = torch.outer(g, a[:w[0].numel()]).reshape(w.shape)
+            if b.bias:
+                out[b.bias] = g * a[-1]
+        return out
 
 
 def kfac(model: nn.Module, data, *, names, fisher: str = "expected", **kw) -> KroneckerImportance:

@@ -311,6 +311,8 @@ class PerSampleGradNorms:
                     part = AddInto(self.totals, keep, weight)
                 else:
                     part = Discard()
+                # a batch's inputs count once: in its first piece, whatever that piece's weight
+                self.module_sums.input_scale = 1.0 / weight if i == 0 and weight else 0.0
                 if check and i == 0:
                     self.checked_batches += 1
                     moved = self._checked_pass(root, piece, plans, part, sig)

@@ -41,6 +41,8 @@ class ModuleSums:
         self.policy = policy
         self.warn = warn
         self.columns: Optional[Columns] = None
+        # how many times the current piece of cotangents counts the layers' inputs (KronBlock)
+        self.input_scale = 1.0
 
     def __call__(self, m, plan: ModulePlan, call, axes: Axes, deltas: list, batched: bool, total: bool):
         params, attr = self.targets.params, self.targets.attr
@@ -65,7 +67,7 @@ class ModuleSums:
                 d = d.movedim(ax + off, off).to(dt)
                 want = {attr[nm]: nm for nm in plan.rule}
                 if isinstance(quantity, KronBlock):  # a layer's Kronecker block: its rows, not its rule
-                    res = quantity.sums(m, a, d, set(want), total, batched)
+                    res = quantity.sums(m, a, d, set(want), total, batched, self.input_scale)
                     values.update({nm: res.values[a_] for a_, nm in want.items()})
                     if total:
                         totals.update({nm: res.totals[a_] for a_, nm in want.items()})

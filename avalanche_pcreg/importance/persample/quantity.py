@@ -130,15 +130,16 @@ class KronBlock(Quantity):
         g, a, _ = self.unpack(values)
         return float((g.diagonal().sum().double() * a.diagonal().sum().double()).clamp_min(0).sqrt())
 
-    def sums(self, module, a: Tensor, d: Tensor, attrs, totals: bool, columns: bool) -> "Sums":
-        """The packed sums of one call (``d``: ``[K, n, ...]`` when ``columns``; each of the K
-        columns counts every input row once more), and Σ g of weight and bias if ``totals``."""
+    def sums(self, module, a: Tensor, d: Tensor, attrs, totals: bool, columns: bool, inputs: float) -> "Sums":
+        """The packed sums of one call (``d``: ``[K, n, ...]`` when ``columns``), and Σ g of weight
+        and bias if ``totals``. The input side Σ ā āᵀ and its row count are counted ``inputs``
+        times: a batch's cotangent columns come in pieces of different weights, and its inputs must
+        count once (the engine gives 1 / the piece's weight for its first piece, 0 for the others)."""
         from .rules.kron import kron_rows_for  # the rules import this module
 
         arows, drows = kron_rows_for(module)(module, a, d, self.bias, columns)
-        k = d.shape[0] if columns else 1
-        asum = torch.mm(arows.t(), arows)
-        values = {"weight": self.pack(torch.mm(drows.t(), drows), asum * k, arows.shape[0] * k)}
+        asum = torch.mm(arows.t(), arows) if inputs else arows.new_zeros(arows.shape[1], arows.shape[1])
+        values = {"weight": self.pack(torch.mm(drows.t(), drows), asum * inputs, arows.shape[0] * inputs)}
         if self.bias and "bias" in attrs:
             values["bias"] = drows.abs().sum(0)
         tot = None
@@ -160,9 +161,11 @@ class KroneckerFactors(Quantity):
 
     rest: Quantity = PowerSum(2)
 
-    @property
-    def column_invariant(self) -> bool:
-        return self.rest.column_invariant
+    def __post_init__(self):
+        if not self.rest.column_invariant:  # its columns' pieces must all count (see the engine)
+            raise ValueError(f"KroneckerFactors needs a column-invariant rest quantity, got {self.rest!r}")
+
+    column_invariant = True  # Σ_k δ_k δ_kᵀ, and the rest
 
     def of(self, g):
         return self.rest.of(g)
