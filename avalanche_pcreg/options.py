@@ -49,7 +49,7 @@ class PluginOptions:
     keep_importance_data: bool = False
     warn_frozen: bool = True
     policy: Optional[Policy] = None
-    kfac_merge: str = "exact"
+    kfac_merge: Optional[str] = None
 
     def __post_init__(self):
         for name in ("running_average", "stability_guard", "strict", "keep_importance_data", "warn_frozen"):
@@ -75,7 +75,7 @@ class PluginOptions:
             "output_transform": check_output_transform(self.output_transform),
             "importance_data": check_choice("importance_data", self.importance_data, IMPORTANCE_DATA),
             "on_nonfinite": check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE),
-            "kfac_merge": check_choice("kfac_merge", self.kfac_merge, KRON_MERGES),
+            "kfac_merge": None if self.kfac_merge is None else check_choice("kfac_merge", self.kfac_merge, KRON_MERGES),
         }
         if checked["importance_scale"] == 0:
             raise ValueError("importance_scale must be > 0, got 0")

@@ -167,10 +167,12 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         ``using_policy``). It changes speed and memory, never the importances beyond
         floating-point rounding.
     :param kfac_merge: with a Kronecker-factored importance (``kfac``...), how the blocks of
-        several experiences are kept: ``"exact"`` (default: one pair of factors per experience
-        and layer; memory and step cost grow with their number) or ``"nearest"`` (one pair per
-        layer, the nearest Kronecker product of the old pair plus the new one; constant cost, an
-        approximation whose error docs/kfac.md reports).
+        several experiences are kept: ``"exact"`` (one pair of factors per experience and layer;
+        memory and step cost grow with their number) or ``"nearest"`` (one pair per layer, the
+        nearest Kronecker product of the old pair plus the new one: constant cost, an
+        approximation whose error docs/kfac.md reports). None (default): ``"exact"`` in separate
+        mode, ``"nearest"`` in online mode (one block per layer, decayed and added to, as the
+        online Laplace approximation of Ritter et al. 2018).
 
     The keyword settings other than the parameter selection and ``factor_search`` are held in
     ``options``, a frozen :class:`~avalanche_pcreg.options.PluginOptions` that checks them, and read
@@ -218,7 +220,7 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         keep_importance_data: bool = False,
         warn_frozen: bool = True,
         policy: Optional[Policy] = None,
-        kfac_merge: str = "exact",
+        kfac_merge: Optional[str] = None,
     ):
         super().__init__()
         # factor="auto": chosen per experience by a short search (avalanche_pcreg.factor_search)
@@ -241,7 +243,8 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
             keep_importance_data=keep_importance_data, warn_frozen=warn_frozen, policy=policy,
             kfac_merge=kfac_merge)
         # The state checks mode and decay, and resolves online mode's default decay (1.0).
-        self._state = ConsolidatedState(mode, decay, kfac_merge=self.kfac_merge)
+        merge = self.kfac_merge or ("nearest" if mode == "online" else "exact")
+        self._state = ConsolidatedState(mode, decay, kfac_merge=merge)
         if self.running_average and self.mode != "online":
             raise ValueError("running_average=True needs mode='online' (it averages A with weight decay)")
         # a trajectory estimator's tracker (None for a data pass), and the data pass's estimator, if any
