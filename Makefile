@@ -44,8 +44,9 @@ test-fast: $(VENV)/.installed-test
 durations: $(VENV)/.installed-test
 	$(PY) -m pytest -q --store-durations $(PYTEST_ARGS)
 
+# The repository's experiment harness (pcreg_experiments/, not in the wheel; the same as ./pcreg-compare).
 demo: $(VENV)/.installed-experiments
-	$(PY) -m avalanche_pcreg.experiments $(DEMO_ARGS)
+	$(PY) -m pcreg_experiments $(DEMO_ARGS)
 
 # `make bench BENCH_ARGS='--device cuda'`: BENCH_ARGS go to every script; BENCH_SCRIPTS picks some of
 # penalty importance memory, e.g. the peer table:

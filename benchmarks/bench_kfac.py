@@ -41,9 +41,9 @@ from avalanche_pcreg.state import ConsolidatedState  # noqa: E402
 
 def _states(model, x, y, T: int):
     """(diagonal, kfac online, kfac exact, kfac nearest) states of T experiences, anchors perturbed."""
-    names = [n for n, _ in model.named_parameters()]
-    kimp = kfac(model, [(x, y)], names=names)
-    dimp = compute_importance(model, torch.utils.data.TensorDataset(x, y), "expected_fisher", batch_size=len(x))
+    ds = torch.utils.data.TensorDataset(x, y)
+    kimp = compute_importance(model, ds, "kfac", batch_size=len(x))
+    dimp = compute_importance(model, ds, "expected_fisher", batch_size=len(x))
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     g = torch.Generator(device=x.device).manual_seed(0)
     states = {"diag": ConsolidatedState("separate"), "kfac-online": ConsolidatedState("online", decay=1.0),

@@ -12,14 +12,18 @@ importances by the ratio (``importance_scale=ratio``), or use ``lambda * ratio``
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-import torch
-from torch import nn
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the harness, pcreg_experiments
 
-from avalanche.training.supervised import Naive
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
-from avalanche_pcreg import importance_ratio
-from avalanche_pcreg.experiments.data import make_benchmark, make_model
+from avalanche.training.supervised import Naive  # noqa: E402
+
+from avalanche_pcreg import importance_ratio  # noqa: E402
+from pcreg_experiments.data import make_benchmark, make_model  # noqa: E402
 
 
 def trained_on_first(scenario: str, hidden: int, mb: int, epochs: int, seed: int = 0):

@@ -1,4 +1,4 @@
-"""``python -m avalanche_pcreg.experiments``: the comparison CLI (same as ``pcreg-compare``)."""
+"""``python -m pcreg_experiments``: the comparison CLI (same as ``./pcreg-compare`` in the repository)."""
 
 from .compare import main
 

@@ -1,19 +1,19 @@
-"""``pcreg-compare`` / ``python -m avalanche_pcreg.experiments``: our plugin vs Avalanche's EWC.
+"""``python -m pcreg_experiments`` (or ``./pcreg-compare`` in the repository): our plugin vs Avalanche's EWC.
 
-Argument parsing and printing only; the experiment lives in :mod:`avalanche_pcreg.experiments.runner`
-and :mod:`avalanche_pcreg.experiments.studies`. Arguments are parsed and every output path is
-checked before torch and Avalanche are imported, so ``--help`` and a mistyped option answer at
-once, and a bad ``--out`` fails before any training.
+Argument parsing and printing only; the experiment lives in :mod:`pcreg_experiments.runner` (and the
+modules it runs a sweep with) and :mod:`pcreg_experiments.studies`. Arguments are parsed and every
+output path is checked before torch and Avalanche are imported, so ``--help`` and a mistyped option
+answer at once, and a bad ``--out`` fails before any training.
 
 Examples::
 
-    python -m avalanche_pcreg.experiments                      # the `make demo` default (digits)
-    python -m avalanche_pcreg.experiments --quick              # smoke run, < 1 minute
-    python -m avalanche_pcreg.experiments --full --out results/full
-    python -m avalanche_pcreg.experiments --scenarios permuted --methods naive,avl-ewc,pc-ewc --seeds 5
-    python -m avalanche_pcreg.experiments --dataset mnist --data-root ~/data --max-train-per-class 1000
-    python -m avalanche_pcreg.experiments --study long-stream --n-experiences 50
-    python -m avalanche_pcreg.experiments --study fisher-variants --dataset cifar10 --data-root ~/data --download
+    python -m pcreg_experiments                      # the `make demo` default (digits)
+    python -m pcreg_experiments --quick              # smoke run, < 1 minute
+    python -m pcreg_experiments --full --out results/full
+    python -m pcreg_experiments --scenarios permuted --methods naive,avl-ewc,pc-ewc --seeds 5
+    python -m pcreg_experiments --dataset mnist --data-root ~/data --max-train-per-class 1000
+    python -m pcreg_experiments --study long-stream --n-experiences 50
+    python -m pcreg_experiments --study fisher-variants --dataset cifar10 --data-root ~/data --download
 """
 
 from __future__ import annotations
@@ -294,12 +294,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None, streams: Sequence = ()) -> int:
-    """The CLI. From Python, ``streams`` (:class:`~avalanche_pcreg.experiments.runner.UserStream`
+    """The CLI. From Python, ``streams`` (:class:`~pcreg_experiments.runner.UserStream`
     objects: your own Avalanche benchmark and model factory) are compared with the same tables and
     figures, instead of the built-in scenarios (or next to those given with ``--scenarios``)::
 
-        from avalanche_pcreg.experiments import compare
-        from avalanche_pcreg.experiments.runner import UserStream
+        from pcreg_experiments import compare
+        from pcreg_experiments.runner import UserStream
         compare.main(["--methods", "naive,avl-ewc,pc-ewc", "--out", "results/mine"],
                      streams=[UserStream("my-stream", benchmark, make_model)])
     """
@@ -307,7 +307,8 @@ def main(argv: Optional[Sequence[str]] = None, streams: Sequence = ()) -> int:
     if streams:
         a.scenarios = [*(a.scenarios if a.scenarios_given else []), *streams]
     warnings.filterwarnings("ignore")  # Avalanche's import-time notices
-    from .runner import Settings, format_costs, format_notes, format_summary, run_comparison
+    from .runner import Settings, run_comparison
+    from .tables import format_costs, format_notes, format_summary
 
     settings = Settings(
         dataset=a.dataset, data_root=a.data_root, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
@@ -338,13 +339,13 @@ def main(argv: Optional[Sequence[str]] = None, streams: Sequence = ()) -> int:
     t0 = time.perf_counter()
     import signal
 
-    from . import runner as _runner
+    from . import pool
 
     def on_sigint(signum, frame):
-        _runner.STOP.set()  # also stops the sweep at the next run if this exception gets lost
+        pool.STOP.set()  # also stops the sweep at the next run if this exception gets lost
         raise KeyboardInterrupt
 
-    _runner.STOP.clear()
+    pool.STOP.clear()
     try:
         previous = signal.signal(signal.SIGINT, on_sigint)
     except ValueError:  # not the main thread: leave signals alone
@@ -358,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None, streams: Sequence = ()) -> int:
     except KeyboardInterrupt:
         interrupted = True
     else:
-        interrupted = _runner.STOP.is_set()  # interrupted during the last run, exception lost
+        interrupted = pool.STOP.is_set()  # interrupted during the last run, exception lost
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

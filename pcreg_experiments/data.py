@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from .. import _avalanche  # noqa: F401  (before Avalanche: its import without qpsolvers' warning)
+from avalanche_pcreg import _avalanche  # noqa: F401  (before Avalanche: its import without qpsolvers' warning)
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from torch import nn
 
@@ -106,7 +106,7 @@ def load_idx_dataset(
 
     MNIST and Fashion-MNIST files have the same names: training images whose mean intensity is
     Fashion-MNIST's when MNIST is asked for (or the reverse) are a ``ValueError`` naming both
-    (:func:`~avalanche_pcreg.experiments.files.idx_mismatch`; ``check_content=False`` skips it).
+    (:func:`~pcreg_experiments.files.idx_mismatch`; ``check_content=False`` skips it).
     """
     name = normalize_idx_name(name)
     if root is None:

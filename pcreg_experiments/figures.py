@@ -1,4 +1,4 @@
-"""The comparison's figures (PNG), drawn from a :class:`~avalanche_pcreg.experiments.runner.Comparison`.
+"""The comparison's figures (PNG), drawn from a :class:`~pcreg_experiments.runner.Comparison`.
 
 Each figure answers one question, with the pairs being compared side by side:
 
@@ -84,8 +84,9 @@ def _colors(methods: Sequence[str]) -> Dict[str, Any]:
 
 def make_plots(result, out: str | os.PathLike, dpi: int = 120) -> List[str]:
     """Write the figures of the module docstring under ``out``; returns their paths."""
-    from .runner import _scenario_ranks, format_notes
+    from .runner import _scenario_ranks
     from .studies import _experience_ticks, style
+    from .tables import format_notes
 
     plt = style()
     out = Path(out)

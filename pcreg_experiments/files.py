@@ -1,7 +1,7 @@
 """Where the dataset files are, and what is in them, with numpy only (no torch, no Avalanche).
 
 The CLI checks ``--data-root`` with these before its heavy imports (:func:`check_dataset_files`);
-:mod:`avalanche_pcreg.experiments.data` reads the files with them.
+:mod:`pcreg_experiments.data` reads the files with them.
 
 * MNIST / Fashion-MNIST: the IDX files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
   ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each optionally ``.gz``) in ``root``,

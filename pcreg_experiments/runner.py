@@ -1,8 +1,8 @@
-"""Experiment library behind ``pcreg-compare`` and the notebooks.
+"""Running: one training run, and a whole sweep (:func:`run_comparison`).
 
 Compares the parameter-change plugin (L2, EWC with three per-sample Fisher variants, online EWC,
 MAS, SI) against Avalanche 0.6's own ``EWCPlugin`` (separate and online), a naive fine-tuning
-lower bound and a joint-training upper bound, on the benchmarks of :mod:`avalanche_pcreg.experiments.data`.
+lower bound and a joint-training upper bound, on the benchmarks of :mod:`pcreg_experiments.data`.
 
 Protocol (the same for every method):
 
@@ -17,32 +17,32 @@ Protocol (the same for every method):
 * the factor (``ewc_lambda`` for Avalanche, ``factor`` for ours; the same quantity) of each
   method is swept over its own log-spaced grid; every grid point is trained on every seed.
   The factor is chosen per (scenario, method) by the **mean validation accuracy after the
-  last experience** (:func:`select_factor`), and the test figures of the runs at that factor
-  are reported (mean +- std over seeds). The test stream plays no part in the choice.
+  last experience** (:func:`~pcreg_experiments.selection.select_factor`), and the test figures of
+  the runs at that factor are reported (mean +- std over seeds). The test stream plays no part in
+  the choice.
 * a seed fixes the benchmark (validation split, permutations), the model initialisation and the
   data order; every method sees the same seeds.
 
-Every finished run is appended to ``<out>/runs.jsonl`` as it ends (:class:`ResultStore`); a rerun
-skips the runs already there (matched by :func:`run_key`), so an interrupted sweep resumes and ends
-with the same tables. ``Settings.device`` runs on a GPU (``"cuda"``) or picks one (``"auto"``).
+Every finished run is appended to ``<out>/runs.jsonl`` as it ends
+(:class:`~pcreg_experiments.store.ResultStore`); a rerun skips the runs already there (matched by
+:func:`~pcreg_experiments.store.run_key`), so an interrupted sweep resumes and ends with the same
+tables. ``Settings.device`` runs on a GPU (``"cuda"``) or picks one (``"auto"``).
 
 A run that raises is recorded as failed, with its error (:func:`run_guarded`), and the sweep goes
 on; the tables and figures name the failed cells. Methods known to fail in a scenario
 (:attr:`Method.unsupported`) are left out of it with a note (:func:`left_out`).
 
-The library functions are :func:`run_one` (one training run -> one row), :func:`plan_runs`,
-:func:`execute` (optionally over a process pool), :func:`select_factor` /
-:func:`select_factors`, :func:`summarize`, :func:`write_outputs`, :func:`make_plots` and the
-all-in-one :func:`run_comparison`.
+Here: :class:`Settings`, :class:`RunSpec`, :class:`UserStream`, :func:`run_one` (one training run
+-> one row), :func:`run_guarded`, :func:`plan_runs` and the all-in-one :func:`run_comparison`. The
+sweep's other parts each have a module: :mod:`~pcreg_experiments.pool` (``execute``: the runs, over a
+process pool), :mod:`~pcreg_experiments.store` (the ``runs.jsonl`` file),
+:mod:`~pcreg_experiments.selection` (the factor choice), :mod:`~pcreg_experiments.tables`
+(``summarize``, the text tables and the output files) and :mod:`~pcreg_experiments.figures`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -52,44 +52,21 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .catalog import (  # noqa: F401  (re-exported: the method table lives in catalog)
-    DATASETS, DEFAULT_METHODS, DEVICES, METHODS, MODELS, ONLINE_DECAY, PRESETS, QUICK_METHODS, SCENARIOS,
-    Method, method_grid, quick_grid, supported,
-)
+from .catalog import DATASETS, DEFAULT_METHODS, METHODS, MODELS, ONLINE_DECAY, SCENARIOS, method_grid, supported
 
 __all__ = [
-    "METHODS",
-    "DEFAULT_METHODS",
-    "QUICK_METHODS",
-    "SCENARIOS",
-    "Method",
     "Settings",
     "RunSpec",
     "UserStream",
     "Comparison",
-    "PRESETS",
-    "method_grid",
     "make_plugins",
     "run_one",
     "run_guarded",
+    "failed",
     "plan_runs",
     "left_out",
-    "execute",
-    "select_factor",
-    "select_factors",
-    "chosen_rows",
-    "summarize",
-    "format_summary",
-    "format_notes",
-    "format_costs",
-    "write_outputs",
-    "make_plots",
     "run_comparison",
     "resolve_device",
-    "check_out_dir",
-    "ResultStore",
-    "run_key",
-    "RESULT_COLUMNS",
 ]
 
 
@@ -102,7 +79,7 @@ class Settings:
 
     ``hidden=None`` / ``batch_size=None`` / ``model=None`` pick per dataset: an MLP 2 x 100 and
     batch 32 for the 8x8 digits; the literature setup, an MLP 2 x 400 and batch 128, for MNIST /
-    Fashion-MNIST; the conv net (:func:`~avalanche_pcreg.experiments.data.make_model` ``kind="cnn"``,
+    Fashion-MNIST; the conv net (:func:`~pcreg_experiments.data.make_model` ``kind="cnn"``,
     4 conv layers and 256 hidden units) and batch 128 for CIFAR. The optimizer is Adam (lr 1e-3)
     for every method. ``device``: ``"cpu"``, ``"cuda"`` (``"cuda:1"``, ...) or ``"auto"`` (cuda
     when available); see :func:`resolve_device`.
@@ -244,21 +221,6 @@ class RunSpec:
     stream: Optional[UserStream] = None  # a user's benchmark and model (scenario is then its name)
 
 
-def run_key(spec: RunSpec) -> str:
-    """The identity of a run in a results file: scenario, method, seed, factor and every setting
-    that changes its numbers (not the data directory, the device or the evaluation batch size)."""
-    s = asdict(spec.settings.resolved())
-    for k in ("data_root", "device", "eval_batch_size"):
-        s.pop(k, None)
-    key = {"scenario": spec.scenario, "method": spec.method, "seed": int(spec.seed), "factor": spec.factor,
-           "settings": s}
-    if spec.stream is not None:  # the data and model are the user's: the dataset settings do not apply
-        for k in ("dataset", "n_experiences", "max_train_per_class", "max_test_per_class", "hidden", "layers",
-                  "model", "validation"):
-            s.pop(k, None)
-        key["stream"] = {"name": spec.stream.name, "validation": float(spec.stream.validation)}
-    return json.dumps(key, sort_keys=True)
-
 
 # --------------------------------------------------------------------------- one run
 
@@ -318,7 +280,7 @@ def make_plugins(method: str, factor: Optional[float], seed: int = 0):
     if m.kind in ("naive", "joint"):
         return []
     if factor is None and m.kind == "pcreg" and m.options.get("factor") == "auto":
-        from ..plugin import ParameterChangePlugin
+        from avalanche_pcreg.plugin import ParameterChangePlugin
 
         return [ParameterChangePlugin(seed=seed, **m.options)]  # the factor is chosen per experience
     if factor is None:
@@ -327,7 +289,7 @@ def make_plugins(method: str, factor: Optional[float], seed: int = 0):
         from avalanche.training import plugins
 
         return [getattr(plugins, m.plugin)(ewc_lambda=float(factor), **m.options)]
-    from ..plugin import ParameterChangePlugin
+    from avalanche_pcreg.plugin import ParameterChangePlugin
 
     return [ParameterChangePlugin(float(factor), seed=seed, **m.options)]
 
@@ -394,7 +356,7 @@ def _progress_plugin_cls():
 def run_one(spec: RunSpec, report=None) -> Dict[str, Any]:
     """Train one (scenario, method, seed, factor) with Avalanche and return its row.
 
-    Row keys: see :data:`RESULT_COLUMNS`, plus ``acc_matrix`` (rows: after training experience
+    Row keys: see :data:`~pcreg_experiments.tables.RESULT_COLUMNS`, plus ``acc_matrix`` (rows: after training experience
     i; columns: test experience j <= i; from Avalanche's ``Top1_Acc_Exp``), ``acc_curve``
     (Avalanche's ``Top1_Acc_Stream`` over the seen test experiences after each experience),
     ``step_time_per_exp_s``, ``importance_time_per_exp_s`` and ``reg_bytes_per_exp`` (the
@@ -517,6 +479,32 @@ def run_one(spec: RunSpec, report=None) -> Dict[str, Any]:
     }
 
 
+def failed(row: Mapping[str, Any]) -> bool:
+    """Whether ``row`` records a run that raised (see :func:`run_guarded`)."""
+    return row.get("status") == "failed"
+
+
+def run_guarded(spec: RunSpec, report=None) -> Dict[str, Any]:
+    """:func:`run_one`, with a run that raises recorded as a failed row instead of ending the sweep:
+    ``status`` ``"failed"``, ``error`` (the exception's type and message), NaN figures. An interrupt
+    (KeyboardInterrupt) still ends the sweep."""
+    t0 = time.perf_counter()
+    try:
+        return {**run_one(spec, report=report), "status": "ok"}
+    except Exception as e:  # any failure of one run: record it, go on with the others
+        msg = " ".join(str(e).split())
+        return {
+            "scenario": spec.scenario, "method": spec.method,
+            "dataset": spec.settings.dataset if spec.stream is None else spec.stream.name,
+            "seed": int(spec.seed), "factor": None if spec.factor is None else float(spec.factor),
+            "chosen_factor": None, "status": "failed",
+            "error": f"{type(e).__name__}: {msg}"[:500],
+            **{k: float("nan") for k in ("avg_accuracy", "avg_forgetting", "bwt", "valid_accuracy",
+                                         "mean_step_time_s", "importance_time_s")},
+            "wall_time_s": time.perf_counter() - t0,
+        }
+
+
 # --------------------------------------------------------------------------- many runs
 
 
@@ -590,469 +578,7 @@ def check_names(scenarios: Sequence[Scenario], methods: Sequence[str]) -> None:
             raise ValueError(f"unknown method {m!r}; valid methods: {', '.join(METHODS)}")
 
 
-def _worker_init(progress_queue=None):
-    import signal
-
-    import torch
-
-    # Ctrl-C reaches the whole process group: the parent stops the pool; a worker that took the
-    # interrupt itself would print its traceback ("Process SpawnPoolWorker-N: ...") on the way out
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    global _PROGRESS_QUEUE
-    _PROGRESS_QUEUE = progress_queue
-
-
-_PROGRESS_QUEUE = None
-
-# Set by an interrupt handler (the CLI's SIGINT handler): :func:`execute` stops before the next run
-# even when the KeyboardInterrupt itself was swallowed (raised inside a finalizer, for instance).
-STOP = threading.Event()
-
-
-def failed(row: Mapping[str, Any]) -> bool:
-    """Whether ``row`` records a run that raised (see :func:`run_guarded`)."""
-    return row.get("status") == "failed"
-
-
-def run_guarded(spec: RunSpec, report=None) -> Dict[str, Any]:
-    """:func:`run_one`, with a run that raises recorded as a failed row instead of ending the sweep:
-    ``status`` ``"failed"``, ``error`` (the exception's type and message), NaN figures. An interrupt
-    (KeyboardInterrupt) still ends the sweep."""
-    t0 = time.perf_counter()
-    try:
-        return {**run_one(spec, report=report), "status": "ok"}
-    except Exception as e:  # any failure of one run: record it, go on with the others
-        msg = " ".join(str(e).split())
-        return {
-            "scenario": spec.scenario, "method": spec.method,
-            "dataset": spec.settings.dataset if spec.stream is None else spec.stream.name,
-            "seed": int(spec.seed), "factor": None if spec.factor is None else float(spec.factor),
-            "chosen_factor": None, "status": "failed",
-            "error": f"{type(e).__name__}: {msg}"[:500],
-            **{k: float("nan") for k in ("avg_accuracy", "avg_forgetting", "bwt", "valid_accuracy",
-                                         "mean_step_time_s", "importance_time_s")},
-            "wall_time_s": time.perf_counter() - t0,
-        }
-
-
-def _run_indexed(item):
-    i, spec = item
-    q = _PROGRESS_QUEUE
-    report = None if q is None else (lambda text: q.put((i, text)))
-    return i, run_guarded(spec, report=report)
-
-
-def _describe(spec: RunSpec) -> str:
-    f = "" if spec.factor is None else f" factor={spec.factor:.3g}"
-    return f"{spec.scenario} {spec.method} seed={spec.seed}{f}"
-
-
-def execute(plan: Sequence[RunSpec], workers: Optional[int] = None, progress: bool = True,
-            desc: str = "runs", on_row=None) -> List[Dict[str, Any]]:
-    """Run every spec of ``plan`` and return the rows in plan order.
-
-    ``workers``: processes (None: one per CPU core, at most len(plan)); 1 runs in this process.
-    Each worker process uses one torch thread. On a CUDA device the runs go one after the other
-    in this process (``workers`` is ignored: one GPU is shared, not split). ``progress`` shows a
-    tqdm bar over runs and, under it, the experience and epoch of the runs in progress.
-    ``on_row(spec, row)`` is called as each run finishes (the results file appends it there), so
-    an interrupted sweep keeps every finished run. A run that raises gives a failed row
-    (:func:`run_guarded`) and the others go on.
-    """
-    from tqdm.auto import tqdm
-
-    plan = list(plan)
-    if workers is None:
-        workers = os.cpu_count() or 1
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
-    if plan and resolve_device(plan[0].settings.device) != "cpu":
-        workers = 1
-    workers = max(1, min(workers, len(plan) or 1))
-    rows: List[Optional[dict]] = [None] * len(plan)
-    bar = tqdm(total=len(plan), desc=desc, disable=not progress, unit="run", dynamic_ncols=True)
-    inner = tqdm(total=0, bar_format="{desc}", disable=not progress, position=1, leave=False)
-    current: Dict[int, str] = {}
-
-    def show(i, text):
-        current[i] = f"{_describe(plan[i])}: {text}"
-        inner.set_description_str("  " + " | ".join(current[k] for k in sorted(current))[:200])
-
-    def done(i, row):
-        rows[i] = row
-        current.pop(i, None)
-        if on_row is not None:
-            on_row(plan[i], row)
-        bar.update(1)
-
-    try:
-        if workers == 1:
-            import torch
-
-            threads = torch.get_num_threads()
-            # one thread, as in the worker processes: step times comparable across --workers
-            torch.set_num_threads(1)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    for i, spec in enumerate(plan):
-                        if STOP.is_set():
-                            raise KeyboardInterrupt
-                        show(i, "starting")
-                        done(i, run_guarded(spec, report=(lambda t, i=i: show(i, t)) if progress else None))
-            finally:
-                torch.set_num_threads(threads)
-        else:
-            import multiprocessing as mp
-            import queue as _queue
-
-            ctx = mp.get_context("spawn")  # no fork after torch initialised its thread pools
-            q = ctx.Manager().Queue() if progress else None
-            with ctx.Pool(workers, initializer=_worker_init, initargs=(q,)) as pool:
-                it = pool.imap_unordered(_run_indexed, list(enumerate(plan)), chunksize=1)
-                remaining = len(plan)
-                while remaining:
-                    if STOP.is_set():
-                        raise KeyboardInterrupt
-                    try:
-                        i, row = it.next(timeout=0.5)
-                    except mp.TimeoutError:
-                        pass
-                    else:
-                        done(i, row)
-                        remaining -= 1
-                    while q is not None:
-                        try:
-                            j, text = q.get_nowait()
-                        except _queue.Empty:
-                            break
-                        if rows[j] is None:
-                            show(j, text)
-    finally:
-        inner.close()
-        bar.close()
-    return rows  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- results file
-
-
-def check_out_dir(out: str | os.PathLike) -> Path:
-    """Make sure ``out`` is (or can be made) a writable directory, before any training.
-
-    Raises ValueError naming the path: a file in the way, or no permission to create or write."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out: {str(out)!r} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"out: cannot write to {str(out)!r}: {e.strerror or e}") from None
-    return out
-
-
-class ResultStore:
-    """``runs.jsonl``: one JSON line per finished run (its :func:`run_key` and row), appended and
-    flushed to disk as each run finishes. A line cut short by a kill is dropped on load."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def load(self) -> Dict[str, Dict[str, Any]]:
-        out: Dict[str, Dict[str, Any]] = {}
-        if not self.path.is_file():
-            return out
-        good = []
-        with open(self.path, "r") as f:
-            for line in f:
-                if not line.endswith("\n"):
-                    break  # a write cut short (the process was killed): rerun that run
-                try:
-                    rec = json.loads(line)
-                    out[rec["key"]] = _unclean(rec["row"])
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{self.path}: unreadable line {len(good) + 1}; "
-                                     "remove it (or the file) to rerun those runs") from None
-                good.append(line)
-        if sum(len(l) for l in good) != self.path.stat().st_size:
-            with open(self.path, "w") as f:  # drop the partial last line
-                f.writelines(good)
-        return out
-
-    def append(self, key: str, row: Mapping[str, Any]) -> None:
-        line = json.dumps({"key": key, "row": _clean(dict(row))}) + "\n"
-        with open(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def clear(self) -> None:
-        if self.path.exists():
-            self.path.unlink()
-
-
-def _unclean(v):
-    """Inverse of :func:`_clean` for rows: None -> NaN in the float columns."""
-    if isinstance(v, dict):
-        out = {k: _unclean(x) for k, x in v.items()}
-        for k in ("avg_accuracy", "avg_forgetting", "bwt", "valid_accuracy", "wall_time_s",
-                  "mean_step_time_s", "importance_time_s"):
-            if k in out and out[k] is None:
-                out[k] = float("nan")
-        return out
-    if isinstance(v, list):
-        return [float("nan") if x is None else _unclean(x) for x in v]
-    return v
-
-
-# --------------------------------------------------------------------------- factor selection
-
-
-TIE_TOL = 1e-9
-
-
-def select_factor(factors: Sequence[float], scores: Sequence[Sequence[float]]) -> Tuple[float, int, float]:
-    """The factor with the highest mean score.
-
-    ``scores[k]`` are the validation accuracies (one per seed) at ``factors[k]``. NaN scores
-    are ignored; ties go to the first (smallest, for a sorted grid) factor. Returns
-    ``(factor, index, mean score)``.
-    """
-    if len(factors) != len(scores):
-        raise ValueError(f"factors and scores differ in length: {len(factors)} != {len(scores)}")
-    if not factors:
-        raise ValueError("factors must not be empty")
-    means = []
-    for s in scores:
-        a = np.asarray(list(s), dtype=float)
-        a = a[~np.isnan(a)]
-        means.append(float(a.mean()) if a.size else float("nan"))
-    means_arr = np.asarray(means)
-    if np.all(np.isnan(means_arr)):
-        raise ValueError("every score is NaN: nothing to select")
-    best = np.nanmax(means_arr)
-    # ties (up to rounding of the means) go to the first factor
-    k = int(np.flatnonzero(means_arr >= best - TIE_TOL)[0])
-    return float(factors[k]), k, float(means_arr[k])
-
-
-def select_factors(rows: Sequence[Mapping[str, Any]]) -> Dict[Tuple[str, str], Dict[str, Any]]:
-    """Per (scenario, method): the factor chosen on mean validation accuracy.
-
-    Values: ``factor`` (None for naive/joint), ``valid_accuracy`` (its mean), ``grid``,
-    ``valid_by_factor`` (mean validation accuracy per grid point), ``test_by_factor`` (mean
-    test accuracy, for the plots only), ``ties`` (how many grid points share the best mean
-    validation accuracy; the smallest factor among them is chosen) and ``at_edge`` (the
-    unique best is the smallest or largest point of a grid of >= 3 points: widen the grid).
-    Failed runs (:func:`run_guarded`) take no part in the choice: ``n_failed`` counts them and
-    ``errors`` lists their distinct errors; ``all_failed`` marks a cell with no finished run.
-    """
-    groups: Dict[Tuple[str, str], Dict[Optional[float], List[Mapping]]] = {}
-    for r in rows:
-        groups.setdefault((r["scenario"], r["method"]), {}).setdefault(r["factor"], []).append(r)
-    out = {}
-    for key, all_by_f in groups.items():
-        bad = [r for rs in all_by_f.values() for r in rs if failed(r)]
-        fails = {"n_failed": len(bad), "errors": sorted({r.get("error", "") for r in bad}),
-                 "all_failed": False}
-        by_f = {f: ok for f, rs in all_by_f.items() if (ok := [r for r in rs if not failed(r)])}
-        if not by_f or None in by_f:
-            rs = by_f.get(None, [])
-            out[key] = {"factor": None,
-                        "valid_accuracy": float(np.mean([r["valid_accuracy"] for r in rs])) if rs else float("nan"),
-                        "grid": [], "valid_by_factor": [], "test_by_factor": [], "at_edge": False, "ties": 0,
-                        **fails, "all_failed": not by_f}
-            continue
-        grid = sorted(by_f)
-        f, k, v = select_factor(grid, [[r["valid_accuracy"] for r in by_f[g]] for g in grid])
-        valid = [float(np.mean([r["valid_accuracy"] for r in by_f[g]])) for g in grid]
-        ties = sum(1 for x in valid if x >= v - TIE_TOL)
-        out[key] = {
-            "factor": f,
-            "valid_accuracy": v,
-            "grid": grid,
-            "valid_by_factor": valid,
-            "test_by_factor": [float(np.mean([r["avg_accuracy"] for r in by_f[g]])) for g in grid],
-            "at_edge": len(grid) >= 3 and k in (0, len(grid) - 1) and ties == 1,
-            "ties": ties,
-            **fails,
-        }
-    return out
-
-
-def chosen_rows(rows: Sequence[Mapping[str, Any]], selection: Mapping) -> List[Dict[str, Any]]:
-    """The finished rows at each (scenario, method)'s chosen factor, with ``chosen_factor`` filled in."""
-    out = []
-    for r in rows:
-        sel = selection[(r["scenario"], r["method"])]
-        if not failed(r) and not sel.get("all_failed") and r["factor"] == sel["factor"]:
-            out.append({**r, "chosen_factor": sel["factor"]})
-    return out
-
-
-def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
-    a = np.asarray(vals, dtype=float)
-    if a.size == 0 or np.all(np.isnan(a)):
-        return float("nan"), float("nan")
-    a = a[~np.isnan(a)]
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
-
-
-def summarize(chosen: Sequence[Mapping[str, Any]], selection: Mapping) -> List[Dict[str, Any]]:
-    """One dict per (scenario, method), in scenario then method order: test accuracy,
-    forgetting and BWT mean and std (sample std over seeds), chosen factor, edge flag, times,
-    and the failed runs of the cell (``n_failed``, ``errors``, ``all_failed``: no run finished)."""
-    keys = [k for k in selection]
-    rank = _scenario_ranks([k[0] for k in keys])
-    keys.sort(key=lambda k: (rank[k[0]], list(METHODS).index(k[1])))
-    out = []
-    for sc, me in keys:
-        rs = [r for r in chosen if r["scenario"] == sc and r["method"] == me]
-        acc = _mean_std([r["avg_accuracy"] for r in rs])
-        fgt = _mean_std([r["avg_forgetting"] for r in rs])
-        bwt = _mean_std([r["bwt"] for r in rs])
-        sel = selection[(sc, me)]
-        out.append({
-            "scenario": sc, "method": me, "label": METHODS[me].label, "n_seeds": len(rs),
-            "acc_mean": acc[0], "acc_std": acc[1], "forgetting_mean": fgt[0], "forgetting_std": fgt[1],
-            "bwt_mean": bwt[0], "bwt_std": bwt[1], "chosen_factor": sel["factor"],
-            "valid_accuracy": sel["valid_accuracy"], "at_edge": sel["at_edge"], "ties": sel.get("ties", 0),
-            "grid_min": sel["grid"][0] if sel["grid"] else None,
-            "grid_max": sel["grid"][-1] if sel["grid"] else None,
-            "mean_step_time_ms": 1e3 * _mean_std([r["mean_step_time_s"] for r in rs])[0],
-            "importance_time_s": _mean_std([r["importance_time_s"] for r in rs])[0],
-            "n_failed": sel.get("n_failed", 0), "errors": list(sel.get("errors", [])),
-            "all_failed": bool(sel.get("all_failed", False)),
-        })
-    return out
-
-
-def _fmt_factor(f) -> str:
-    return "-" if f is None else f"{f:.3g}"
-
-
-def format_summary(summary: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:
-    """The summary as a text (or Markdown) table: scenario, method, test accuracy mean +- std
-    (the mean alone from one seed), forgetting, BWT, chosen factor (``*``: a unique best at a grid
-    edge; ``~``: several factors tie on validation accuracy, the smallest is taken), step time.
-    A cell where every run failed reads ``failed``; ``!`` after a method: some of its runs failed
-    (:func:`format_notes` says which and why)."""
-    head = ["scenario", "method", "test acc", "forgetting", "BWT", "factor", "step ms"]
-    lines = []
-    for s in summary:
-        def pm(a, b, n=s["n_seeds"]):
-            return "n/a" if math.isnan(a) else f"{a:.3f} ± {b:.3f}" if n > 1 else f"{a:.3f}"
-        if s.get("all_failed"):
-            lines.append([s["scenario"], s["method"] + "!", "failed", "-", "-", "-", "-"])
-            continue
-        lines.append([
-            s["scenario"], s["method"] + ("!" if s.get("n_failed") else ""), pm(s["acc_mean"], s["acc_std"]),
-            pm(s["forgetting_mean"], s["forgetting_std"]),
-            "n/a" if math.isnan(s["bwt_mean"]) else f"{s['bwt_mean']:+.3f}",
-            _fmt_factor(s["chosen_factor"]) + ("*" if s["at_edge"] else "") + ("~" if s.get("ties", 0) > 1 else ""),
-            f"{s['mean_step_time_ms']:.2f}",
-        ])
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-        out += ["| " + " | ".join(l) + " |" for l in lines]
-        return "\n".join(out)
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
-    def row(cells):
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [row(head), row(["-" * w for w in widths])]
-    prev = None
-    for l in lines:
-        if prev is not None and l[0] != prev:
-            out.append("")
-        out.append(row(l))
-        prev = l[0]
-    return "\n".join(out)
-
-
-def format_notes(summary: Sequence[Mapping[str, Any]], left: Sequence[Mapping[str, str]] = ()) -> List[str]:
-    """One line per cell with failed runs (how many, and each distinct error) and per cell left out
-    of the sweep (with the reason); empty when there are neither."""
-    out = []
-    for s in summary:
-        if s.get("n_failed"):
-            what = "every run failed" if s.get("all_failed") else f"{s['n_failed']} run(s) failed"
-            out.append(f"! {s['scenario']}/{s['method']}: {what}: " + "; ".join(s.get("errors", [])))
-    for c in left:
-        out.append(f"left out: {c['scenario']}/{c['method']}: {c['reason']}")
-    return out
-
-
-COST_METHODS = ("avl-ewc", "pc-ewc", "avl-ewc-online", "pc-ewc-online")
-
-
-def format_costs(chosen: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:
-    """Step time and stored state against the number of experiences, ours against Avalanche's EWC,
-    from the runs of this sweep at their chosen factors (means over seeds): the mean training step
-    during the first and the last experience, and the regularizer's bytes after the last. Empty
-    when the sweep has none of :data:`COST_METHODS`."""
-    head = ["scenario", "method", "step ms, exp 1", "step ms, last exp", "state kB after last"]
-    lines = []
-    for sc in _scenario_ranks([r["scenario"] for r in chosen]):
-        for me in COST_METHODS:
-            rs = [r for r in chosen if r["scenario"] == sc and r["method"] == me]
-            if not rs:
-                continue
-            steps = np.nanmean(np.asarray([r["step_time_per_exp_s"] for r in rs], dtype=float), axis=0) * 1e3
-            mem = float(np.mean([r["reg_bytes_per_exp"][-1] for r in rs])) / 1e3
-            lines.append([sc, me, f"{steps[0]:.2f}", f"{steps[-1]:.2f} (exp {len(steps)})", f"{mem:.1f}"])
-    if not lines:
-        return ""
-    if markdown:
-        return "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-                         + ["| " + " | ".join(l) + " |" for l in lines])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-                     for cells in [head, ["-" * w for w in widths], *lines])
-
-
-# --------------------------------------------------------------------------- outputs
-
-RESULT_COLUMNS = [
-    "scenario", "dataset", "method", "seed", "chosen_factor", "avg_accuracy", "avg_forgetting", "bwt",
-    "valid_accuracy", "wall_time_s", "mean_step_time_s", "importance_time_s", "train_iterations",
-]
-SWEEP_COLUMNS = [c if c != "chosen_factor" else "factor" for c in RESULT_COLUMNS]
-
-
-def _clean(v):
-    """JSON-safe: NaN -> None, numpy scalars -> Python, recursively."""
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, (np.floating, float)):
-        return None if math.isnan(float(v)) else float(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
-
-
-def _csv_value(v):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return v
-
-
-def _write_csv(path: Path, rows, columns) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        for r in rows:
-            w.writerow([_csv_value(r.get(c)) for c in columns])
-
+# --------------------------------------------------------------------------- all in one
 
 @dataclass
 class Comparison:
@@ -1066,44 +592,6 @@ class Comparison:
     files: List[str] = field(default_factory=list)
     wall_time_s: float = float("nan")
 
-
-def write_outputs(result: Comparison, out: str | os.PathLike) -> List[str]:
-    """``results.csv`` / ``results.json`` (one row per scenario x method x seed, at the chosen
-    factor), ``sweep.csv`` (every run of the factor sweep) and ``summary.md``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    _write_csv(out / "results.csv", result.chosen, RESULT_COLUMNS)
-    _write_csv(out / "sweep.csv", result.rows, SWEEP_COLUMNS)
-    sel = [{"scenario": k[0], "method": k[1], **v} for k, v in result.selection.items()]
-    doc = {
-        "config": result.config,
-        "columns": RESULT_COLUMNS,
-        "results": result.chosen,
-        "summary": result.summary,
-        "selection": sel,
-        "sweep": result.rows,
-        "wall_time_s": result.wall_time_s,
-    }
-    with open(out / "results.json", "w") as f:
-        json.dump(_clean(doc), f, indent=1)
-    with open(out / "summary.md", "w") as f:
-        f.write(format_summary(result.summary, markdown=True) + "\n")
-        notes = format_notes(result.summary, result.config.get("left_out", []))
-        if notes:
-            f.write("\n" + "\n".join(f"* {n}" for n in notes) + "\n")
-        costs = format_costs(result.chosen, markdown=True)
-        if costs:
-            f.write("\nCost against the number of experiences (this sweep, one torch thread a run):\n\n"
-                    + costs + "\n")
-    files += [str(out / n) for n in ("results.csv", "results.json", "sweep.csv", "summary.md")]
-    return files
-
-
-from .figures import make_plots  # noqa: E402  (the figures live in their own module)
-
-
-# --------------------------------------------------------------------------- all in one
 
 def run_comparison(
     scenarios: Sequence[Scenario] = SCENARIOS,
@@ -1128,16 +616,20 @@ def run_comparison(
     :class:`UserStream` objects (your own Avalanche benchmark and model factory; the settings'
     dataset, size and model options then do not apply to it). With ``out``, every finished run is appended to
     ``out/runs.jsonl`` as it completes; with ``resume`` (the default) runs already in that file
-    (same :func:`run_key`) are not trained again, so rerunning an interrupted command finishes
+    (same :func:`~pcreg_experiments.store.run_key`) are not trained again, so rerunning an interrupted command finishes
     the sweep and gives the same tables as an uninterrupted one. ``resume=False`` starts the
     file afresh. ``study``: ``"compare"`` (the comparison's tables and figures), ``"long-stream"``
     or ``"fisher-variants"`` (their own tables and figures as well, see
-    :mod:`avalanche_pcreg.experiments.studies`). ``log``: a callable for one-line messages
+    :mod:`pcreg_experiments.studies`). ``log``: a callable for one-line messages
     (default ``print``); ``restart_hint``: how the resume message says to train everything again.
     A run that raises is recorded as failed and the sweep goes on (:func:`run_guarded`); methods
     known to fail in a scenario are left out of it (:func:`left_out`). Both are in the tables.
     """
     from .catalog import STUDIES
+    from .pool import execute
+    from .selection import chosen_rows, select_factors
+    from .store import ResultStore, check_out_dir, run_key
+    from .tables import summarize, write_outputs
 
     log = print if log is None else log
     if study not in STUDIES:
@@ -1191,9 +683,12 @@ def run_comparison(
     if out is not None:
         result.files = write_outputs(result, out)
         if plots:
+            from .figures import make_plots
+
             result.files += make_plots(result, out)
         if STUDIES[study].report != "comparison":
             from . import studies
 
             result.files += studies.write_study(result, out, STUDIES[study].report, plots=plots)
     return result
+

@@ -1,4 +1,4 @@
-"""Tables and figures of the two research studies (``pcreg-compare --study ...``).
+"""Tables and figures of the two research studies (``./pcreg-compare --study ...``).
 
 * ``long-stream``: a long permuted stream (20 or 50 experiences). Per method, at its factor chosen
   on validation: test accuracy over the seen experiences after each experience, the mean wall time
@@ -8,7 +8,7 @@
 * ``fisher-variants``: online EWC with the Fisher computed the five ways of van de Ven (2025), plus
   no regularization, on a task-incremental Split stream, each at its own factor.
 
-Both read the rows :func:`~avalanche_pcreg.experiments.runner.run_comparison` produced; nothing is
+Both read the rows :func:`~pcreg_experiments.runner.run_comparison` produced; nothing is
 trained here.
 """
 

@@ -258,7 +258,7 @@ README_PRELUDE = textwrap.dedent(r'''
     from avalanche.training.determinism.rng_manager import RNGManager
     from avalanche.training.supervised import Naive
     from avalanche_pcreg import ParameterChangePlugin
-    from avalanche_pcreg.experiments.data import make_benchmark
+    from pcreg_experiments.data import make_benchmark
 
     torch.set_num_threads(1)
     RNGManager.set_random_seeds(0)
@@ -287,7 +287,9 @@ def test_readme_checkpoint_recipe_resumes_bit_identically(tmp_path):
                 ' "plugin": strategy.plugins[0].state_dict(), "start": start}, "final.pt")\n')
     script = tmp_path / "recipe.py"
     script.write_text(README_PRELUDE + block + epilogue)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # the harness (pcreg_experiments) from the checkout: the script runs outside it
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
     def run(workdir, n):
         workdir.mkdir(exist_ok=True)

@@ -1,4 +1,4 @@
-"""The comparison runner and its CLI (avalanche_pcreg.experiments.runner / avalanche_pcreg.experiments).
+"""The comparison runner and its CLI (pcreg_experiments.runner and the modules of a sweep / pcreg_experiments).
 
 Tiny configurations only (digits subsampled to 20 images a class, 1 epoch). The figures a run reports
 are checked against each other and against brute-force recomputations: Avalanche's stream accuracy
@@ -16,16 +16,21 @@ import json
 import math
 import statistics
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings as hsettings, strategies as st
 
-from avalanche_pcreg.experiments import compare, runner
-from avalanche_pcreg.experiments.data import make_benchmark
-from avalanche_pcreg.experiments.runner import METHODS, RESULT_COLUMNS, RunSpec, Settings
+from pcreg_experiments import catalog, compare, pool, runner, selection, store, tables
+from pcreg_experiments.catalog import METHODS
+from pcreg_experiments.data import make_benchmark
+from pcreg_experiments.runner import RunSpec, Settings
+from pcreg_experiments.tables import RESULT_COLUMNS
 
+# the checkout: subprocesses run there to import the harness (pytest's pythonpath is not inherited)
+ROOT = Path(__file__).resolve().parents[1]
 TINY = Settings(epochs=1, max_train_per_class=20)
 GRIDS = {"avl-ewc": [10.0, 1000.0], "pc-ewc": [1.0, 100.0]}
 METHOD_SET = ["naive", "avl-ewc", "pc-ewc", "joint"]
@@ -147,7 +152,7 @@ def test_summary_is_mean_and_sample_std_over_seeds(tiny_result):
         assert s["n_seeds"] == len(SEEDS)
         assert s["acc_mean"] == pytest.approx(statistics.mean(accs), abs=1e-12)
         assert s["acc_std"] == pytest.approx(statistics.stdev(accs), abs=1e-12)
-    text = runner.format_summary(res.summary)
+    text = tables.format_summary(res.summary)
     for m in METHOD_SET:
         assert m in text
 
@@ -162,7 +167,7 @@ def test_run_one_is_reproducible_and_the_same_in_a_worker_pool():
         again = [runner.run_one(s) for s in specs]  # cached benchmark, fresh model
     finally:
         torch.set_num_threads(threads)
-    pooled = runner.execute(specs, workers=2, progress=False)
+    pooled = pool.execute(specs, workers=2, progress=False)
     for a, b, c in zip(first, again, pooled):
         for k in keys:  # bitwise equal; NaN (unseen experiences) compares equal here
             np.testing.assert_array_equal(np.asarray(a[k], dtype=float), np.asarray(b[k], dtype=float))
@@ -175,14 +180,14 @@ def test_run_one_is_reproducible_and_the_same_in_a_worker_pool():
 def test_select_factor_on_synthetic_scores():
     factors = [0.1, 1.0, 10.0, 100.0]
     scores = [[0.50, 0.60], [0.70, 0.90], [0.80, 0.75], [0.10, 0.20]]  # means .55 .80 .775 .15
-    assert runner.select_factor(factors, scores) == (1.0, 1, pytest.approx(0.80))
+    assert selection.select_factor(factors, scores) == (1.0, 1, pytest.approx(0.80))
     # NaN scores (a failed seed) are ignored, ties keep the first factor
-    assert runner.select_factor(factors, [[0.9, float("nan")], [0.9], [0.5], [0.9]])[:2] == (0.1, 0)
-    assert runner.select_factor(factors, [[float("nan")], [0.2], [0.3], [float("nan")]])[:2] == (10.0, 2)
+    assert selection.select_factor(factors, [[0.9, float("nan")], [0.9], [0.5], [0.9]])[:2] == (0.1, 0)
+    assert selection.select_factor(factors, [[float("nan")], [0.2], [0.3], [float("nan")]])[:2] == (10.0, 2)
     with pytest.raises(ValueError, match="NaN"):
-        runner.select_factor([1.0], [[float("nan")]])
+        selection.select_factor([1.0], [[float("nan")]])
     with pytest.raises(ValueError, match="length"):
-        runner.select_factor([1.0, 2.0], [[0.5]])
+        selection.select_factor([1.0, 2.0], [[0.5]])
 
 
 @hsettings(max_examples=60, deadline=None)
@@ -195,7 +200,7 @@ def test_select_factor_matches_brute_force(int_scores):
         mean = sum(s) / len(s)
         if best_mean is None or mean > best_mean + 1e-12:
             best_k, best_mean = k, mean
-    f, k, mean = runner.select_factor(factors, scores)
+    f, k, mean = selection.select_factor(factors, scores)
     assert (f, k) == (factors[best_k], best_k)
     assert mean == pytest.approx(best_mean)
 
@@ -211,7 +216,7 @@ def test_select_factors_groups_rows_and_flags_grid_edges():
     rows += [row("permuted", "naive", None, s, v) for s, v in enumerate((0.2, 0.3))]
     # a flat curve: every factor ties; the smallest is taken and not reported as an edge
     rows += [row("permuted", "pc-si", f, s, 0.5) for f in (0.1, 1.0, 10.0) for s in range(2)]
-    sel = runner.select_factors(rows)
+    sel = selection.select_factors(rows)
     assert sel[("permuted", "pc-si")]["factor"] == 0.1
     assert sel[("permuted", "pc-si")]["ties"] == 3 and not sel[("permuted", "pc-si")]["at_edge"]
     assert sel[("permuted", "pc-ewc")]["ties"] == 1
@@ -220,19 +225,19 @@ def test_select_factors_groups_rows_and_flags_grid_edges():
     assert sel[("permuted", "avl-ewc")]["valid_by_factor"] == pytest.approx([0.3, 0.7, 0.1])
     assert sel[("permuted", "naive")]["factor"] is None
     assert sel[("permuted", "naive")]["valid_accuracy"] == pytest.approx(0.25)
-    chosen = runner.chosen_rows(rows, sel)
+    chosen = selection.chosen_rows(rows, sel)
     assert sorted((r["method"], r["factor"]) for r in chosen) == sorted(
         [("pc-ewc", 100.0)] * 2 + [("avl-ewc", 1e3)] * 2 + [("naive", None)] * 2 + [("pc-si", 0.1)] * 2)
 
 
 def test_method_grids_are_log_spaced_and_wide():
-    g = runner.method_grid("pc-ewc", 2)
+    g = catalog.method_grid("pc-ewc", 2)
     assert g[0] == pytest.approx(0.1) and g[-1] == pytest.approx(1e5) and len(g) == 13
     assert np.allclose(np.diff(np.log10(g)), 0.5)
-    assert runner.method_grid("avl-ewc") == [10.0 ** k for k in range(1, 8)]
-    assert runner.method_grid("naive") == [None]
+    assert catalog.method_grid("avl-ewc") == [10.0 ** k for k in range(1, 8)]
+    assert catalog.method_grid("naive") == [None]
     with pytest.raises(ValueError, match="points_per_decade"):
-        runner.method_grid("pc-ewc", 0)
+        catalog.method_grid("pc-ewc", 0)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -296,7 +301,7 @@ def test_cli_on_tiny_idx_files(tmp_path, capsys):
     assert sorted((r["scenario"], r["method"]) for r in rows) == sorted(
         (s, m) for s in ("split-class", "permuted") for m in ("naive", "pc-ewc"))
     assert {r["dataset"] for r in rows} == {"mnist"}
-    quick = runner.quick_grid("pc-ewc")
+    quick = catalog.quick_grid("pc-ewc")
     for r in rows:
         assert 0.0 <= float(r["avg_accuracy"]) <= 1.0
         if r["method"] == "pc-ewc":
@@ -317,8 +322,8 @@ def _n_params(spec_model):
 
 
 def test_long_stream_study_step_times_and_memory(tmp_path):
-    from avalanche_pcreg.experiments import studies
-    from avalanche_pcreg.experiments.data import make_model
+    from pcreg_experiments import studies
+    from pcreg_experiments.data import make_model
 
     res = runner.run_comparison(["permuted"], ["naive", "avl-ewc", "pc-ewc"], [0, 1], STUDY_TINY,
                                 grids={"avl-ewc": [100.0], "pc-ewc": [10.0]}, workers=1, progress=False,
@@ -351,7 +356,7 @@ def test_long_stream_study_step_times_and_memory(tmp_path):
 
 
 def test_fisher_variants_study_on_digits(tmp_path):
-    from avalanche_pcreg.experiments import studies
+    from pcreg_experiments import studies
 
     methods = ["naive", "fv-exact", "fv-exact-500", "fv-batched-avl"]
     grids = {"fv-exact": [1.0, 100.0], "fv-exact-500": [1.0, 100.0], "fv-batched-avl": [100.0]}
@@ -376,7 +381,7 @@ def test_fisher_variants_study_on_digits(tmp_path):
 
 
 def test_fisher_variant_methods_are_data():
-    from avalanche_pcreg.experiments.catalog import FV_DECAY, STUDIES
+    from pcreg_experiments.catalog import FV_DECAY, STUDIES
 
     fv = STUDIES["fisher-variants"].methods
     imp = {m: METHODS[m].options.get("importance") for m in fv if METHODS[m].kind == "pcreg"}
@@ -396,18 +401,18 @@ def test_fisher_variant_methods_are_data():
 
 
 def test_result_store_appends_and_drops_a_cut_line(tmp_path):
-    store = runner.ResultStore(tmp_path / "runs.jsonl")
-    store.append("a", {"avg_accuracy": 0.5, "bwt": float("nan"), "acc_matrix": [[0.5, float("nan")]]})
-    store.append("b", {"avg_accuracy": 0.25})
-    with open(store.path, "a") as f:
+    results = store.ResultStore(tmp_path / "runs.jsonl")
+    results.append("a", {"avg_accuracy": 0.5, "bwt": float("nan"), "acc_matrix": [[0.5, float("nan")]]})
+    results.append("b", {"avg_accuracy": 0.25})
+    with open(results.path, "a") as f:
         f.write('{"key": "c", "row": {"avg_ac')  # a kill in the middle of a write
-    got = store.load()
+    got = results.load()
     assert list(got) == ["a", "b"]
     assert got["a"]["avg_accuracy"] == 0.5 and math.isnan(got["a"]["bwt"]) and math.isnan(got["a"]["acc_matrix"][0][1])
-    assert store.path.read_text().count("\n") == 2 and store.path.read_text().endswith("\n")
-    store.path.write_text('{"key": "a"\n')
+    assert results.path.read_text().count("\n") == 2 and results.path.read_text().endswith("\n")
+    results.path.write_text('{"key": "a"\n')
     with pytest.raises(ValueError, match="unreadable line 1"):
-        store.load()
+        results.load()
 
 
 def test_rerun_skips_finished_runs_and_gives_the_same_tables(tmp_path, capsys):
@@ -439,7 +444,7 @@ def _cli(args, **kw):
     import sys
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "avalanche_pcreg.experiments", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "pcreg_experiments", *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -484,7 +489,7 @@ def test_cli_interrupted_mid_sweep_resumes_to_the_same_tables(tmp_path):
     assert (out / "runs.jsonl").read_text().count("\n") == 6
     # the same tables as an uninterrupted sweep (the figures that do not depend on timing)
     ref = runner.run_comparison(["split-task"], ["naive", "pc-ewc"], [0, 1], TINY,
-                                grids={"pc-ewc": runner.quick_grid("pc-ewc")}, workers=1, progress=False)
+                                grids={"pc-ewc": catalog.quick_grid("pc-ewc")}, workers=1, progress=False)
     _, rows = _read_csv(out / "results.csv")
     got = {(r["method"], int(r["seed"])): r for r in rows}
     assert len(got) == len(ref.chosen) == 4
@@ -502,14 +507,28 @@ def test_help_and_a_mistyped_option_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom avalanche_pcreg.experiments import compare\n"
+    code = ("import sys\nfrom pcreg_experiments import compare\n"
             "for argv in (['--help'], ['--epocs', '2']):\n"
             "    try:\n        compare.main(argv)\n    except SystemExit:\n        pass\n"
             "print('heavy:', sorted(m for m in ('torch', 'avalanche', 'numpy', 'matplotlib') if m in sys.modules))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "heavy: []" in r.stdout, r.stdout + r.stderr
     assert "--n-experiences" in r.stdout and "--device" in r.stdout and "--study" in r.stdout
     assert "unrecognized arguments: --epocs" in r.stderr
+
+
+def test_repository_script_and_module_answer_help(tmp_path):
+    """The CLI runs from the checkout (the wheel does not ship it): ./pcreg-compare finds the harness next to
+    itself from any directory, and ``python -m pcreg_experiments.compare`` from the repository root."""
+    import subprocess
+    import sys
+
+    script = ROOT / "pcreg-compare"
+    assert script.read_text().startswith("#!/usr/bin/env python3\n") and script.stat().st_mode & 0o111
+    for argv, cwd in (([str(script), "--help"], tmp_path), (["-m", "pcreg_experiments.compare", "--help"], ROOT)):
+        r = subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("usage: pcreg-compare") and "--study" in r.stdout, r.stdout[:500]
 
 
 @pytest.mark.parametrize("kind", ["file", "under-a-file"])
@@ -527,7 +546,7 @@ def test_cli_checks_out_before_any_training(tmp_path, capsys, monkeypatch, kind)
     assert ("is not a directory" in err) if kind == "file" else ("cannot write" in err)
     assert not trained
     with pytest.raises(ValueError, match="exists and is not a directory"):
-        runner.check_out_dir(f)
+        store.check_out_dir(f)
 
 
 def test_device_cuda_without_cuda_fails_before_training_and_auto_picks_cpu(tmp_path, capsys, monkeypatch):
@@ -583,7 +602,7 @@ def test_cli_study_defaults_and_long_permuted_streams(tmp_path):
     a = compare.parse_args(["--study", "fisher-variants", "--out", str(tmp_path)])
     assert a.scenarios == ["split-task"] and "fv-exact-500" in a.methods and "naive" in a.methods
     a = compare.parse_args(["--decades", "1,-2", "--methods", "naive,pc-ewc", "--out", str(tmp_path)])
-    assert a.grids == {"pc-ewc": runner.method_grid("pc-ewc", 1, (0, 3))}
+    assert a.grids == {"pc-ewc": catalog.method_grid("pc-ewc", 1, (0, 3))}
     spec = make_benchmark("permuted", n_experiences=7, max_train_per_class=3)
     assert len(spec.benchmark.train_stream) == 7
 
@@ -599,7 +618,7 @@ def test_cli_quick_on_tiny_cifar_files_with_the_conv_net(tmp_path, capsys, monke
                             "--out", str(tmp_path / "o")])
     assert a.max_train_per_class == a.max_test_per_class == 100  # --quick subsamples every dataset
     # --download goes through torchvision's downloader, then the files are read as usual
-    from avalanche_pcreg.experiments import data
+    from pcreg_experiments import data
 
     asked = []
     monkeypatch.setattr(data, "download_dataset", lambda ds, root: asked.append((ds, str(root))))
@@ -646,22 +665,22 @@ def test_rwalk_methods_in_the_harness_avalanche_and_parity_mode_give_the_same_ru
 
 
 def test_stop_flag_ends_the_sweep_before_the_next_run(tmp_path):
-    """The CLI's SIGINT handler sets runner.STOP as well as raising KeyboardInterrupt: a sweep
+    """The CLI's SIGINT handler sets pool.STOP as well as raising KeyboardInterrupt: a sweep
     whose KeyboardInterrupt got lost (raised inside a finalizer) still stops at the next run."""
     rows = []
     specs = [RunSpec("permuted", "naive", 0, None, TINY), RunSpec("permuted", "naive", 1, None, TINY)]
 
     def on_row(spec, row):
         rows.append(row)
-        runner.STOP.set()  # as if the handler ran during the first run and its exception was lost
+        pool.STOP.set()  # as if the handler ran during the first run and its exception was lost
 
     try:
         with pytest.raises(KeyboardInterrupt):
-            runner.execute(specs, workers=1, progress=False, on_row=on_row)
+            pool.execute(specs, workers=1, progress=False, on_row=on_row)
     finally:
-        runner.STOP.clear()
+        pool.STOP.clear()
     assert len(rows) == 1
-    assert len(runner.execute(specs[:1], workers=1, progress=False)) == 1  # cleared: runs again
+    assert len(pool.execute(specs[:1], workers=1, progress=False)) == 1  # cleared: runs again
 
 
 # --------------------------------------------------------------------------- failures and cells
@@ -670,11 +689,11 @@ def test_stop_flag_ends_the_sweep_before_the_next_run(tmp_path):
 CELL = Settings(epochs=1, max_train_per_class=8, max_test_per_class=4)
 
 
-@pytest.mark.parametrize("scenario", runner.SCENARIOS)
+@pytest.mark.parametrize("scenario", catalog.SCENARIOS)
 def test_every_method_trains_in_every_scenario_or_is_left_out_for_a_true_reason(scenario):
     """Every method of the catalog (the default set among them) trains one tiny run in every
     scenario; a method left out of a scenario really fails there (so the note stays true)."""
-    from avalanche_pcreg.experiments.catalog import DEFAULT_METHODS, quick_grid, supported
+    from pcreg_experiments.catalog import DEFAULT_METHODS, quick_grid, supported
 
     assert set(DEFAULT_METHODS) <= set(METHODS)
     for name in METHODS:
@@ -687,7 +706,7 @@ def test_every_method_trains_in_every_scenario_or_is_left_out_for_a_true_reason(
 
 
 def test_default_sweep_is_the_named_comparison_and_its_size(tmp_path):
-    from avalanche_pcreg.experiments.catalog import DEFAULT_METHODS, PRESETS, STUDIES
+    from pcreg_experiments.catalog import DEFAULT_METHODS, PRESETS, STUDIES
 
     assert PRESETS["default"]["methods"] == DEFAULT_METHODS == STUDIES["compare"].methods
     assert not any(m.startswith(("fv-", "avl-rwalk", "pc-rwalk")) for m in DEFAULT_METHODS)
@@ -713,7 +732,7 @@ def test_left_out_cells_are_not_planned_and_are_named_in_the_tables(tmp_path):
 
 
 def test_a_failing_method_is_recorded_with_its_error_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(METHODS, "broken", runner.Method(
+    monkeypatch.setitem(METHODS, "broken", catalog.Method(
         "broken", "broken", "avalanche", (0, 1), {"no_such_option": 1}, "an Avalanche plugin given a bad option"))
     args = (["permuted"], ["naive", "broken", "pc-ewc"], [0, 1], CELL)
     grids = {"broken": [1.0, 10.0], "pc-ewc": [1.0]}
@@ -729,7 +748,7 @@ def test_a_failing_method_is_recorded_with_its_error_and_the_sweep_goes_on(tmp_p
     assert {s["method"] for s in res.summary if not s["all_failed"]} == {"naive", "pc-ewc"}
     assert res.config["n_runs_failed"] == 4
     assert not any(r["method"] == "broken" for r in res.chosen)
-    table = runner.format_summary(res.summary)
+    table = tables.format_summary(res.summary)
     assert "broken!" in table and "failed" in table
     md = (tmp_path / "summary.md").read_text()
     assert "! permuted/broken: every run failed: TypeError:" in md
@@ -753,14 +772,14 @@ def test_a_cell_with_some_failed_runs_chooses_among_the_finished_ones():
             {**ok, "seed": 1, "factor": 1.0, "valid_accuracy": 0.6},
             {**ok, "seed": 0, "factor": 10.0, "valid_accuracy": 0.9, "status": "failed", "error": "E: x"},
             {**ok, "seed": 1, "factor": 10.0, "valid_accuracy": 0.45}]
-    sel = runner.select_factors(rows)[("permuted", "pc-ewc")]
+    sel = selection.select_factors(rows)[("permuted", "pc-ewc")]
     assert sel["factor"] == 1.0 and sel["valid_by_factor"] == [0.5, 0.45]
     assert sel["n_failed"] == 1 and sel["errors"] == ["E: x"] and not sel["all_failed"]
-    chosen = runner.chosen_rows(rows, {("permuted", "pc-ewc"): sel})
+    chosen = selection.chosen_rows(rows, {("permuted", "pc-ewc"): sel})
     assert [r["seed"] for r in chosen] == [0, 1]
-    summary = runner.summarize(chosen, {("permuted", "pc-ewc"): sel})
-    assert runner.format_notes(summary) == ["! permuted/pc-ewc: 1 run(s) failed: E: x"]
-    assert "pc-ewc!" in runner.format_summary(summary)
+    summary = tables.summarize(chosen, {("permuted", "pc-ewc"): sel})
+    assert tables.format_notes(summary) == ["! permuted/pc-ewc: 1 run(s) failed: E: x"]
+    assert "pc-ewc!" in tables.format_summary(summary)
 
 
 @pytest.mark.parametrize("kept", [False, True])
@@ -798,7 +817,7 @@ def test_cli_ctrl_c_on_a_worker_pool_prints_no_worker_traceback(tmp_path):
     args = [*CLI_SWEEP, "--out", str(out)]
     args[args.index("--workers") + 1] = "2"
     args[args.index("--seeds") + 1] = "40"  # 120 runs: the sweep is still going when the interrupt comes
-    p = subprocess.Popen([sys.executable, "-m", "avalanche_pcreg.experiments", *args],
+    p = subprocess.Popen([sys.executable, "-m", "pcreg_experiments", *args], cwd=ROOT,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     runs, t0 = out / "runs.jsonl", time.time()
@@ -901,7 +920,7 @@ def test_user_stream_bad_input_names_what_is_wrong():
 
 
 def test_pairs_stand_side_by_side_and_differences_are_paired_by_seed(tiny_result):
-    from avalanche_pcreg.experiments import figures
+    from pcreg_experiments import figures
 
     res, out = tiny_result
     assert figures.comparison_order(METHOD_SET) == ["naive", "avl-ewc", "pc-ewc", "joint"]
@@ -918,7 +937,7 @@ def test_pairs_stand_side_by_side_and_differences_are_paired_by_seed(tiny_result
 
 def test_cost_table_is_the_runs_step_times_and_state_bytes(tiny_result):
     res, out = tiny_result
-    table = runner.format_costs(res.chosen)
+    table = tables.format_costs(res.chosen)
     lines = {tuple(l.split()[:2]): l for l in table.splitlines()[2:]}
     assert set(lines) == {("split-task", "avl-ewc"), ("split-task", "pc-ewc")}
     for me in ("avl-ewc", "pc-ewc"):

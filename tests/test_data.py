@@ -1,16 +1,17 @@
-"""Tests for avalanche_pcreg.experiments.data: digits / IDX loading, benchmarks, models."""
+"""Tests for pcreg_experiments.data: digits / IDX loading, benchmarks, models."""
 
 from __future__ import annotations
 
 import gzip
 import struct
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from avalanche_pcreg.experiments.data import (
+from pcreg_experiments.data import (
     SCENARIOS,
     BenchmarkSpec,
     load_digits_arrays,
@@ -19,6 +20,9 @@ from avalanche_pcreg.experiments.data import (
     make_model,
     read_idx,
 )
+
+# the checkout: subprocesses run there to import the harness (pytest's pythonpath is not inherited)
+ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- helpers
 
@@ -407,7 +411,7 @@ def test_other_idx_statistics_load_under_either_name(tmp_path, mean):
 
 
 def test_few_or_other_sized_images_are_not_checked(tmp_path):
-    from avalanche_pcreg.experiments.files import idx_mismatch
+    from pcreg_experiments.files import idx_mismatch
 
     fashion_like = np.where(np.random.default_rng(0).random((1000, 28, 28)) < 0.286, 255, 0).astype(np.uint8)
     assert idx_mismatch("mnist", fashion_like) is not None and idx_mismatch("fashion-mnist", fashion_like) is None
@@ -418,7 +422,7 @@ def test_few_or_other_sized_images_are_not_checked(tmp_path):
 
 
 def test_check_dataset_files_names_what_is_missing(tmp_path):
-    from avalanche_pcreg.experiments.files import check_dataset_files
+    from pcreg_experiments.files import check_dataset_files
 
     assert check_dataset_files("digits", tmp_path) == {}
     with pytest.raises(FileNotFoundError, match="nodir"):
@@ -454,7 +458,7 @@ def test_cli_checks_the_data_files_before_importing_torch(tmp_path):
     (tmp_path / "data" / "train-labels-idx1-ubyte").unlink()
     script = (
         "import sys\n"
-        "from avalanche_pcreg.experiments import compare\n"
+        "from pcreg_experiments import compare\n"
         "try:\n"
         "    compare.parse_args(sys.argv[1:])\n"
         "except SystemExit as e:\n"
@@ -465,13 +469,13 @@ def test_cli_checks_the_data_files_before_importing_torch(tmp_path):
                                    ("fashion-mnist", "empty", "train-images-idx3-ubyte[.gz]"),
                                    ("cifar10", "data", "data_batch_1")):
         r = subprocess.run([sys.executable, "-c", script, "--dataset", dataset, "--data-root", str(tmp_path / root),
-                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+                            "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.stdout.strip() == "exit 2 False False", (dataset, r.stdout, r.stderr)
         assert "--data-root:" in r.stderr and missing in r.stderr, r.stderr
 
 
 def test_cli_rejects_fashion_mnist_files_given_as_mnist(tmp_path, capsys):
-    from avalanche_pcreg.experiments import compare
+    from pcreg_experiments import compare
 
     root = idx_like(tmp_path / "data", 0.2860)
     with pytest.raises(SystemExit) as e:
@@ -586,7 +590,7 @@ def tiny_cifar(root, name="cifar10", per_class_train=3, per_class_test=1, seed=0
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_load_cifar_dataset(tmp_path, name):
-    from avalanche_pcreg.experiments.data import load_cifar_dataset
+    from pcreg_experiments.data import load_cifar_dataset
 
     raw = tiny_cifar(tmp_path, name)
     (Xtr, ytr), (Xte, yte) = load_cifar_dataset(tmp_path, name)
@@ -600,7 +604,7 @@ def test_load_cifar_dataset(tmp_path, name):
 
 
 def test_load_cifar_dataset_errors(tmp_path):
-    from avalanche_pcreg.experiments.data import load_cifar_dataset
+    from pcreg_experiments.data import load_cifar_dataset
 
     with pytest.raises(ValueError, match="cifar10, cifar100"):
         load_cifar_dataset(tmp_path, "cifar5")
@@ -626,7 +630,7 @@ def test_load_cifar_dataset_errors(tmp_path):
 def test_cifar100_split_task_with_the_conv_net(tmp_path):
     from avalanche.models import avalanche_forward
 
-    from avalanche_pcreg.experiments.data import CNN, MultiHeadCNN
+    from pcreg_experiments.data import CNN, MultiHeadCNN
 
     tiny_cifar(tmp_path, "cifar100")
     spec = make_benchmark("split-task", "cifar100", data_root=tmp_path, n_experiences=10, validation=0.34)
@@ -668,7 +672,7 @@ def test_max_test_per_class(tmp_path):
 def test_download_uses_torchvision_only_when_asked(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
 
-    from avalanche_pcreg.experiments import data
+    from pcreg_experiments import data
 
     calls = []
 

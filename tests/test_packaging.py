@@ -1,6 +1,9 @@
 """The package as a user installs it: declared ranges and pins, the wheel's contents and metadata, what the
 math modules import, and the markers that conftest.py applies.
 
+The wheel holds the library (``avalanche_pcreg``) only: the repository's experiment harness
+(``pcreg_experiments``) runs from the checkout, and the library never imports it.
+
 ``tools/check_wheel.sh`` (``make check-wheel``) goes further: it installs the wheel into a fresh environment
 and runs the README's usage example there.
 """
@@ -24,6 +27,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "avalanche_pcreg"
+HARNESS = ROOT / "pcreg_experiments"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 
@@ -71,7 +75,8 @@ def test_dependencies_are_ranges_and_the_pins_satisfy_them():
     assert Version("0.5.1") not in deps["avalanche-lib"].specifier
     # the reproducible set-up: exact pins, inside the declared ranges
     pins = _pins()
-    assert pins == {"torch": Version("2.14.1"), "torchvision": Version("0.29.1"), "avalanche-lib": Version("0.6.0")}
+    assert pins == {"torch": Version("2.14.1"), "torchvision": Version("0.29.1"), "avalanche-lib": Version("0.6.0"),
+                    "curvlinops-for-pytorch": Version("3.0.1")}  # the Kronecker factors' test oracle
     for name, version in pins.items():
         if name in deps:
             assert version in deps[name].specifier, (name, version)
@@ -102,25 +107,50 @@ def _third_party_imports(path: Path) -> set:
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return {n for n in names if n not in sys.stdlib_module_names and n != "avalanche_pcreg"}
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ("avalanche_pcreg", "pcreg_experiments")}
 
 
 def test_every_import_is_declared_and_every_declared_package_is_imported():
+    """The library imports only the required dependencies; the harness also the experiments extra."""
     core = set(_reqs(PROJECT["dependencies"]))
     experiments = set(_reqs(PROJECT["optional-dependencies"]["experiments"]))
     used_core, used_exp = set(), set()
-    for path in PKG.rglob("*.py"):
+    for path in [*PKG.rglob("*.py"), *HARNESS.rglob("*.py")]:
         imports = _third_party_imports(path)
         unknown = imports - set(DIST_OF_IMPORT)
         assert not unknown, f"{path.relative_to(ROOT)} imports {sorted(unknown)}: declare them and extend this test"
         dists = {DIST_OF_IMPORT[i] for i in imports}
-        if "experiments" in path.relative_to(PKG).parts:
+        if HARNESS in path.parents:
             used_exp |= dists
         else:
             used_core |= dists
     assert used_core <= core, f"core modules import undeclared {sorted(used_core - core)}"
     assert used_exp <= core | experiments, f"the harness imports undeclared {sorted(used_exp - core - experiments)}"
     assert core <= used_core | used_exp and experiments <= used_exp, "a declared dependency is never imported"
+
+
+def test_the_library_never_imports_the_harness():
+    """``pcreg_experiments`` is not in the wheel: no module of ``avalanche_pcreg`` may import it, not even lazily."""
+    assert HARNESS.is_dir() and not (PKG / "experiments").exists()
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else []
+            else:
+                continue
+            assert not [n for n in names if n.split(".")[0] == "pcreg_experiments"], \
+                f"{path.relative_to(ROOT)}:{node.lineno} imports the harness"
+        assert "pcreg_experiments" not in path.read_text(), f"{path.relative_to(ROOT)} names the harness"
+
+
+def test_no_wheel_script_points_at_the_harness():
+    """A console script of the wheel could only name the library; the harness's CLI is ./pcreg-compare."""
+    assert "scripts" not in PROJECT and "entry-points" not in PROJECT and "gui-scripts" not in PROJECT
+    script = ROOT / "pcreg-compare"
+    assert script.is_file() and script.stat().st_mode & 0o111, "pcreg-compare is not an executable script"
+    assert script.read_text().startswith("#!/usr/bin/env python3\n")
 
 
 def test_math_modules_import_neither_avalanche_nor_plotting():
@@ -155,9 +185,11 @@ def wheel(tmp_path_factory):
     work = tmp_path_factory.mktemp("wheel")
     src = work / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "pcreg-compare"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(PKG, src / "avalanche_pcreg", ignore=shutil.ignore_patterns("__pycache__"))
+    # the harness is copied too, as it lies next to the library in a checkout: the wheel must leave it out
+    for package in (PKG, HARNESS):
+        shutil.copytree(package, src / package.name, ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                           "-w", str(work / "dist"), str(src)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -172,8 +204,10 @@ def test_wheel_files(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "avalanche_pcreg/py.typed" in names
     assert f"avalanche_pcreg-{version}.dist-info/licenses/LICENSE" in names
-    for module in ("penalty", "state", "regularizer", "plugin", "importance/__init__", "experiments/compare"):
+    for module in ("penalty", "state", "regularizer", "plugin", "importance/__init__"):
         assert f"avalanche_pcreg/{module}.py" in names
+    # the library only: not the repository's experiment harness, under its name or its former one
+    assert not [n for n in names if n.startswith((HARNESS.name, f"{PKG.name}/experiments"))]
     assert not [n for n in names if not n.startswith(("avalanche_pcreg/", f"avalanche_pcreg-{version}.dist-info/"))]
     assert not [n for n in names if "tests/" in n or n.endswith(".pyc") or "__pycache__" in n]
 
@@ -181,7 +215,7 @@ def test_wheel_files(wheel):
 def test_wheel_metadata(wheel):
     with zipfile.ZipFile(wheel) as z:
         info = Parser().parsestr(z.read(f"avalanche_pcreg-{_package_version()}.dist-info/METADATA").decode())
-        entry_points = z.read(f"avalanche_pcreg-{_package_version()}.dist-info/entry_points.txt").decode()
+        names = z.namelist()
     assert info["Name"] == "avalanche-pcreg" and info["Version"] == _package_version()
     assert info["License-Expression"] == "MIT"
     assert info.get_all("License-File") == ["LICENSE"]
@@ -195,7 +229,8 @@ def test_wheel_metadata(wheel):
     assert set(info.get_all("Provides-Extra")) == {"experiments", "test", "bench"}
     assert {r for r in requires if r.endswith("extra == \"bench\"")} >= {
         'backpack-for-pytorch>=1.7.1; extra == "bench"', 'opacus>=1.6.0; extra == "bench"'}
-    assert "pcreg-compare = avalanche_pcreg.experiments.compare:main" in entry_points
+    # no console script: the harness's CLI (./pcreg-compare) is not in the wheel
+    assert f"avalanche_pcreg-{_package_version()}.dist-info/entry_points.txt" not in names
 
 
 def test_slow_tier_is_measured_and_names_existing_tests():

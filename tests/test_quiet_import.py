@@ -51,7 +51,7 @@ def test_qpsolvers_warns_without_solvers():
 @pytest.mark.parametrize("entry", [
     "import avalanche_pcreg\nfrom avalanche_pcreg import ParameterChangePlugin",
     "from avalanche_pcreg.training import EWC",
-    "from avalanche_pcreg.experiments.data import make_benchmark",
+    "from pcreg_experiments.data import make_benchmark",
     "import torch\nfrom avalanche_pcreg import compute_importance\n"
     "x, y = torch.randn(8, 3), torch.arange(8) % 2\n"
     "compute_importance(torch.nn.Linear(3, 2), torch.utils.data.TensorDataset(x, y), 'empirical_fisher')",

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Build the wheel, install it with --no-deps into a fresh virtual environment that sees only the torch and
-# avalanche-lib of BASE_PYTHON's environment, and run the README's usage example there (outside the checkout).
+# Build the wheel, check that it holds the library only (not the repository's experiment harness), install it
+# with --no-deps into a fresh virtual environment that sees only the torch and avalanche-lib of BASE_PYTHON's
+# environment, and run the README's usage example there (outside the checkout).
 #
 #   tools/check_wheel.sh [BASE_PYTHON]
 #
-# BASE_PYTHON: a Python whose environment already has torch, avalanche-lib (and scikit-learn, which the
-# example's digits benchmark reads); default .venv/bin/python. Point it at another environment (e.g. one with
-# an older torch) to check the declared ranges. BUILD_PYTHON (environment variable) builds the wheel; it needs
-# setuptools>=77, default: BASE_PYTHON if it has it, else .venv/bin/python.
+# BASE_PYTHON: a Python whose environment already has torch and avalanche-lib (the usage example needs nothing
+# else); default .venv/bin/python. Point it at another environment (e.g. one with an older torch) to check the
+# declared ranges. BUILD_PYTHON (environment variable) builds the wheel; it needs setuptools>=77, default:
+# BASE_PYTHON if it has it, else .venv/bin/python.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BASE_PYTHON="${1:-$ROOT/.venv/bin/python}"
@@ -26,13 +27,25 @@ if [[ -z "${BUILD_PYTHON:-}" ]]; then
 fi
 has_setuptools77 "$BUILD_PYTHON" || { echo "BUILD_PYTHON=$BUILD_PYTHON needs setuptools>=77" >&2; exit 2; }
 
-echo "== build the wheel (from a copy of the package's files)"
+echo "== build the wheel (from a copy of the package's files, the harness beside it as in a checkout)"
 mkdir -p "$WORK/src" "$WORK/dist"
-cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/LICENSE" "$ROOT/avalanche_pcreg" "$WORK/src/"
+cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/LICENSE" "$ROOT/avalanche_pcreg" "$ROOT/pcreg_experiments" \
+    "$WORK/src/"
 find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
 "$BUILD_PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src"
 WHEEL="$(ls "$WORK"/dist/avalanche_pcreg-*.whl)"
 echo "   $(basename "$WHEEL")"
+# the library only: no experiment harness (pcreg_experiments, formerly the library's subpackage experiments),
+# no scripts
+"$BUILD_PYTHON" - "$WHEEL" <<'EOF'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+harness = [n for n in names if n.startswith(("pcreg_experiments", "/".join(("avalanche_pcreg", "experiments"))))]
+assert not harness, f"the wheel ships the experiment harness: {harness[:5]}"
+assert not [n for n in names if n.endswith(".dist-info/entry_points.txt")], "the wheel declares entry points"
+assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"avalanche_pcreg"}, names
+print(f"   {len(names)} files, all under avalanche_pcreg/ and its .dist-info/")
+EOF
 
 echo "== fresh venv on top of $BASE_PYTHON's site-packages"
 "$BASE_PYTHON" -m venv "$WORK/venv"
@@ -61,6 +74,12 @@ assert site in where.parents, f"avalanche_pcreg imported from {where}, not from 
 assert (where.parent / "py.typed").is_file(), "py.typed is not installed"
 assert metadata.version("avalanche-pcreg") == avalanche_pcreg.__version__
 dist = metadata.distribution("avalanche-pcreg")
+try:  # the harness stays in the repository
+    import pcreg_experiments
+except ModuleNotFoundError:
+    pass
+else:
+    raise AssertionError(f"pcreg_experiments is importable from the wheel's environment: {pcreg_experiments.__file__}")
 print(f"   avalanche-pcreg {avalanche_pcreg.__version__} from {where.parent}")
 print(f"   torch {torch.__version__}, avalanche-lib {metadata.version('avalanche-lib')}")
 print(f"   Requires-Dist: {dist.requires}")
@@ -77,7 +96,4 @@ usage = text.split("\n## Usage", 1)[1]
 print(re.search(r"```python\n(.*?)```", usage, re.S).group(1))
 EOF
 "$VPY" "$WORK/example.py"
-
-echo "== pcreg-compare --help"
-"$WORK/venv/bin/pcreg-compare" --help > /dev/null
 echo "check-wheel: OK"
