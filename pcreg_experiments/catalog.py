@@ -82,6 +82,13 @@ _METHOD_LIST = [
     Method("pc-ewc-online", "ours online", "pcreg", (-1, 5),
            {"importance": "empirical_fisher", "mode": "online", "decay": ONLINE_DECAY},
            f"ours, importance='empirical_fisher', mode='online', decay={ONLINE_DECAY}"),
+    Method("pc-ewc-online-expected", "ours online (expected)", "pcreg", (-1, 5),
+           {"importance": "expected_fisher", "mode": "online", "decay": ONLINE_DECAY},
+           f"ours, importance='expected_fisher' (diagonal), mode='online', decay={ONLINE_DECAY}"),
+    Method("pc-kfac-online", "ours KFAC online", "pcreg", (-1, 5),
+           {"importance": "kfac", "mode": "online", "decay": ONLINE_DECAY},
+           f"ours, importance='kfac' (a Kronecker-factored block per layer, expected Fisher), mode='online', "
+           f"decay={ONLINE_DECAY}, one nearest pair per layer (Ritter et al. 2018)"),
     Method("pc-mas", "ours MAS", "pcreg", (-4, 2), {"importance": "mas"}, "ours, importance='mas'"),
     Method("pc-si", "ours SI", "pcreg", (-1, 5), {"importance": "si", "mode": "online", "decay": 1.0},
            "ours, importance='si', mode='online', decay=1.0 (Zenke et al. 2017), xi=0.1"),
@@ -230,6 +237,11 @@ STUDIES: Dict[str, Study] = {
         "long-stream", ("permuted",), ("naive", "avl-ewc", "avl-ewc-online", "pc-ewc", "pc-ewc-online"), 20,
         "a long permuted stream: accuracy after each experience, wall time of a training step and "
         "regularizer memory against the number of experiences", "long-stream"),
+    "kfac": Study(
+        "kfac", ("permuted",), ("naive", "avl-ewc-online", "pc-ewc-online-expected", "pc-kfac-online"), 20,
+        "online KFAC (a Kronecker-factored block per layer) against the online diagonal expected Fisher and "
+        "Avalanche's online EWC on a long permuted stream: accuracy, forgetting, step time and memory",
+        "long-stream"),
     "rwalk": Study(
         "rwalk", ("split-class", "permuted"), ("naive", "avl-rwalk", "pc-rwalk", "pc-rwalk-fisher", "joint"),
         None, "Avalanche's RWalkPlugin against ours in parity mode (the same run) and ours with the "

@@ -5,6 +5,7 @@
   of a training step (forward, loss + penalty, backward, update) during each experience, and the
   bytes the regularizer stores after each experience. Claim tested: ours (consolidated) matches
   Avalanche's separate EWC in accuracy at a step cost and memory flat in the number of experiences.
+  The ``kfac`` study reads the same way: online KFAC against the online diagonal Fisher.
 * ``fisher-variants``: online EWC with the Fisher computed the five ways of van de Ven (2025), plus
   no regularization, on a task-incremental Split stream, each at its own factor.
 
@@ -89,7 +90,7 @@ def _steps(rows, k):
 
 
 def long_stream_table(result, scenario: str = "permuted") -> List[Dict[str, Any]]:
-    """One dict per method: chosen factor, final accuracy, step time during experience 1, 2 and T
+    """One dict per method: chosen factor, final accuracy, average forgetting, step time during experience 1, 2 and T
     (ms, mean over seeds), the growth from experience 2 to T, the time relative to naive at T, the
     regularizer's bytes after experience T and the total importance time."""
     groups = _by_method(result.chosen, scenario)
@@ -101,13 +102,15 @@ def long_stream_table(result, scenario: str = "permuted") -> List[Dict[str, Any]
     for me, rs in groups.items():
         T = len(rs[0]["step_time_per_exp_s"])
         acc = _mean_std([r["avg_accuracy"] for r in rs])
+        forg = _mean_std([r["avg_forgetting"] for r in rs])
         s1, s2, sT = _steps(rs, 0), _steps(rs, min(1, T - 1)), _steps(rs, T - 1)
         mem = [r["reg_bytes_per_exp"][-1] for r in rs if r.get("reg_bytes_per_exp")]
         imp = [r["importance_time_s"] for r in rs]
         sel = result.selection[(scenario, me)]
         out.append({
             "method": me, "label": METHODS[me].label, "n_seeds": len(rs), "factor": sel["factor"],
-            "at_edge": sel["at_edge"], "acc_mean": acc[0], "acc_std": acc[1], "n_experiences": T,
+            "at_edge": sel["at_edge"], "acc_mean": acc[0], "acc_std": acc[1], "forg_mean": forg[0],
+            "forg_std": forg[1], "n_experiences": T,
             "step_ms_1": 1e3 * s1[0], "step_ms_2": 1e3 * s2[0], "step_ms_T": 1e3 * sT[0],
             "step_ms_T_std": 1e3 * sT[1],
             "growth_2_to_T": sT[0] / s2[0] if s2[0] > 0 else float("nan"),
@@ -120,13 +123,13 @@ def long_stream_table(result, scenario: str = "permuted") -> List[Dict[str, Any]
 
 def format_long_stream(table: Sequence[Mapping[str, Any]]) -> str:
     T = table[0]["n_experiences"] if table else 0
-    head = ["method", "factor", "final test acc", "step ms (exp 1)", "step ms (exp 2)", f"step ms (exp {T})",
+    head = ["method", "factor", "final test acc", "forgetting", "step ms (exp 1)", "step ms (exp 2)", f"step ms (exp {T})",
             f"exp {T} / exp 2", f"vs naive at exp {T}", f"regularizer MB after exp {T}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in table:
         f = "-" if r["factor"] is None else f"{r['factor']:.3g}" + ("*" if r["at_edge"] else "")
         lines.append("| " + " | ".join([
-            r["label"], f, _ms(r["acc_mean"], r["acc_std"]), f"{r['step_ms_1']:.2f}", f"{r['step_ms_2']:.2f}",
+            r["label"], f, _ms(r["acc_mean"], r["acc_std"]), _ms(r["forg_mean"], r["forg_std"]), f"{r['step_ms_1']:.2f}", f"{r['step_ms_2']:.2f}",
             f"{r['step_ms_T']:.2f}", f"{r['growth_2_to_T']:.2f}×", f"{r['vs_naive_T']:.2f}×",
             f"{r['reg_mb_T']:.2f}",
         ]) + " |")
@@ -199,6 +202,7 @@ def fisher_variants_table(result, scenario: str = "split-task") -> List[Dict[str
     for me, rs in groups.items():
         sel = result.selection[(scenario, me)]
         acc = _mean_std([r["avg_accuracy"] for r in rs])
+        forg = _mean_std([r["avg_forgetting"] for r in rs])
         out.append({
             "method": me, "label": "none" if me == "naive" else METHODS[me].label, "n_seeds": len(rs),
             "factor": sel["factor"], "at_edge": sel["at_edge"], "valid_accuracy": sel["valid_accuracy"],

@@ -57,13 +57,18 @@ def _dense_kv(imp: KroneckerImportance, v: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "mlp_nobias", "cnn"])  # curvlinops has no Conv1d
+@pytest.mark.parametrize("model_name,classes", [("mlp", 4), ("mlp_nobias", 4), ("cnn", 4),
+                                                ("binary", 2)])  # curvlinops has no Conv1d
 @pytest.mark.parametrize("ours,theirs", [("expected", "type-2"), ("empirical", "empirical")])
-def test_factors_equal_curvlinops_kfac(model_name, ours, theirs):
-    make, shape = MODELS[model_name]
+def test_factors_equal_curvlinops_kfac(model_name, classes, ours, theirs):
+    """Also two classes: one cotangent column per sample, where the self-checked batch's only
+    column is dropped from the check's piece and counted in the next."""
+    make, shape = MODELS["mlp" if model_name == "binary" else model_name]
     torch.manual_seed(1)
     model = make().double()
-    x, y = _data(shape)
+    if classes == 2:
+        model[-1] = nn.Linear(7, 2).double()
+    x, y = _data(shape, classes=classes)
     params = [p for p in model.parameters()]
     names = [n for n, _ in model.named_parameters()]
     with warnings.catch_warnings():
@@ -471,3 +476,20 @@ def test_plugin_kfac_merge_is_checked():
 
     with pytest.raises(ValueError, match="unknown kfac_merge 'sum'; expected one of 'exact', 'nearest'"):
         ParameterChangePlugin(factor=1.0, importance="kfac", kfac_merge="sum")
+
+
+def test_a_layer_that_sees_no_input_has_a_zero_block():
+    """A head of another task (not called on this data): no curvature, and no NaN from 0 / 0."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.a(torch.tanh(self.body(x)))
+
+    model = TwoHeads()
+    imp = compute_importance(model, TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), "kfac", batch_size=4)
+    assert torch.equal(imp.blocks["b.weight"].A, torch.zeros(6, 6)) and torch.equal(imp.blocks["b.weight"].G, torch.zeros(3, 3))
+    assert float(imp.blocks["a.weight"].A[-1, -1]) == 1.0  # the bias column's mean of 1 * 1

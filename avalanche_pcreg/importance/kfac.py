@@ -118,8 +118,9 @@ def kfac(model: nn.Module, data, *, names, fisher: str = "expected", **kw) -> Kr
         if not isinstance(q, KronBlock) or sums[name].shape != q.value_shape("weight", params[name]):
             continue
         gsum, asum, rows = q.unpack(sums[name])
-        blocks[name] = KronFactors(A=(asum / rows).contiguous(), G=gsum.contiguous(), weight=name,
-                                   bias=bias if q.bias else None)
+        # a layer that saw no input (a head of another task) has no curvature: G = 0, and A = 0
+        a = asum / rows if float(rows) > 0 else torch.zeros_like(asum)
+        blocks[name] = KronFactors(A=a.contiguous(), G=gsum.contiguous(), weight=name, bias=bias if q.bias else None)
         covered.update(blocks[name].names)
     diagonal = {n: v for n, v in sums.items() if n not in covered}
     return KroneckerImportance(blocks, diagonal)

@@ -291,6 +291,7 @@ class PerSampleGradNorms:
             # (The check's piece forms totals too, which the accumulators do not: it uses none.)
             budget = min(policy.column_bytes, max(self._col_bytes(root.element_size()), policy.chunk_bytes))
             self.module_sums.columns = Columns(k, budget) if batched else None
+            inputs_counted = False
             for i, (piece, piece_batched, weight) in enumerate(pieces):
                 plans = {m: self._plan(m, n) for m in targets.modules}
                 if i == 0:
@@ -311,8 +312,9 @@ class PerSampleGradNorms:
                     part = AddInto(self.totals, keep, weight)
                 else:
                     part = Discard()
-                # a batch's inputs count once: in its first piece, whatever that piece's weight
-                self.module_sums.input_scale = 1.0 / weight if i == 0 and weight else 0.0
+                # a batch's inputs count once: in its first piece that counts, whatever its weight
+                self.module_sums.input_scale = 1.0 / weight if weight and not inputs_counted else 0.0
+                inputs_counted = inputs_counted or bool(weight)
                 if check and i == 0:
                     self.checked_batches += 1
                     moved = self._checked_pass(root, piece, plans, part, sig)
