@@ -22,7 +22,7 @@ README = ROOT / "README.md"
 # documentation pages this file checks for code blocks and wording
 OWN_PAGES = [README, ROOT / "docs" / "design.md", ROOT / "docs" / "compatibility.md"]
 # pages the README links to that other parts of the project provide
-LINKED_PAGES = ["docs/errors.md", "docs/migration.md", "docs/demo.md", "docs/results-fashion-mnist.md",
+LINKED_PAGES = ["docs/errors.md", "docs/migration.md", "docs/demo.md", "docs/results-fashion-mnist.md", "docs/kfac.md",
                 "docs/compatibility.md", "docs/design.md", "benchmarks/RESULTS.md", "LICENSE"]
 # (spelled with character classes so that a grep of the tree for these words finds only real uses)
 FORBIDDEN = [r"\ble[n]t\b", r"\bpe[n]ding\b", r"is[s]ue\s*#?\d", r"/wo[r]k/", r"\bsessio[n]s?\b", r"\bhelpers?\b",
