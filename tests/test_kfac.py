@@ -493,3 +493,20 @@ def test_a_layer_that_sees_no_input_has_a_zero_block():
     imp = compute_importance(model, TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), "kfac", batch_size=4)
     assert torch.equal(imp.blocks["b.weight"].A, torch.zeros(6, 6)) and torch.equal(imp.blocks["b.weight"].G, torch.zeros(3, 3))
     assert float(imp.blocks["a.weight"].A[-1, -1]) == 1.0  # the bias column's mean of 1 * 1
+
+
+@pytest.mark.parametrize("pairs", [1, 3])
+def test_a_step_costs_two_matrix_products_a_pair_and_no_more(pairs):
+    """The penalty's forward and backward together: 2 products per kept pair, none in the backward."""
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(5, 4, generator=g, requires_grad=True)
+    b = torch.randn(5, generator=g, requires_grad=True)
+    state = KronState("separate")
+    for t in range(pairs):
+        a_, g_ = torch.randn(5, 5, generator=g), torch.randn(5, 5, generator=g)
+        imp = KroneckerImportance({"w": _block(a_ @ a_.t(), g_ @ g_.t())}, {})
+        state = state.merged(imp, {"w": w + 0.1 * t, "b": b})
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        state.penalty({"w": w, "b": b}, 2.0).backward()
+    products = [e.name for e in prof.events() if e.name in ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul")]
+    assert products.count("aten::mm") == 2 * pairs and len([p for p in products if p != "aten::matmul"]) == 2 * pairs
