@@ -122,7 +122,8 @@ class PerSampleGradNorms:
         self.totals = Totals(self._params, {nm: q.value_shape(self.targets.attr[nm], self._params[nm])
                                             for nm, q in self.quantities.items()})
         self.recorder = Recorder(model, self.targets.modules)
-        self.selfcheck = SelfCheck(self._params, self.quantity, policy.reduction_piece, self.quantities)
+        self.selfcheck = SelfCheck(self._params, self.quantity, policy.reduction_piece, self.quantities,
+                                   self.totals.shapes)
         self._warned: set = set()
         self.module_sums = ModuleSums(self.targets, self.quantities, policy,
                                       lambda why: warn_fallback(why, self._warned))
@@ -400,8 +401,8 @@ class PerSampleGradNorms:
 
     def _refuse_blocks(self, model_list, layer_names) -> None:
         """A layer's Kronecker block has no per-sample term: no fallback can compute it."""
-        bad = [nm for nm in model_list + sorted(layer_names) if nm in self.quantities
-               and self.quantities[nm].value_shape(self.targets.attr[nm], self._params[nm]) != tuple(self._params[nm].shape)]
+        bad = [nm for nm in model_list + sorted(layer_names)
+               if nm in self.quantities and not self.quantities[nm].per_sample]
         if bad:
             m = self.targets.owner[bad[0]]
             why = self._model_why.get(bad[0], "its rule does not support this call")

@@ -37,6 +37,8 @@ class Quantity:
     #: its sums over K cotangent columns do not change under an orthogonal change of the columns
     #: (the self-check's column then counts 1/K of the sums; see ``sums.sum_first``)
     column_invariant: bool = False
+    #: a sum over samples of a term of each sample's gradient (:meth:`of`): the fallbacks can form it
+    per_sample: bool = True
 
     def of(self, g: Tensor) -> Tensor:
         """The term of per-sample gradients ``g`` (elementwise; summed over samples by the caller)."""
@@ -102,6 +104,7 @@ class KronBlock(Quantity):
     inp: int
     bias: bool
     column_invariant = True  # Σ_k δ_k δ_kᵀ is invariant under an orthogonal change of the columns
+    per_sample = False
 
     @property
     def width(self) -> int:
