@@ -140,7 +140,7 @@ class KronState:
             if layer.mu.device != theta.device:
                 layer = KronState._moved(layer, theta.device)
             if tuple(theta.shape) != tuple(layer.mu.shape):
-                layer = _grown(layer, theta, params[wname].shape)
+                layer = _grown(layer, theta)
             new.layers[wname] = layer
         return new or self
 
@@ -161,9 +161,10 @@ class KronState:
             if w is None or (layer.bias and b is None):
                 continue
             if (w.shape[0], w[0].numel() + (b is not None)) != tuple(layer.mu.shape):
-                layer = _grown(layer, block_matrix(w, b), w.shape)
-            mu = layer.mu if layer.mu.device == w.device else layer.mu.to(w.device)
-            term = kron_penalty(factor, layer.pairs, mu, layer.lin, layer.const, w, b)
+                layer = _grown(layer, block_matrix(w, b))
+            if layer.mu.device != w.device:  # the model moved (call aligned() to move the state once)
+                layer = self._moved(layer, w.device)
+            term = kron_penalty(factor, layer.pairs, layer.mu, layer.lin, layer.const, w, b)
             total = term if total is None else total + term
         return total
 
@@ -219,7 +220,7 @@ def nearest_kronecker(pairs: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tenso
     return a.to(dt), g.to(dt)
 
 
-def _grown(layer: KronLayer, theta: Tensor, wshape) -> KronLayer:
+def _grown(layer: KronLayer, theta: Tensor) -> KronLayer:
     """``layer`` padded to the block shape of ``theta`` (outputs and inputs may only grow)."""
     out0, in0 = layer.mu.shape
     out1, in1 = theta.shape
