@@ -18,7 +18,9 @@ Variants, all over the same Avalanche tensor dataset and DataLoader batch size:
 * ``naive per-sample loop``: batch-size-1 forward + ``autograd.grad`` per sample, squared, summed;
 * ``vmap(grad)``: ``torch.func.vmap(grad(loss))`` over each batch (``functional_call``), squared,
   summed (chunks of ``--vmap-chunk`` samples for ResNet-18, the whole batch for the MLP);
-* ``loader only``: iterating the DataLoader, the floor every variant pays.
+* ``loader only``: iterating the DataLoader, the floor every variant pays;
+* ``floor``: a plain minibatch forward + backward of the mean loss over the same batches (the
+  peer table's reference; ``--reference floor`` gives every variant's throughput against it).
 
 Throughput: every variant runs one full pass per round, rounds interleaved; the median and
 [min, max] over rounds, and the ratio to Avalanche's pass in the same round. Peak memory: each
@@ -35,6 +37,14 @@ gradients or optimizer state yet) is the reference.
     python benchmarks/bench_importance.py --peers --peers-md benchmarks/RESULTS.md   # the peer table
     python benchmarks/bench_importance.py --ab-base ../previous --variants "ours empirical_fisher" \
         "base empirical_fisher"                            # this version against another checkout
+    python benchmarks/bench_importance.py --models resnet18-tv --n 256 --batch 32 --threads 1 --no-memory \
+        --ab-policy conv_sums=per_sample --reference floor \
+        --variants floor "ours empirical_fisher" "ours empirical_fisher, conv_sums=per_sample"
+                                                           # against the floor, per round
+
+Models (``--models``): ``mlp``; ``resnet18``, torchvision's ResNet-18 with a 3×3 stride-1 stem and no
+max-pool (the CIFAR stem; maps of 32×32 down to 4×4); ``resnet18-tv``, torchvision's ResNet-18 as it
+is (7×7 stride-2 stem and max-pool) on the same 32×32 inputs (maps of 8×8 down to 1×1).
 
 ``--peers``: ours against BackPACK, Opacus and nngeometry (those installed; see ``peers.py``) and a
 per-sample loop, for the empirical and the exact expected Fisher on the MLP and ResNet-18, as
@@ -49,6 +59,7 @@ import copy
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -75,6 +86,19 @@ OURS = ("empirical_fisher", "fisher", "expected_fisher", "mas", "minibatch_fishe
 MiB = 2 ** 20
 
 
+def resnet18_torchvision(num_classes: int = 100, seed: int = 0) -> torch.nn.Module:
+    """torchvision's ResNet-18 as it is (7x7 stride-2 stem, max-pool), for 32x32 inputs: its
+    feature maps are 8x8, 4x4, 2x2 and 1x1, where most of its weights see few output positions."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18(num_classes=num_classes)
+
+
+MODELS["resnet18-tv"] = dict(make=resnet18_torchvision, input_shape=(3, 32, 32), classes=100)
+RESNETS = {"resnet18": resnet18_cifar, "resnet18-tv": resnet18_torchvision}
+
+
 # ------------------------------------------------------------------------------------------ set-up
 def make_data(model_name, n, seed):
     spec = MODELS[model_name]
@@ -97,10 +121,11 @@ def _classes(text: str) -> int:
 
 
 def set_resnet_classes(c: int) -> None:
-    """ResNet-18 with ``c`` classes for data, models and table titles."""
-    if c != MODELS["resnet18"]["classes"]:
-        MODELS["resnet18"] = dict(MODELS["resnet18"], classes=c, make=functools.partial(resnet18_cifar, num_classes=c))
-        MODEL_TITLES["resnet18"] = f"ResNet-18 32×32, {c} classes"
+    """The ResNet-18s with ``c`` classes for data, models and table titles."""
+    for name, make in RESNETS.items():
+        if c != MODELS[name]["classes"]:
+            MODELS[name] = dict(MODELS[name], classes=c, make=functools.partial(make, num_classes=c))
+            MODEL_TITLES[name] = f"{MODEL_TITLES[name]}, {c} classes"
 
 
 def make_model(model_name, device, seed):
@@ -335,6 +360,7 @@ def variants(args=None):
     out["naive per-sample loop"] = v_naive_loop
     out["vmap(grad)"] = v_vmap
     out["loader only"] = v_loader_only
+    out["floor"] = v_floor
     return out
 
 
@@ -449,13 +475,16 @@ def measure_memory(name, args, model_name, n):
 PEER_COLUMNS = ("ours", "backpack", "opacus", "nngeometry", "per-sample loop")
 PEER_TITLES = {"ours": "ours", "backpack": "BackPACK", "opacus": "Opacus", "nngeometry": "nngeometry",
                "per-sample loop": "per-sample loop"}
-MODEL_TITLES = {"mlp": "MLP 784-400-400-10", "resnet18": "ResNet-18 32×32"}
+MODEL_TITLES = {"mlp": "MLP 784-400-400-10", "resnet18": "ResNet-18 32×32",
+                "resnet18-tv": "ResNet-18 (torchvision stem) 32×32"}
 EST_TITLES = {"empirical_fisher": "empirical Fisher", "expected_fisher": "exact expected Fisher",
               "fisher": "sampled Fisher (1 label/sample)"}
 # (model, estimator) -> (N, batch): sized so that one pass of the slowest variant takes seconds on one core
 PEER_SIZES = {("mlp", "empirical_fisher"): (1024, 128), ("mlp", "expected_fisher"): (512, 128),
               ("mlp", "fisher"): (1024, 128), ("resnet18", "empirical_fisher"): (256, 32),
-              ("resnet18", "expected_fisher"): (8, 8), ("resnet18", "fisher"): (256, 32)}
+              ("resnet18", "expected_fisher"): (8, 8), ("resnet18", "fisher"): (256, 32),
+              ("resnet18-tv", "empirical_fisher"): (256, 32), ("resnet18-tv", "expected_fisher"): (8, 8),
+              ("resnet18-tv", "fisher"): (256, 32)}
 PEERS_MD_BEGIN = "<!-- peer table: begin (generated by bench_importance.py --peers) -->"
 PEERS_MD_END = "<!-- peer table: end -->"
 
@@ -508,6 +537,108 @@ def run_columns_bound(args, device, log=print):
     per = [f / c for f, c in zip(times["floor"], times["columns"])]
     log(f"forward + {MODELS[model_name]['classes'] - 1} column backward passes alone: "
         f"{statistics.median(per):#.3g}x the floor (rounds: {', '.join(f'{r:#.3g}' for r in per)})")
+
+
+def _gemm_rate(device, clock) -> float:
+    """Multiply-adds a second of one large float32 matrix product ([512, 4096] × [4096, 2304]),
+    the median of 5: the unit of the convolution cost model."""
+    a, b = torch.randn(512, 4096, device=device), torch.randn(4096, 2304, device=device)
+    out = torch.zeros(512, 2304, device=device)
+    times = []
+    for _ in range(6):
+        sync(device)
+        t = clock()
+        out.addmm_(a, b)
+        sync(device)
+        times.append(clock() - t)
+    return 512 * 4096 * 2304 / statistics.median(times[1:])
+
+
+def run_conv_layers(args, device, log=print):
+    """Each distinct convolution of the models, on its own: Σ g² of its weight in the per-sample
+    form (the policy's path) and in the position-Gram form, interleaved rounds, and the cost
+    model's choice (``Policy.conv_sums_for``) with the ratio of its two costs. The Gram form is
+    not timed where the model puts it above 20× the per-sample form (large maps: minutes a call).
+    The per-sample form's time, in multiply-adds of a large product, less its products'
+    multiply-adds, over the values it forms: the price of a value that ``Policy.value_macs``
+    stands for."""
+    from avalanche_pcreg.importance import Policy
+    from avalanche_pcreg.importance.persample import PowerSum, Request
+    from avalanche_pcreg.importance.persample.policy import conv_sums_costs
+    from avalanche_pcreg.importance.rules import rule_for
+
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    batch = args.batch_peers or 32
+    rounds = args.rounds or (1 if args.quick else 5)
+    policy = Policy.for_device(device)
+    rate = _gemm_rate(device, clock)
+    log(f"large float32 matrix product: {rate / 1e9:.1f} G multiply-adds/s; batch {batch}, {rounds} rounds, "
+        f"{'CPU' if args.clock == 'cpu' else 'wall'} time ({load_note('at start')})")
+    prices = []
+    for model_name in args.models or ["resnet18-tv", "resnet18"]:
+        model = make_model(model_name, device, args.seed).eval()
+        seen = {}
+
+        def hook(mod, inp, out, name):
+            key = (mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                   mod.groups, tuple(inp[0].shape[2:]))
+            if key in seen:
+                seen[key]["count"] += 1
+            else:
+                seen[key] = dict(name=name, module=mod, a=inp[0].detach(), out=tuple(out.shape), count=1)
+
+        handles = [m.register_forward_hook(functools.partial(hook, name=n)) for n, m in model.named_modules()
+                   if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))]
+        g = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            model(torch.randn((batch,) + MODELS[model_name]["input_shape"], generator=g).to(device))
+        for h in handles:
+            h.remove()
+        rows = []
+        totals = {"per_sample": 0.0, "gram": 0.0, "auto": 0.0, "best": 0.0}
+        for layer in seen.values():
+            m, a = layer["module"], layer["a"]
+            d = torch.randn(layer["out"], generator=g).to(device)
+            positions, width, cout = math.prod(layer["out"][2:]), m.weight[0].numel(), m.out_channels
+            cost_ps, cost_gram = conv_sums_costs(batch, positions, width, cout, 1, policy.value_macs)
+            forms = ("per_sample", "gram") if cost_gram <= 20 * cost_ps else ("per_sample",)
+            reqs = {f: Request(PowerSum(2), frozenset({"weight"}), policy=policy.replace(conv_sums=f))
+                    for f in forms}
+            rule = rule_for(m)
+            for req in reqs.values():  # warm-up
+                rule.sums(m, a, d, req)
+            times = interleaved_times(list(reqs), lambda f: rule.sums(m, a, d, reqs[f]), rounds, device,
+                                      lambda *_: None, clock)
+            t = {f: statistics.median(v) for f, v in times.items()}
+            t.setdefault("gram", float("inf"))
+            choice = policy.conv_sums_for(batch, positions, width, cout)
+            macs = conv_sums_costs(batch, positions, width, cout, 1, 0)[0]
+            price = (t["per_sample"] * rate - macs) / (batch * cout * width)
+            prices.append((positions, price))
+            count = layer["count"]
+            for f in ("per_sample", "gram"):
+                totals[f] += count * t[f]
+            totals["auto"] += count * t[choice]
+            totals["best"] += count * min(t.values())
+            faster = min(t, key=t.get)
+            rows.append([layer["name"], count, f"{'×'.join(map(str, layer['out'][2:]))}", cout, width,
+                         f"{t['per_sample'] * 1e3:.2f}", f"{t['gram'] * 1e3:.2f}" if "gram" in reqs else "-",
+                         f"{t['gram'] / t['per_sample']:.2f}" if "gram" in reqs else "-", f"{cost_gram / cost_ps:.2f}",
+                         choice + ("" if choice == faster else " (slower)"), f"{price:.0f}"])
+        log(f"\n## {MODEL_TITLES[model_name]}: each distinct convolution's Σ g², batch {batch}")
+        print_table(["layer (first of its kind)", "layers", "output map", "C_out", "C_in/G·kernel",
+                     "per-sample ms", "Gram ms", "Gram / per-sample", "model's Gram / per-sample", "policy's choice",
+                     "price of a value (MACs)"],
+                    rows)
+        log("all layers, ms a batch: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in totals.items()
+                                                 if v != float("inf")))
+    if not prices:
+        log("no convolutions in these models")
+        return
+    small = [p for L, p in prices if L <= 16] or [p for _, p in prices]
+    log(f"price of a value in the per-sample form, median over the layers: "
+        f"{statistics.median(p for _, p in prices):.0f} multiply-adds; over those of at most 16 output positions "
+        f"(where the two forms are close): {statistics.median(small):.0f} (Policy.value_macs = {policy.value_macs})")
 
 
 def v_expected_loop(model, data, batch, device, **_):
@@ -835,6 +966,10 @@ def main():
                    help="time one forward + the exact expected Fisher's C - 1 column backward passes alone (no "
                         "per-sample work) against the floor; --models (default resnet18), --n (default 8); "
                         "1 thread unless --threads is given")
+    p.add_argument("--conv-layers", action="store_true",
+                   help="time each distinct convolution of --models (default resnet18-tv resnet18) on its own: "
+                        "Σ g² in the per-sample and the position-Gram form, and the policy's choice; batch "
+                        "--batch-peers (default 32); 1 thread unless --threads is given")
     p.add_argument("--resnet-classes", type=_classes, default=100, metavar="C",
                    help="classes of the ResNet-18 (default 100); the exact expected Fisher backpropagates "
                         "C - 1 columns")
@@ -852,12 +987,17 @@ def main():
     if args.device == "cpu":
         ensure_malloc_env()
     device = resolve_device(args.device)
-    if (args.peers or args.columns_bound) and args.threads is None and device.type == "cpu":
+    one_thread = args.peers or args.columns_bound or args.conv_layers
+    if one_thread and args.threads is None and device.type == "cpu":
         args.threads = 1
     apply_threads(args)
     print(machine_info(device))
     if args.peers:
         run_peers(args, device)
+        print(load_note("at end"))
+        return
+    if args.conv_layers:
+        run_conv_layers(args, device)
         print(load_note("at end"))
         return
     if args.columns_bound:
@@ -868,12 +1008,12 @@ def main():
     models = args.models or (["mlp"] + (["resnet18"] if (args.resnet or device.type == "cuda") else []))
     for model_name in models:
         a = copy.copy(args)
-        cpu_resnet = model_name == "resnet18" and device.type == "cpu"
+        cpu_resnet = model_name in RESNETS and device.type == "cpu"
         if a.n is None:
             a.n = (256 if args.quick else 2048) if model_name == "mlp" else (128 if (args.quick or cpu_resnet) else 512)
         if a.rounds is None:
             a.rounds = 2 if args.quick else (2 if cpu_resnet else 5)
-        if model_name == "resnet18" and a.vmap_chunk is None:
+        if model_name in RESNETS and a.vmap_chunk is None:
             a.vmap_chunk = 32
         all_names = list(variants(a))
         if a.variants is None:

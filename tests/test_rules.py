@@ -289,10 +289,13 @@ LAYERS = _layer_cases()
 
 
 def _policies(module):
-    """The CPU policy with small chunks; for convolutions, every path."""
+    """The CPU policy with small chunks; for convolutions, every path, and the position-Gram form
+    of their power-2 sums."""
     base = Policy.cpu().replace(chunk_size=2)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return [base.replace(conv_path=p) for p in ("auto", "batched", "kernel", "matmul", "wgrad")]
+        return ([base.replace(conv_path=p, conv_sums="per_sample") for p in ("auto", "batched", "kernel", "matmul",
+                                                                             "wgrad")]
+                + [base.replace(conv_sums="gram")])
     return [base]
 
 
@@ -337,8 +340,10 @@ def test_rule_grid_against_float64_loops(layer, columns, quantity):
         req = Request(quantity, attrs, totals=True, policy=policy, columns=columns)
         res = rule.sums(module, a, d, req) if columns is None else rule.column_sums(module, a, d, req)
         for n in attrs:
-            torch.testing.assert_close(res.values[n], ref_v[n], **TOL, msg=lambda m: f"{policy.conv_path} {n}: {m}")
-            torch.testing.assert_close(res.totals[n], ref_t[n], **TOL, msg=lambda m: f"{policy.conv_path} {n}: {m}")
+            torch.testing.assert_close(res.values[n], ref_v[n], **TOL,
+                                       msg=lambda m: f"{policy.conv_path} {policy.conv_sums} {n}: {m}")
+            torch.testing.assert_close(res.totals[n], ref_t[n], **TOL,
+                                       msg=lambda m: f"{policy.conv_path} {policy.conv_sums} {n}: {m}")
         if columns is not None:  # the columns given in two pieces to the rule's accumulator, if it has one
             acc = rule.column_accumulator(module, a, out_shape, Request(quantity, attrs, policy=policy,
                                                                         columns=columns))

@@ -16,12 +16,15 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["Policy", "default_policy", "using_policy", "CONV_PATHS"]
+__all__ = ["Policy", "default_policy", "using_policy", "CONV_PATHS", "CONV_SUMS", "conv_sums_costs"]
 
 MiB = 2 ** 20
 
 #: values of :attr:`Policy.conv_path`
 CONV_PATHS = ("auto", "kernel", "matmul", "wgrad", "batched")
+
+#: values of :attr:`Policy.conv_sums`
+CONV_SUMS = ("auto", "per_sample", "gram")
 
 # Input values of one float32 sample above which ATen sends a batch-of-one convolution to the CPU
 # convolution library (oneDNN), and below which to its own im2col + GEMM (``use_mkldnn`` in ATen's
@@ -65,6 +68,19 @@ class Policy:
         positions are at most this many times K: 2, section 2c.
     :param gram_fold: columns buffered per batched product of the Gram form: 8, section 2d (one
         column a product: 6-17% slower a 10-class ResNet-18 expected Fisher pass; 32: no faster).
+    :param conv_sums: how a convolution's Σ_n g_n² (power 2) is formed. ``"per_sample"``: from each
+        sample's weight gradient, through ``conv_path``; ``"gram"``: the position-Gram form, one
+        matrix product of depth N·L(L+1)/2 over the pairs of output positions, no per-sample
+        gradient (one output position: one product of the squares); ``"auto"``: the cheaper of
+        the two for the layer's shapes by :func:`conv_sums_costs` (:meth:`conv_sums_for`). Other
+        quantities (power 1) always take the per-sample form. CPU ``"auto"``: section "Convolution
+        sums by a cost model" (torchvision's ResNet-18 at 32×32, empirical Fisher: 0.32x -> 0.60x a
+        minibatch forward + backward; the CIFAR-stem ResNet-18 unchanged). GPU ``"per_sample"``:
+        the Gram form has not been measured on a GPU.
+    :param value_macs: the cost model's price of a value formed in memory and read back, in
+        multiply-adds of a large matrix product: 27, the median over the layers of at most 16
+        output positions of both ResNet-18s (section "Convolution sums by a cost model"; any
+        price from 7 to 170 makes the same choices there).
     """
 
     chunk_size: int = 16
@@ -78,14 +94,16 @@ class Policy:
     squares_at_once: bool = False
     gram_positions_per_column: int = 2
     gram_fold: int = 8
+    conv_sums: str = "auto"
+    value_macs: int = 27
 
     def __post_init__(self):
         for name in ("chunk_size", "chunk_bytes", "column_bytes", "reduction_piece", "gram_fold",
                      "columns_per_backward", "per_sample_call_min_macs",
-                     "gram_positions_per_column"):
+                     "gram_positions_per_column", "value_macs"):
             value = getattr(self, name)
             optional = name == "columns_per_backward"
-            low = 0 if name in ("per_sample_call_min_macs", "gram_positions_per_column") else 1
+            low = 0 if name in ("per_sample_call_min_macs", "gram_positions_per_column", "value_macs") else 1
             if value is None and optional:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -93,6 +111,8 @@ class Policy:
                                  f"got {value!r}")
         if self.conv_path not in CONV_PATHS:
             raise ValueError(f"Policy.conv_path must be one of {CONV_PATHS}, got {self.conv_path!r}")
+        if self.conv_sums not in CONV_SUMS:
+            raise ValueError(f"Policy.conv_sums must be one of {CONV_SUMS}, got {self.conv_sums!r}")
 
     # ------------------------------------------------------------------ the defaults
     @classmethod
@@ -104,7 +124,7 @@ class Policy:
     def gpu(cls) -> "Policy":
         """A GPU's policy: large chunks and one launch per chunk (small ones leave the device idle)."""
         return cls(chunk_size=256, chunk_bytes=256 * MiB, reduction_piece=256 * MiB // 8, conv_path="wgrad",
-                   squares_at_once=True)
+                   squares_at_once=True, conv_sums="per_sample")
 
     @classmethod
     def for_device(cls, device) -> "Policy":
@@ -129,10 +149,39 @@ class Policy:
         return ("kernel" if library and a.dtype == torch.float32 and a[0].numel() > ATEN_ONEDNN_MIN_INPUT
                 else "matmul")
 
+    def conv_sums_for(self, n: int, positions: int, width: int, out_channels: int, columns: int = 1) -> str:
+        """How a convolution forms Σ g² (power 2): ``"gram"`` or ``"per_sample"``, for ``n``
+        samples, ``positions`` output positions, ``width`` = C_in/groups · kernel values a patch
+        (a weight row), ``out_channels`` and ``columns`` cotangents a sample. ``conv_sums`` unless
+        it is ``"auto"``; then the cheaper form by :func:`conv_sums_costs`."""
+        if self.conv_sums != "auto":
+            return self.conv_sums
+        per_sample, gram = conv_sums_costs(n, positions, width, out_channels, columns, self.value_macs)
+        return "gram" if gram < per_sample else "per_sample"
+
     def use_gram(self, positions: int, columns: int) -> bool:
         """Whether K = ``columns`` cotangent columns at ``positions`` output positions take the
         convolutions' Gram form (GEMM depth L(L+1)/2 a sample against K·L for the direct products)."""
         return positions <= self.gram_positions_per_column * columns
+
+
+def conv_sums_costs(n: int, positions: int, width: int, out_channels: int, columns: int = 1,
+                    value_macs: int = 27):
+    """``(per-sample form, Gram form)``: the cost, in multiply-adds, of a convolution's Σ g² over
+    ``n`` samples × ``columns`` cotangents, a weight of ``out_channels`` × ``width`` (per group; the
+    groups scale both alike), ``positions`` = L output positions. A value written to memory and
+    read back costs ``value_macs`` multiply-adds.
+
+    * per sample: each gradient is a product of depth L (K·N·O·I·L multiply-adds) whose K·N·O·I
+      values are written and read back to be squared;
+    * Gram: over the P = L(L+1)/2 pairs of positions, the products of δ (K·N·P·O) and of the
+      patches (N·P·I) are formed, written and read by one product of depth N·P (N·P·O·I).
+    """
+    k, n, o, i, L = columns, n, out_channels, width, positions
+    pairs = L * (L + 1) // 2
+    per_sample = k * n * o * i * L + value_macs * k * n * o * i
+    gram = n * pairs * o * i + (1 + value_macs) * n * pairs * (k * o + i)
+    return per_sample, gram
 
 
 # The policy of passes given none, when one is installed (see using_policy).

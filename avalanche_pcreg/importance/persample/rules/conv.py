@@ -6,10 +6,17 @@ chunk, the samples as groups ("wgrad"); on the CPU, for layers with enough work 
 sample at a time with the convolution library's own weight-gradient kernel ("kernel") or one
 matmul ("matmul"); otherwise batched: unfold + batched matmul. With K cotangent columns and small
 maps, the squares are summed in Gram form (:class:`_GramSquares`).
+
+Σ_n g_n² (power 2) need not go through per-sample gradients: elementwise over the weight,
+Σ_n (Σ_l δ_nl u_nlᵀ)² = Σ_n Σ_{l,l'} (δ_nl ∘ δ_nl')(u_nl ∘ u_nl')ᵀ, one matrix product of depth
+N·L(L+1)/2 over the pairs l ≤ l' of output positions (the position-Gram form, :func:`_gram_sums`;
+with one position, (δ²)ᵀ(u²)). Its cost grows with L², the per-sample form's with the weight's
+size: ``Policy.conv_sums_for`` picks one per layer and call.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -76,6 +83,13 @@ class ConvRule(Rule):
     def supports(self, module, x):
         return x.is_floating_point() and x.dim() == self.ndim + 2 and module.padding_mode == "zeros"
 
+    def sums_form(self, m, a, d, req, k=None) -> str:
+        """How this call forms the weight's sums: ``"gram"`` (power 2, :func:`_gram_sums`) or
+        ``"per_sample"`` (every other quantity, or the policy's choice)."""
+        if req.power != 2:
+            return "per_sample"
+        return req.policy.conv_sums_for(a.shape[0], _positions(d, k), m.weight[0].numel(), m.out_channels, k or 1)
+
     def path(self, m, a, d, req, k=None):
         """The policy's path for this layer and call (None: batched)."""
         return req.policy.conv_path_for(m, a, m.weight.numel(), _positions(d, k))
@@ -128,7 +142,11 @@ class ConvRule(Rule):
         want, power, of = req.attrs, req.power, req.quantity.of
         values, totals = {}, {}
         red = (0,) if k is None else (0, 1)
-        if "weight" in want:
+        if "weight" in want and self.sums_form(module, a, d, req, k) == "gram":
+            values["weight"], tw = _gram_sums(module, a, d, req, k)
+            if req.totals:
+                totals["weight"] = tw
+        elif "weight" in want:
             pw = torch.zeros(module.weight.shape, dtype=a.dtype, device=a.device)
             tw = torch.zeros_like(pw) if req.totals else None
             for g in self._weight_chunks(module, a, d, req, k):
@@ -219,6 +237,119 @@ def _wgrad_chunks(m, a, d, req, k):
         for dj in ([d[s:e]] if k is None else [d[j, s:e] for j in range(k)]):
             g = weight_grad(dj.reshape(1, c * cout, *dj.shape[2:]), xc, w, c * m.groups).reshape(c, *w_shape)
             yield g if k is None else g.unsqueeze(0)
+
+
+def _pairs(positions, device):
+    """``(rows, cols, doubled)``: the P = L(L+1)/2 pairs l ≤ l' of L output positions, and each
+    pair's index into [x, 2x] stacked along the positions (``cols``, plus L off the diagonal), so
+    that x[rows] · [x, 2x][doubled] counts each off-diagonal pair twice."""
+    iu = torch.triu_indices(positions, positions, device=device)
+    rows, cols = iu[0], iu[1]
+    return rows, cols, cols + positions * (rows != cols)
+
+
+@functools.lru_cache(maxsize=256)
+def _live_taps(kernel, stride, dilation, padding, in_size, out_size):
+    """The kernel offsets (flat indices within the kernel) that reach the input at some output
+    position, or None when all of them do. The others see only zero padding (a 3×3 kernel on a
+    1×1 map: only its centre), so their weight gradients are exactly zero."""
+    live = [[t for t in range(k) if any(0 <= o * s - p + t * dl < n for o in range(q))]
+            for k, s, dl, p, n, q in zip(kernel, stride, dilation, padding, in_size, out_size)]
+    if all(len(v) == k for v, k in zip(live, kernel)):
+        return None
+    flat = [0]
+    for v, k in zip(live, kernel):
+        flat = [f * k + t for f in flat for t in v]
+    return tuple(flat)
+
+
+def _live_offsets(m, a, d):
+    """:func:`_live_taps` of this call: the layer's input ``a`` and output cotangent ``d``."""
+    kernel, stride, dil, pad, pre_pad = _unfold_args(m)
+    spatial = a.dim() - 2
+    in_size, out_size = list(a.shape[2:]), list(d.shape[d.dim() - spatial:])
+    for j in range(spatial if pre_pad else 0):  # 'same': F.pad's pairs, last dimension first
+        in_size[-1 - j] += pre_pad[2 * j] + pre_pad[2 * j + 1]
+    unit = [1] * (len(kernel) - spatial)  # Conv1d: unfolded as an image of one row
+    return _live_taps(kernel, stride, dil, pad, tuple(unit + in_size), tuple(unit + out_size))
+
+
+def _gram_sums(m, a, d, req, k):
+    """``(Σ g², Σ g or None)`` of the weight in the position-Gram form: Σ over (columns and)
+    samples of (δ_n u_nᵀ)² = Σ_{l ≤ l'} c_{ll'} (δ_nl ∘ δ_nl')(u_nl ∘ u_nl')ᵀ (c = 1 on the
+    diagonal, 2 off it; with K columns the δ products summed over them first), one product per
+    chunk of samples, per group. The products of a chunk, P·(K·C_out + C_in·kernel) values a
+    sample, stay within ``Policy.chunk_bytes``; a sample that alone exceeds it goes in blocks
+    of pairs. Kernel offsets that see only padding are left out (their sums are zero). Σ g (the
+    self-check's) is the layer's ordinary weight gradient."""
+    n, cout, groups = a.shape[0], m.out_channels, m.groups
+    og, width = cout // groups, m.weight[0].numel()  # per group: out channels, patch values
+    kernel = math.prod(_unfold_args(m)[0])
+    cin_g = width // kernel
+    patch_width = m.in_channels * kernel
+    taps = _live_offsets(m, a, d)
+    keep = None
+    if taps is not None:  # the patch values of the live offsets: channel · kernel + offset
+        taps = torch.tensor(taps, device=a.device)
+        keep = (torch.arange(m.in_channels, device=a.device)[:, None] * kernel + taps).reshape(-1)
+        width = cin_g * taps.numel()
+    total_width = groups * width
+    positions, nk = _positions(d, k), k or 1
+    d_all = d.reshape(nk, n, cout, positions)
+    rows, cols, doubled = _pairs(positions, a.device)
+    pairs = rows.shape[0]
+    elem = a.element_size()
+    # bytes a sample: its patches and δ (with its doubled copy); a pair's products (two gathered
+    # factors and their product, of the patches and of δ)
+    fixed = (positions * (patch_width + total_width) + 3 * nk * positions * cout) * elem
+    per_pair = 3 * (total_width + cout) * elem
+    budget = req.policy.chunk_bytes
+    if fixed + pairs * per_pair <= budget:
+        step, block = budget // (fixed + pairs * per_pair), pairs
+    else:
+        step, block = 1, max(1, (budget - fixed) // per_pair)
+    acc = torch.zeros(groups, og, width, dtype=a.dtype, device=a.device)
+    for s, e in chunks(n, step):
+        c = e - s
+        u = _patches(m, a[s:e])  # [c, Cin·kernel, L]
+        if keep is not None:
+            u = u.index_select(1, keep)
+        dc = d_all[:, s:e]  # [K, c, O, L]
+        if positions == 1:  # one pair: (δ²)ᵀ(u²)
+            _gram_product(acc, dc.reshape(nk, c, 1, cout).square().sum(0), u.reshape(c, 1, total_width).square(),
+                          groups)
+            continue
+        u = u.transpose(1, 2)  # [c, L, W]
+        dt = dc.transpose(2, 3)  # [K, c, L, O]
+        dt = torch.cat([dt, dt * 2], dim=2)  # [K, c, 2L, O]: the off-diagonal pairs' factor 2
+        for p0, p1 in chunks(pairs, block):
+            r, dbl = rows[p0:p1], doubled[p0:p1]
+            uu = u.index_select(1, r).mul_(u.index_select(1, cols[p0:p1]))  # [c, p, W]
+            dd = dt[0].index_select(1, r).mul_(dt[0].index_select(1, dbl))  # [c, p, O]
+            for j in range(1, nk):
+                dd.addcmul_(dt[j].index_select(1, r), dt[j].index_select(1, dbl))
+            _gram_product(acc, dd, uu, groups)
+    if taps is not None:
+        full = torch.zeros(groups, og, cin_g, kernel, dtype=a.dtype, device=a.device)
+        acc = full.index_copy_(3, taps, acc.reshape(groups, og, cin_g, taps.numel()))
+    tw = None
+    if req.totals:
+        x, weight_grad = _weight_grad_call(m, a)
+        w = torch.empty(m.weight.shape, dtype=a.dtype, device=a.device)  # its shape is what is read
+        tw = weight_grad(d if k is None else d.sum(0), x, w, groups)
+    return acc.reshape(m.weight.shape), tw
+
+
+def _gram_product(acc, dd, uu, groups):
+    """acc[g] += dd[..., g]ᵀ uu[..., g]: ``dd`` [c, p, O] and ``uu`` [c, p, W] (the rows: samples
+    × pairs), ``acc`` [G, O/G, W/G]."""
+    rows = dd.shape[0] * dd.shape[1]
+    if groups == 1:
+        acc[0].addmm_(dd.reshape(rows, -1).t(), uu.reshape(rows, -1))
+    else:
+        d3 = dd.reshape(rows, groups, -1).permute(1, 2, 0)  # [G, O/G, rows]
+        u3 = uu.reshape(rows, groups, -1).transpose(0, 1)  # [G, rows, W/G]
+        acc.baddbmm_(d3, u3)
 
 
 class _GramSquares:
