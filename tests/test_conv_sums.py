@@ -12,7 +12,6 @@ from torch import nn
 
 from avalanche_pcreg.importance.persample import GradientSum, PerSampleGradNorms, Policy, PowerSum, Request
 from avalanche_pcreg.importance.persample.policy import conv_sums_costs
-from avalanche_pcreg.importance.persample.rules import conv as C
 from avalanche_pcreg.importance.rules import rule_for
 from test_persample import TOL, brute, loss_fn_for
 
@@ -100,48 +99,49 @@ def test_each_form_against_float64_loops(case, form, columns):
             torch.testing.assert_close(res.totals[n], ref_t[n], **TOL, msg=lambda m: f"{form} {budget} {n}: {m}")
 
 
+def _products(fn):
+    """Run ``fn`` under the profiler: ``(rows, [(mat1 shape, mat2 shape)])`` of the matrix products
+    the Gram form accumulates (``addmm_``: one group; ``baddbmm_``: per group)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = fn()
+    shapes = [tuple(tuple(s) for s in e.input_shapes[1:3]) for e in prof.events()
+              if e.name in ("aten::addmm_", "aten::baddbmm_")]
+    return out, shapes
+
+
 @pytest.mark.parametrize("case", ["one-position-k3-pad", "grouped", "conv1d-grouped"])
-def test_other_quantities_take_the_per_sample_form(case, monkeypatch):
+def test_other_quantities_take_the_per_sample_form(case):
     """Power 1 (MAS) and Σ g have no Gram form: forcing it leaves them on per-sample gradients,
-    exact, and the Gram form is never called."""
+    exact, and no Gram product is formed; power 2 takes it."""
     conv, a, d = _setup(case, None, seed=1)
     policy = Policy.cpu().replace(conv_sums="gram")
     rule = rule_for(conv)
-    calls = []
-    real = C._gram_sums
-    monkeypatch.setattr(C, "_gram_sums", lambda *args: calls.append(1) or real(*args))
     ref_p, ref_t = _loops(conv, a, d, 1)
-    got = _rule_sums(conv, a, d, None, policy, PowerSum(1))
-    for n in ("weight", "bias"):
-        torch.testing.assert_close(got.values[n], ref_p[n], **TOL)
-    got = _rule_sums(conv, a, d, None, policy, GradientSum())
-    for n in ("weight", "bias"):
-        torch.testing.assert_close(got.values[n], ref_t[n], **TOL)
-    assert calls == []
-    assert rule.sums_form(conv, a, d, Request(PowerSum(1), frozenset({"weight"}), policy=policy)) == "per_sample"
-    _rule_sums(conv, a, d, None, policy)  # power 2: the Gram form
-    assert calls == [1]
+    for quantity, ref in ((PowerSum(1), ref_p), (GradientSum(), ref_t)):
+        assert rule.sums_form(conv, a, d, Request(quantity, frozenset({"weight"}), policy=policy)) == "per_sample"
+        got, products = _products(lambda: _rule_sums(conv, a, d, None, policy, quantity))
+        for n in ("weight", "bias"):
+            torch.testing.assert_close(got.values[n], ref[n], **TOL)
+        assert products == []
+    assert rule.sums_form(conv, a, d, Request(PowerSum(2), frozenset({"weight"}), policy=policy)) == "gram"
+    _, products = _products(lambda: _rule_sums(conv, a, d, None, policy))  # power 2: the Gram form
+    assert products
 
 
-def test_gram_form_stays_within_the_chunk_budget(monkeypatch):
+def test_gram_form_stays_within_the_chunk_budget():
     """The products of one call of the Gram form's matrix product stay within ``chunk_bytes``:
     all 5 samples in one product when they fit, blocks of a sample's 45 pairs when one does not
     (14 pairs a block in 16 KiB; one at a time in less than a sample's patches)."""
     conv, a, d = _setup("k3-pad", None)  # 9 positions, 45 pairs a sample
-    seen = []
-    real = C._gram_product
-    monkeypatch.setattr(C, "_gram_product",
-                        lambda acc, dd, uu, groups: seen.append((dd.shape, uu.shape)) or real(acc, dd, uu, groups))
     ref, _ = _loops(conv, a, d, 2)
     for budget, most_rows in ((10 ** 6, 5 * 45), (2 ** 14, 14), (2000, 1)):
-        seen.clear()
         policy = Policy.cpu().replace(conv_sums="gram", chunk_bytes=budget)
-        got = _rule_sums(conv, a, d, None, policy)
+        got, products = _products(lambda: _rule_sums(conv, a, d, None, policy))
         torch.testing.assert_close(got.values["weight"], ref["weight"], **TOL)
-        rows = [ds[0] * ds[1] for ds, _ in seen]
+        rows = [m2[0] for _, m2 in products]  # mat1 [O, rows] (δ products), mat2 [rows, W] (patch products)
         assert sum(rows) == 5 * 45 and max(rows) == most_rows
-        for ds, us in seen:
-            assert 8 * (ds.numel() + us.numel()) <= budget
+        for m1, m2 in products:
+            assert 8 * (m1[0] * m1[1] + m2[0] * m2[1]) <= budget
 
 
 class _SmallMaps(nn.Module):
@@ -165,7 +165,7 @@ class _SmallMaps(nn.Module):
 
 @pytest.mark.parametrize("power", [1, 2])
 @pytest.mark.parametrize("form", FORMS)
-def test_engine_with_each_form_equals_per_sample_loop(form, power, monkeypatch):
+def test_engine_with_each_form_equals_per_sample_loop(form, power):
     """Through the engine (one backward of the summed losses, a checked and an unchecked batch):
     every form forced, and the CPU's choice, which takes the Gram form on the 2×2 and 1×1 layers
     and per-sample gradients on the 4×4 one, against a float64 loop over samples."""
@@ -178,19 +178,25 @@ def test_engine_with_each_form_equals_per_sample_loop(form, power, monkeypatch):
     for x, y in zip(xs, ys):
         r = brute(model, names, loss_fn_for(model, x, y), power)
         ref = {n: ref[n] + r[n] for n in names}
-    gram = []
-    real = C._gram_sums
-    monkeypatch.setattr(C, "_gram_sums", lambda m, *args: gram.append(m) or real(m, *args))
-    with PerSampleGradNorms(model, names, power=power, policy=Policy.cpu().replace(conv_sums=form)) as acc:
+    policy = Policy.cpu().replace(conv_sums=form)
+    with PerSampleGradNorms(model, names, power=power, policy=policy) as acc:
         for x, y in zip(xs, ys):
             acc.backward(loss_fn_for(model, x, y)())
         assert acc.checked_batches == 1 and acc.fallback_names == [] and acc.model_fallback_names == []
     for n in names:
         assert ref[n].abs().sum() > 0, n
         torch.testing.assert_close(acc.sums[n], ref[n], **TOL, msg=lambda m: f"{n}: {m}")
+    # the form each layer's call takes, from the shapes the engine sees
     convs = [model.c1, model.c2, model.c3, model.c4, model.c5]
+    calls = {}
+    handles = [m.register_forward_hook(lambda m, i, o: calls.__setitem__(m, (i[0], o))) for m in convs]
+    model(xs[0])
+    for h in handles:
+        h.remove()
+    req = Request(PowerSum(power), frozenset({"weight"}), policy=policy)
+    gram = [m for m in convs if rule_for(m).sums_form(m, calls[m][0], torch.zeros_like(calls[m][1]), req) == "gram"]
     expected = {"per_sample": [], "gram": convs, "auto": convs[1:]}[form] if power == 2 else []
-    assert {id(m) for m in gram} == {id(m) for m in expected}
+    assert gram == expected
 
 
 # ----------------------------------------------------------------------------- the choice
