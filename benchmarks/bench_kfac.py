@@ -139,7 +139,7 @@ def merge_error_table(args):
     print_table(["tasks", "median relative error", "max"], rows)
 
 
-def main(argv=None):
+def main():
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--T", type=int, nargs="+", default=[1, 5, 20])
     p.add_argument("--batch", type=int, default=128)
@@ -147,8 +147,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--tasks", type=int, default=5, help="tasks of the merge-error table")
-    args = p.parse_args(argv)
-    ensure_malloc_env(argv)
+    args = p.parse_args()
+    ensure_malloc_env()
     apply_threads(args)
     if args.quick:
         args.T, args.rounds, args.steps, args.n, args.batch, args.tasks = [1, 2], 1, 3, 64, 32, 2
