@@ -647,7 +647,8 @@ def test_options_hold_the_rare_settings_read_only():
     params = inspect.signature(ParameterChangePlugin).parameters
     fields = [f.name for f in dataclasses.fields(PluginOptions)]
     assert {f: params[f].default for f in fields} == {f: getattr(PluginOptions(), f) for f in fields}
-    assert list(params)[-1] == "policy" and params["policy"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(params)[-2:] == ["policy", "kfac_merge"]
+    assert all(params[p].kind is inspect.Parameter.KEYWORD_ONLY for p in ("policy", "kfac_merge"))
     assert ParameterChangePlugin(1.0).options == PluginOptions()
     np = pytest.importorskip("numpy")
     plugin = ParameterChangePlugin(1.0, "si", seed=np.int64(3), xi=0.5, warn_ratio=None, importance_scale=2)
