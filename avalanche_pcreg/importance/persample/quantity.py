@@ -137,7 +137,8 @@ class KronBlock(Quantity):
         """The packed sums of one call (``d``: ``[K, n, ...]`` when ``columns``), and Σ g of weight
         and bias if ``totals``. The input side Σ ā āᵀ and its row count are counted ``inputs``
         times: a batch's cotangent columns come in pieces of different weights, and its inputs must
-        count once (the engine gives 1 / the piece's weight for its first piece, 0 for the others)."""
+        count once (the engine gives 1 / the piece's weight for its first piece that counts, 0 for
+        the others)."""
         from .rules.kron import kron_rows_for  # the rules import this module
 
         arows, drows = kron_rows_for(module)(module, a, d, self.bias, columns)
