@@ -510,3 +510,48 @@ def test_a_step_costs_two_matrix_products_a_pair_and_no_more(pairs):
         state.penalty({"w": w, "b": b}, 2.0).backward()
     products = [e.name for e in prof.events() if e.name in ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul")]
     assert products.count("aten::mm") == 2 * pairs and len([p for p in products if p != "aten::matmul"]) == 2 * pairs
+
+
+def test_tied_weights_keep_the_diagonal_and_the_other_layers_their_blocks():
+    """An output layer tied to the embedding: a weight of two modules has no Kronecker block; it
+    gets the exact diagonal (the whole-model path), the other layers their blocks."""
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 5)
+            self.mid = nn.Linear(5, 5)
+            self.out = nn.Linear(5, 7, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.mid(self.emb(x).mean(1))))
+
+    torch.manual_seed(13)
+    model = TiedLM().double()
+    x, y = torch.randint(0, 7, (9, 3)), torch.randint(0, 7, (9,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied weight's fallback is announced
+        imp = compute_importance(model, TensorDataset(x, y), "kfac", batch_size=4)
+        diag = compute_importance(model, TensorDataset(x, y), "expected_fisher", batch_size=4)
+    assert list(imp.blocks) == ["mid.weight"] and sorted(imp.diagonal) == ["emb.weight"]
+    torch.testing.assert_close(imp.diagonal["emb.weight"], diag["emb.weight"], rtol=1e-10, atol=1e-14)
+
+
+def test_bf16_model_keeps_float32_factors_and_trains():
+    from avalanche.benchmarks import nc_benchmark
+
+    from helpers import make_tensor_classification_dataset, tensor_data
+
+    x, y = tensor_data()
+    train = make_tensor_classification_dataset(x.to(torch.bfloat16), y)
+    bench = nc_benchmark(train, train, n_experiences=2, task_labels=False, seed=0, shuffle=False)
+    _, model, plugin, strategy = _plugin_run(dtype=torch.bfloat16)
+    for exp in bench.train_stream:
+        strategy.train(exp)
+    layer = plugin.state.kron.layers["0.weight"]
+    assert all(a.dtype == torch.float32 and g.dtype == torch.float32 for a, g in layer.pairs)
+    assert layer.mu.dtype == torch.float32
+    value = plugin.penalty(model)
+    (grad,) = torch.autograd.grad(value, [model[0].weight])
+    assert value.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16 and torch.isfinite(value)
