@@ -69,7 +69,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (apply_threads, cpu_model, ensure_malloc_env, load_note, MODELS, PeakMemory, base_parser, fmt_spread,  # noqa: E402
+from common import (apply_threads, cpu_model, ensure_malloc_env, load_base, load_note, MODELS, PeakMemory, base_parser, fmt_spread,  # noqa: E402
                     machine_info, print_table, ratios, resnet18_cifar, resolve_device, sync)
 
 import torch  # noqa: E402
@@ -214,24 +214,6 @@ def v_ours_policy(method, change: dict):
     from avalanche_pcreg.importance import Policy
 
     return v_ours(method, lambda device: Policy.for_device(device).replace(**change))
-
-
-def load_base(path: str):
-    """The ``avalanche_pcreg`` package of the checkout at ``path``, imported as ``pcreg_base`` (its
-    imports are relative), next to this one."""
-    import importlib.util
-
-    if "pcreg_base" in sys.modules:
-        return sys.modules["pcreg_base"]
-    init = os.path.join(os.path.abspath(path), "avalanche_pcreg", "__init__.py")
-    if not os.path.exists(init):
-        raise SystemExit(f"--ab-base: no avalanche_pcreg package in {path}")
-    spec = importlib.util.spec_from_file_location("pcreg_base", init, submodule_search_locations=[os.path.dirname(init)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pcreg_base"] = module
-    spec.loader.exec_module(module)
-    importlib.import_module("pcreg_base.importance")
-    return module
 
 
 def v_base(method, torch_mm=False):

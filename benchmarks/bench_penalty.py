@@ -27,6 +27,7 @@ whose forward is one ``addcmul`` pass per parameter and computes no value.
     python benchmarks/bench_penalty.py --resnet           # CPU with ResNet-18 as well (slow)
     python benchmarks/bench_penalty.py --profile          # + torch.profiler of ours at the largest T
     python benchmarks/bench_penalty.py --threads 1 --candidates --T 20   # the kernels' A/B table
+    python benchmarks/bench_penalty.py --threads 1 --T 1 20 --impls compiled --ab-base ../previous   # against another checkout
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (apply_threads, ensure_malloc_env, load_note, HERE, base_parser, fake_strategy, fmt_spread, interleaved, machine_info, make_batch,  # noqa: E402
+from common import (apply_threads, ensure_malloc_env, load_base, load_note, HERE, base_parser, fake_strategy, fmt_spread, interleaved, machine_info, make_batch,  # noqa: E402
                     med_spread, print_table, ratios, resolve_device, save_figure, MODELS)
 
 import torch  # noqa: E402
@@ -91,9 +92,9 @@ def avalanche_plugin(pool, T, device, online=False):
     return plugin
 
 
-def our_plugin(pool, T, impl, online=False):
+def our_plugin(pool, T, impl, online=False, plugin_cls=ParameterChangePlugin):
     mode = "online" if online else "separate"
-    plugin = ParameterChangePlugin(FACTOR, importance="uniform", mode=mode, decay=DECAY if online else None,
+    plugin = plugin_cls(FACTOR, importance="uniform", mode=mode, decay=DECAY if online else None,
                                    impl=impl)
     for t in range(T):
         imps, anchors = pool[t]
@@ -452,10 +453,15 @@ def run_model(model_name, args, device, Ts, log):
     for T in Ts:
         runners[f"avalanche T={T}"] = Runner(base, x, y, device, avalanche_plugin(pool, T, device), T)
     runners["avalanche online"] = Runner(base, x, y, device, avalanche_plugin(pool, Tmax, device, online=True), Tmax)
-    for impl in IMPLS:
-        for T in Ts:
-            runners[f"ours-{impl} T={T}"] = Runner(base, x, y, device, our_plugin(pool, T, impl), T)
-        runners[f"ours-{impl} online"] = Runner(base, x, y, device, our_plugin(pool, Tmax, impl, online=True), Tmax)
+    plugins = {"ours": ParameterChangePlugin}
+    if args.ab_base:  # the previous version's plugin on the same model, state and batch
+        plugins["base"] = load_base(args.ab_base).ParameterChangePlugin
+    for who, cls in plugins.items():
+        for impl in (args.impls or IMPLS):
+            for T in Ts:
+                runners[f"{who}-{impl} T={T}"] = Runner(base, x, y, device, our_plugin(pool, T, impl, plugin_cls=cls), T)
+            runners[f"{who}-{impl} online"] = Runner(base, x, y, device,
+                                                     our_plugin(pool, Tmax, impl, online=True, plugin_cls=cls), Tmax)
     del pool
 
     log(f"timing {len(runners)} step variants: {args.rounds} rounds x up to {args.steps} steps, interleaved ...")
@@ -497,6 +503,10 @@ def run_model(model_name, args, device, Ts, log):
     print(f"\n{model_name}, {device.type}: median [min, max] over {args.rounds} rounds of the per-round median; "
           "ratios are taken within each round" + ("; cpu = process CPU time (all threads)" if "cpu" in metrics else ""))
     table = print_table(header, rows)
+    for k in [k for k in steps if k.startswith("base-")]:  # --ab-base: ours over the previous version, per round
+        ours = "ours-" + k[len("base-"):]
+        print(f"A/B {ours} / {k} ({metrics[-1]} time, per-round ratios): "
+              f"{fmt_spread(ratios(steps[ours][metrics[-1]], steps[k][metrics[-1]]), 1, 3)}")
     return table, summary, runners
 
 
@@ -603,7 +613,8 @@ def plot(summaries, Ts, path, metric="wall"):
                                      ("ours, compiled (separate)", "ours-compiled", "D-"),
                                      ("ours, forloop (separate)", "ours-forloop", "s-"),
                                      ("ours, foreach (separate)", "ours-foreach", "^-")):
-            ax.plot(Ts, [s[f"{prefix} T={T}"] for T in Ts], style, label=label)
+            if f"{prefix} T={Ts[0]}" in s:  # --impls may leave kernels out
+                ax.plot(Ts, [s[f"{prefix} T={T}"] for T in Ts], style, label=label)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.axhline(TARGET, color="red", lw=0.8, ls="--", label=f"target {TARGET}x")
         ax.set_xscale("log")
@@ -630,7 +641,12 @@ def main():
     p.add_argument("--profile", action="store_true", help="torch.profiler table of ours at the largest T")
     p.add_argument("--candidates", action="store_true",
                    help="the A/B table of the penalty kernels (kept and not kept) at the largest T, instead of the T sweep")
-    p.add_argument("--plot", default=os.path.join(HERE, "step_time_vs_T.png"))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help=f"our kernels to time (default: {' '.join(IMPLS)})")
+    p.add_argument("--ab-base", default=None, metavar="PATH",
+                   help="also time the plugin of the avalanche_pcreg checkout at PATH ('base-<impl>' rows, interleaved "
+                        "with ours on the same state), e.g. a git worktree of the previous main")
+    p.add_argument("--plot", default=None, help="figure path (default: benchmarks/step_time_vs_T.png, "
+                   "not written by --quick or --ab-base runs unless given)")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
                    help="models to run (default: mlp; mlp resnet18 with --resnet or --device cuda)")
     args = p.parse_args()
@@ -694,6 +710,9 @@ def main():
             profile(runners, max(Ts), device, a)
         del runners
     print(load_note("at end"))
+    if args.plot is None and (args.quick or args.ab_base):
+        return
+    args.plot = args.plot or os.path.join(HERE, "step_time_vs_T.png")
     metric = "wall"
     per_model = {m: s[metric] for m, s in summaries.items()}
     Ts_of = {m: sorted({int(k.split("T=")[1]) for k in s if "T=" in k}) for m, s in per_model.items()}

@@ -138,6 +138,24 @@ def load_note(when: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- models
+def load_base(path: str):
+    """The ``avalanche_pcreg`` package of the checkout at ``path``, imported as ``pcreg_base`` (its
+    imports are relative), next to this one."""
+    import importlib.util
+
+    if "pcreg_base" in sys.modules:
+        return sys.modules["pcreg_base"]
+    init = os.path.join(os.path.abspath(path), "avalanche_pcreg", "__init__.py")
+    if not os.path.exists(init):
+        raise SystemExit(f"--ab-base: no avalanche_pcreg package in {path}")
+    spec = importlib.util.spec_from_file_location("pcreg_base", init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pcreg_base"] = module
+    spec.loader.exec_module(module)
+    importlib.import_module("pcreg_base.importance")
+    return module
+
+
 def mlp(seed: int = 0) -> nn.Module:
     """784-400-400-10 MLP (model A)."""
     torch.manual_seed(seed)

@@ -144,6 +144,18 @@ def test_penalty_tiny_cpu_run(tmp_path):
     assert plot.exists()
 
 
+def test_penalty_ab_base_run(tmp_path):
+    """--ab-base times another checkout's plugin next to ours (here the same checkout, loaded a second
+    time under another name) and prints the per-round ratio; --impls keeps one kernel; no figure."""
+    r = run("bench_penalty.py", "--quick", "--raw-malloc", "--T", "1", "--rounds", "1", "--steps", "2", "--min-steps", "1",
+            "--warmup", "1", "--block", "1", "--threads", "1", "--impls", "forloop", "--ab-base", ROOT, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| base-forloop" in r.stdout and "| ours-foreach" not in r.stdout
+    assert len(floats(r"A/B ours-forloop T=1 / base-forloop T=1 \(cpu time, per-round ratios\): (\d+\.\d+)", r.stdout)) == 1
+    r = run("bench_penalty.py", "--quick", "--ab-base", str(tmp_path), cwd=tmp_path)
+    assert r.returncode != 0 and "--ab-base: no avalanche_pcreg package in" in r.stderr
+
+
 def test_memory_tiny_cpu_run(tmp_path):
     plot = tmp_path / "mem.png"
     r = run("bench_memory.py", "--quick", "--T", "3", "--threads", "1", "--plot", str(plot), cwd=tmp_path)
