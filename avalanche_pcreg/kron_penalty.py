@@ -7,8 +7,9 @@ bias as the last column when it shares the block):
 
 with one pair (A_t, G_t) per kept block (:mod:`.kron_state`). Its gradient is 2 (Q(Δ) + B). The
 forward forms M = Q(Δ) + B (two matrix products a block) and keeps it; the value is
-⟨Δ, M + B⟩ + c, and the backward is 2 · factor · M: no product is formed twice. The kernel is
-once differentiable (a second derivative of the penalty raises).
+⟨Δ, M + B⟩ + c, and the backward is 2 · factor · M: no product is formed twice. Under
+``create_graph=True`` the backward forms M again from the saved parameters, differentiably, so second
+derivatives (Hessian-vector products: 2 · factor · Q(V)) are right; that path is not the training step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 __all__ = ["kron_penalty", "kron_apply"]
 
@@ -44,16 +44,21 @@ class _KronQuadratic(torch.autograd.Function):
             value = torch.dot(delta.reshape(-1), (m + lin).reshape(-1))
         else:
             value = torch.dot(delta.reshape(-1), m.reshape(-1))
-        ctx.save_for_backward(m)
-        ctx.factor = factor
+        ctx.save_for_backward(m, weight, bias)  # the parameters: read back only under create_graph
+        ctx.factor, ctx.pairs, ctx.mu, ctx.lin = factor, pairs, mu, lin
         ctx.shapes = (weight.shape, weight.dtype, None if bias is None else bias.dtype)
         return (value.to(torch.float64) + const).mul_(factor).to(weight.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        (m,) = ctx.saved_tensors
+        m, weight, bias = ctx.saved_tensors
         wshape, wdtype, bdtype = ctx.shapes
+        if torch.is_grad_enabled():  # create_graph=True: M again, as a function of the parameters
+            w = weight.reshape(wshape[0], -1)
+            theta = w if bias is None else torch.cat([w, bias.unsqueeze(1)], 1)
+            m = kron_apply(theta.to(ctx.mu.dtype) - ctx.mu, ctx.pairs)
+            if ctx.lin is not None:
+                m = m + ctx.lin
         g = m.mul(grad.to(m.dtype) * (2.0 * ctx.factor))
         gw = g[:, :wshape[1:].numel()].reshape(wshape).to(wdtype)
         gb = None if bdtype is None else g[:, -1].to(bdtype)
