@@ -141,9 +141,12 @@ def held_message(*, exp_id, accuracy: float, n_classes: int, factor: float, impo
 
 
 def sgd_instability(optimizer, importances: Mapping[str, Tensor], names_by_id: Mapping[int, str], factor: float,
-                    steps: Optional[int], importance: str, bind_growth: Optional[float]):
+                    steps: Optional[int], importance: str, bind_growth: Optional[float],
+                    blocks: Optional[Mapping[str, float]] = None):
     """``(messages, caps)`` for the parameter groups of a ``torch.optim.SGD`` where the penalty
-    alone is unstable: ``lr * 2 * factor * max(A) > 2 * (1 + momentum)``.
+    alone is unstable: ``lr * 2 * factor * max(A) > 2 * (1 + momentum)``. ``blocks``: the largest
+    curvature of each Kronecker-factored layer by parameter name (:meth:`.KronState.curvatures`),
+    which counts as its ``max(A)``.
 
     Along the parameter with the largest ``A`` the heavy-ball update multiplies a deviation from
     the anchor by ``rho > 1`` a step (the largest root of ``z**2 - (1 + momentum - a) z +
@@ -152,17 +155,24 @@ def sgd_instability(optimizer, importances: Mapping[str, Tensor], names_by_id: M
     ``(1 + momentum) / (lr * 2 * factor)``, half the limit. One host sync per group.
     """
     messages, caps = [], {}
-    if not isinstance(optimizer, torch.optim.SGD) or factor == 0 or not importances:
+    blocks = blocks or {}
+    if not isinstance(optimizer, torch.optim.SGD) or factor == 0 or not (importances or blocks):
         return messages, caps
     for group in optimizer.param_groups:
         lr, beta = float(group.get("lr", 0.0)), float(group.get("momentum", 0.0))
         if group.get("dampening", 0.0) or group.get("nesterov", False) or lr <= 0:
             continue
-        names = [names_by_id[id(p)] for p in group["params"] if id(p) in names_by_id]
-        names = [n for n in names if n in importances and importances[n].numel()]
-        if not names:
+        named = [names_by_id[id(p)] for p in group["params"] if id(p) in names_by_id]
+        names = [n for n in named if n in importances and importances[n].numel()]
+        in_blocks = [n for n in named if n in blocks]
+        if not names and not in_blocks:
             continue
-        max_a = float(torch.stack([importances[n].max().float() for n in names]).max())
+        max_a = float(torch.stack([importances[n].max().float() for n in names]).max()) if names else 0.0
+        block = max(in_blocks, key=blocks.get, default=None)
+        if block is not None and blocks[block] > max_a:
+            max_a = blocks[block]
+        else:
+            block = None
         a, limit = lr * 2.0 * factor * max_a, 2.0 * (1.0 + beta)
         if a <= limit:
             continue
@@ -173,16 +183,19 @@ def sgd_instability(optimizer, importances: Mapping[str, Tensor], names_by_id: M
         cap = (1.0 + beta) / (lr * 2.0 * factor)
         bind = bind_growth is not None and growth > bind_growth
         if bind:
-            caps.update({n: cap for n in names})
+            caps.update({n: cap for n in names + in_blocks})
         messages.append(
             f"ParameterChangePlugin: the penalty alone makes SGD unstable: lr * 2 * factor * max(A) = "
             f"{lr:g} * 2 * {factor:g} * {max_a:.4g} = {a:.4g} > 2 * (1 + momentum) = {limit:g}: the parameters "
-            f"with the largest importance ({importance!r}) oscillate, their distance to the anchor growing "
+            f"with the largest importance ({importance!r}"
+            + (f"; max(A) is the top eigenvalue of the Kronecker block of {block!r}, λ(G)·λ(A)" if block else "")
+            + ") oscillate, their distance to the anchor growing "
             f"{rho:.3g}x per step ({growth:.3g}x over the experience's "
             f"{steps if steps is not None else 'unknown number of'} iterations) and the loss can go to inf/NaN. "
             f"Use factor < {limit / (lr * 2.0 * max_a):.4g} (or a smaller lr)."
-            + (f" stability_guard: the penalty uses A capped at {cap:.4g} during this experience (the stored "
-               "state is unchanged)." if bind else "")
+            + (f" stability_guard: the penalty uses A capped at {cap:.4g} during this experience"
+               + (" (a Kronecker block scaled down to that curvature)" if in_blocks else "")
+               + " (the stored state is unchanged)." if bind else "")
         )
     return messages, caps
 

@@ -129,8 +129,9 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         experience (``lr * 2 * factor * A > 2 * (1 + momentum)`` and a deviation amplified more
         than 1e6x over its iterations; checked once per experience), apply the penalty with ``A``
         capped at ``(1 + momentum) / (lr * 2 * factor)`` (half that limit) for the experience,
-        with a warning; the stored state is unchanged. False (default): warn only. Where SGD is
-        stable the cap does not bind and nothing changes.
+        with a warning; the stored state is unchanged. A Kronecker-factored layer (``"kfac"``)
+        counts with its largest curvature, λ(G)·λ(A), and is scaled down as a whole to the cap.
+        False (default): warn only. Where SGD is stable the cap does not bind and nothing changes.
     :param warn_ratio: warn when, on the first iteration of an experience where the penalty is
         non-zero, it exceeds the task loss by this factor (None: never). The warning names the
         estimator in use and the factor at which the two would be equal.
@@ -495,15 +496,26 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         except (TypeError, AttributeError):
             steps = None
         names_by_id = {id(p): canonical_name(n) for n, p in unwrap(strategy.model).named_parameters()}
-        messages, caps = sgd_instability(getattr(strategy, "optimizer", None), self._state.importances, names_by_id,
-                                         self.factor, steps, self.importance_name,
-                                         1e6 if self.stability_guard else None)
+        optimizer = getattr(strategy, "optimizer", None)
+        blocks = self._block_curvatures(optimizer)
+        messages, caps = sgd_instability(optimizer, self._state.importances, names_by_id, self.factor, steps,
+                                         self.importance_name, 1e6 if self.stability_guard else None, blocks)
         for msg in messages:
             warnings.warn(msg, RuntimeWarning)
         if caps:
             state = self._state._copy()
             state.importances = capped(self._state.importances, caps)
+            scales = {w: caps[w] / blocks[w] for w in self._state.kron.layers if w in caps and blocks[w] > caps[w]}
+            if scales:
+                state.kron = self._state.kron.scaled(scales)
             self._penalty_state = state
+
+    def _block_curvatures(self, optimizer) -> Dict[str, float]:
+        """The Kronecker-factored layers' largest curvatures (power iterations, once an experience),
+        only where the stability check reads them: plain SGD."""
+        if not isinstance(optimizer, torch.optim.SGD) or not self._state.kron.layers:
+            return {}
+        return self._state.kron.curvatures()
 
     @property
     def _applied_state(self) -> ConsolidatedState:
@@ -633,12 +645,14 @@ class ParameterChangePlugin(SupervisedPlugin, supports_distributed=True):
         steps = -(-len(data) // int(strategy.train_mb_size)) * int(getattr(strategy, "train_epochs", 1) or 1)
         states: dict = {}
 
+        blocks = self._block_curvatures(optimizer)
+
         def state_for(factor: float):
             """The stored state at ``factor``; None where the penalty alone would make plain SGD
             unstable (a short phase may not show it; the search then passes over the factor)."""
             if factor not in states:
                 unstable, _ = sgd_instability(optimizer, self._state.importances, names_by_id, factor, steps,
-                                              self.importance_name, None)
+                                              self.importance_name, None, blocks)
                 states[factor] = None if unstable else self._state
             return states[factor]
 

@@ -582,3 +582,61 @@ def test_bf16_model_keeps_float32_factors_and_trains():
     value = plugin.penalty(model)
     (grad,) = torch.autograd.grad(value, [model[0].weight])
     assert value.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16 and torch.isfinite(value)
+
+
+# ----------------------------------------------------------------------------- SGD stability
+def test_curvatures_bound_the_top_eigenvalue_of_the_kronecker_sum():
+    """One pair: λ(G)·λ(A) (eigvalsh in float64); several: at most the top eigenvalue of the dense
+    Σ G_t ⊗ A_t and at least each pair's own product."""
+    g = torch.Generator().manual_seed(12)
+
+    def spd(k):
+        m = torch.randn(k, k, generator=g, dtype=torch.float64)
+        return m @ m.t() / k + 0.05 * torch.eye(k, dtype=torch.float64)
+
+    w = torch.zeros(3, 4, dtype=torch.float64)
+    b = torch.zeros(3, dtype=torch.float64)
+    pairs = [(spd(5), spd(3)), (spd(5), spd(3))]
+    state = KronState("separate", merge="exact")
+    for a, gg in pairs[:1]:
+        state = state.merged(KroneckerImportance({"w": _block(a, gg)}, {}), {"w": w, "b": b})
+    top = torch.linalg.eigvalsh(pairs[0][1])[-1] * torch.linalg.eigvalsh(pairs[0][0])[-1]
+    curv = state.curvatures()
+    assert set(curv) == {"w", "b"} and curv["w"] == pytest.approx(top.item(), rel=1e-6) and curv["w"] <= top * (1 + 1e-12)
+    state = state.merged(KroneckerImportance({"w": _block(*pairs[1])}, {}), {"w": w, "b": b})
+    dense = sum(torch.kron(gg, a) for a, gg in pairs)
+    true = torch.linalg.eigvalsh(dense)[-1].item()
+    each = [(torch.linalg.eigvalsh(gg)[-1] * torch.linalg.eigvalsh(a)[-1]).item() for a, gg in pairs]
+    assert max(each) * 0.99 <= state.curvatures()["w"] <= true * (1 + 1e-12)  # power iterations: from below
+    scaled = state.scaled({"w": 0.25})  # the whole quadratic, the linear and constant terms too
+    with torch.no_grad():
+        w.copy_(torch.randn(3, 4, generator=g, dtype=torch.float64))
+    assert scaled.penalty({"w": w, "b": b}, 1.0).item() == pytest.approx(
+        0.25 * state.penalty({"w": w, "b": b}, 1.0).item(), rel=1e-12)
+    assert torch.equal(state.layers["w"].pairs[0][1], pairs[0][1])  # the stored state is left as it is
+
+
+def _sgd_kfac_run(factor, **kw):
+    from avalanche_pcreg import ParameterChangePlugin
+    from helpers import mlp, run_naive, tiny_nc
+    plugin = ParameterChangePlugin(factor=factor, importance="kfac", mode="online", decay=0.5, warn_frozen=False,
+                                   **kw)
+    return plugin, run_naive(tiny_nc(3), mlp(), [plugin], momentum=0.9, epochs=3, lr=0.05)
+
+
+def test_sgd_stability_check_reads_the_kronecker_blocks():
+    """With plain SGD the largest curvature of a Kronecker block counts as max(A): a factor above
+    the limit is named (without the guard the run stops at its first non-finite penalty), the
+    guard scales the block down and the run stays finite, and a factor below the limit says
+    nothing."""
+    with pytest.warns(RuntimeWarning, match=r"max\(A\) is the top eigenvalue of the Kronecker block of") as rec, \
+            pytest.raises(FloatingPointError, match="not finite"):
+        _sgd_kfac_run(1e4)
+    msg = next(str(w.message) for w in rec if "unstable" in str(w.message))
+    assert "Use factor <" in msg
+    with pytest.warns(RuntimeWarning, match=r"Kronecker block scaled down to that curvature"):
+        plugin, (_, losses) = _sgd_kfac_run(1e4, stability_guard=True)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.losses)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _sgd_kfac_run(1e-3)
