@@ -235,23 +235,21 @@ def _perturbed(model, scale, seed):
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-@pytest.mark.parametrize("mode", ["separate", "online"])
-def test_penalty_value_and_gradient_equal_the_sum_over_experiences(mode):
-    torch.manual_seed(7)
+def _cnn_state_and_written_out(mode, decay, experiences, n, seed):
+    """A float64 CNN's KronState after ``experiences`` merges (the model moved before each), the model
+    moved once more, and the penalty written out with autograd ops from the blocks and anchors."""
+    torch.manual_seed(seed)
     model = _cnn().double()
     names = [n for n, _ in model.named_parameters()]
-    state = KronState(mode, 0.6)
-    history = []
-    for t in range(3):
+    state, history = KronState(mode, decay), []
+    for t in range(experiences):
         _perturbed(model, 0.3, t)
-        imp = kfac(model, [_data((2, 4, 4), n=11, seed=t)], names=names)
+        imp = kfac(model, [_data((2, 4, 4), n=n, seed=t)], names=names)
         params = dict(model.named_parameters())
         history.append({k: (b, block_matrix(params[b.weight], params[b.bias]).clone()) for k, b in imp.blocks.items()})
         state = state.merged(imp, params)
     _perturbed(model, 0.3, 9)
     params = dict(model.named_parameters())
-    value = state.penalty(params, 2.5)
-    grads = torch.autograd.grad(value, list(params.values()))
     ref = 0
     for t, h in enumerate(history):
         for k, (blk, anchor) in h.items():
@@ -260,7 +258,15 @@ def test_penalty_value_and_gradient_equal_the_sum_over_experiences(mode):
             if mode == "separate":
                 ref = ref + blk.quadratic(theta - anchor)
             else:
-                ref = ref + 0.6 ** (2 - t) * blk.quadratic(theta - history[-1][k][1])
+                ref = ref + decay ** (experiences - 1 - t) * blk.quadratic(theta - history[-1][k][1])
+    return state, params, ref
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_penalty_value_and_gradient_equal_the_sum_over_experiences(mode):
+    state, params, ref = _cnn_state_and_written_out(mode, 0.6, experiences=3, n=11, seed=7)
+    value = state.penalty(params, 2.5)
+    grads = torch.autograd.grad(value, list(params.values()))
     ref = 2.5 * ref
     ref_grads = torch.autograd.grad(ref, list(params.values()))
     assert value.item() == pytest.approx(ref.item(), rel=1e-12)
@@ -346,25 +352,7 @@ def test_second_derivatives_equal_those_of_the_sum_written_out(mode):
     """Under create_graph=True the kernel's gradient is differentiable: Hessian-vector products (and
     the gradient itself) equal those of the quadratic written with autograd ops, over two experiences
     (separate mode's re-anchored linear and constant terms included)."""
-    torch.manual_seed(11)
-    model = _cnn().double()
-    names = [n for n, _ in model.named_parameters()]
-    state, history = KronState(mode, 0.7), []
-    for t in range(2):
-        _perturbed(model, 0.3, t)
-        imp = kfac(model, [_data((2, 4, 4), n=9, seed=t)], names=names)
-        params = dict(model.named_parameters())
-        history.append({k: (b, block_matrix(params[b.weight], params[b.bias]).clone()) for k, b in imp.blocks.items()})
-        state = state.merged(imp, params)
-    _perturbed(model, 0.3, 5)
-    params = dict(model.named_parameters())
-    ref = 0
-    for t, h in enumerate(history):
-        for k, (blk, anchor) in h.items():
-            w = params[blk.weight]
-            theta = torch.cat([w.reshape(w.shape[0], -1), params[blk.bias][:, None]], 1)
-            ref = ref + (blk.quadratic(theta - anchor) if mode == "separate"
-                         else 0.7 ** (1 - t) * blk.quadratic(theta - history[-1][k][1]))
+    state, params, ref = _cnn_state_and_written_out(mode, 0.7, experiences=2, n=9, seed=11)
     vec = [torch.randn_like(p) for p in params.values()]
     hvps = []
     for value in (state.penalty(params, 1.5), 1.5 * ref):
