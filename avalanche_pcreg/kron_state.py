@@ -81,6 +81,7 @@ class KronState:
         self.decay = 1.0 if decay is None else float(decay)
         self.merge = merge
         self.layers: Dict[str, KronLayer] = {}
+        self._curvatures = None  # (iters, the layers they were computed for, {name: curvature})
 
     @property
     def names(self) -> List[str]:
@@ -154,12 +155,19 @@ class KronState:
         """A lower bound of each layer's largest curvature, the top eigenvalue of Σ_t G_t ⊗ A_t (the
         penalty's Hessian is 2 · factor times it), under the layer's weight and bias names: the
         largest λ(G_t)·λ(A_t) of its pairs (each term is positive semi-definite), every λ a
-        Rayleigh quotient of :func:`top_eigenvalue`. Exact up to that iteration for one pair."""
+        Rayleigh quotient of :func:`top_eigenvalue`. Exact up to that iteration for one pair. Kept
+        until a layer changes (an online stream asks at every mini-experience)."""
+        layers = tuple(self.layers.values())
+        kept = self._curvatures
+        if kept is not None and kept[0] == iters and len(kept[1]) == len(layers) \
+                and all(x is y for x, y in zip(kept[1], layers)):
+            return dict(kept[2])
         out: Dict[str, float] = {}
-        for layer in self.layers.values():
+        for layer in layers:
             top = max(top_eigenvalue(g, iters) * top_eigenvalue(a, iters) for a, g in layer.pairs)
             out.update({n: top for n in (layer.weight, layer.bias) if n})
-        return out
+        self._curvatures = (iters, layers, out)
+        return dict(out)
 
     def scaled(self, scales: Mapping[str, float]) -> "KronState":
         """A copy whose layers named in ``scales`` (by weight name) have their whole quadratic

@@ -628,3 +628,19 @@ def test_sgd_stability_check_reads_the_kronecker_blocks():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         _sgd_kfac_run(1e-3)
+
+
+def test_curvatures_are_kept_until_a_layer_changes(monkeypatch):
+    from avalanche_pcreg import kron_state
+    calls = []
+    real = kron_state.top_eigenvalue
+    monkeypatch.setattr(kron_state, "top_eigenvalue", lambda m, iters=50: calls.append(1) or real(m, iters))
+    eye = torch.eye(3, dtype=torch.float64)
+    w, b = torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    state = KronState("online", 0.5, "nearest").merged(
+        KroneckerImportance({"w": _block(2 * eye, torch.eye(2, dtype=torch.float64))}, {}), {"w": w, "b": b})
+    assert state.curvatures()["w"] == pytest.approx(2.0) and len(calls) == 2
+    assert state.curvatures()["b"] == pytest.approx(2.0) and len(calls) == 2  # kept
+    grown = state.merged(KroneckerImportance({"w": _block(4 * eye, torch.eye(2, dtype=torch.float64))}, {}),
+                         {"w": w, "b": b})
+    assert grown.curvatures()["w"] == pytest.approx(0.5 * 2 + 4) and len(calls) == 4  # a new layer: again
