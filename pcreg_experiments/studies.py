@@ -67,10 +67,11 @@ def _by_method(chosen: Sequence[Mapping], scenario: str) -> Dict[str, List[Mappi
     return {m: out[m] for m in METHODS if m in out}
 
 
-def _ms(a, b, scale=1.0, fmt="{:.3f}"):
+def _ms(a, b, scale=1.0, fmt="{:.3f}", n=2):
+    """``a ± b`` scaled; ``a`` alone from one seed (``n``), where no spread was measured."""
     if a is None or (isinstance(a, float) and math.isnan(a)):
         return "n/a"
-    return (fmt + " ± " + fmt).format(a * scale, b * scale)
+    return (fmt + " ± " + fmt).format(a * scale, b * scale) if n > 1 else fmt.format(a * scale)
 
 
 def _mean_std(vals) -> tuple:
@@ -129,7 +130,8 @@ def format_long_stream(table: Sequence[Mapping[str, Any]]) -> str:
     for r in table:
         f = "-" if r["factor"] is None else f"{r['factor']:.3g}" + ("*" if r["at_edge"] else "")
         lines.append("| " + " | ".join([
-            r["label"], f, _ms(r["acc_mean"], r["acc_std"]), _ms(r["forg_mean"], r["forg_std"]), f"{r['step_ms_1']:.2f}", f"{r['step_ms_2']:.2f}",
+            r["label"], f, _ms(r["acc_mean"], r["acc_std"], n=r["n_seeds"]), _ms(r["forg_mean"], r["forg_std"], n=r["n_seeds"]),
+            f"{r['step_ms_1']:.2f}", f"{r['step_ms_2']:.2f}",
             f"{r['step_ms_T']:.2f}", f"{r['growth_2_to_T']:.2f}×", f"{r['vs_naive_T']:.2f}×",
             f"{r['reg_mb_T']:.2f}",
         ]) + " |")
@@ -219,7 +221,7 @@ def format_fisher_variants(table: Sequence[Mapping[str, Any]]) -> str:
         f = "-" if r["factor"] is None else f"{r['factor']:.3g}" + ("*" if r["at_edge"] else "")
         imp = "-" if r["importance_s"] is None or math.isnan(r["importance_s"]) else f"{r['importance_s']:.2f}"
         lines.append("| " + " | ".join([
-            r["label"], f, f"{r['valid_accuracy']:.4f}", _ms(r["acc_mean"], r["acc_std"], 100, "{:.2f}") + " %", imp,
+            r["label"], f, f"{r['valid_accuracy']:.4f}", _ms(r["acc_mean"], r["acc_std"], 100, "{:.2f}", r["n_seeds"]) + " %", imp,
         ]) + " |")
     return "\n".join(lines)
 

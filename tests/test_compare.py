@@ -355,6 +355,18 @@ def test_long_stream_study_step_times_and_memory(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
+def test_long_stream_table_shows_a_spread_only_over_seeds():
+    from pcreg_experiments import studies
+
+    row = {"label": "ours", "factor": 10.0, "at_edge": False, "acc_mean": 0.6667, "acc_std": 0.0, "forg_mean": 0.039,
+           "forg_std": 0.0, "n_experiences": 50, "step_ms_1": 7.8, "step_ms_2": 20.5, "step_ms_T": 18.9,
+           "growth_2_to_T": 0.92, "vs_naive_T": 4.2, "reg_mb_T": 6.62}
+    one = studies.format_long_stream([dict(row, n_seeds=1)]).splitlines()[-1]
+    three = studies.format_long_stream([dict(row, n_seeds=3, acc_std=0.012)]).splitlines()[-1]
+    assert "| 0.667 | 0.039 |" in one and "±" not in one
+    assert "| 0.667 ± 0.012 | 0.039 ± 0.000 |" in three
+
+
 def test_fisher_variants_study_on_digits(tmp_path):
     from pcreg_experiments import studies
 
