@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 import numpy as np
 
 from .catalog import DATASET_TITLES, METHODS, SCENARIO_TITLES
+from .tables import _mean_std, _pm
 
 __all__ = ["long_stream_table", "fisher_variants_table", "write_study", "style", "FIG_DPI"]
 
@@ -65,21 +66,6 @@ def _by_method(chosen: Sequence[Mapping], scenario: str) -> Dict[str, List[Mappi
         if r["scenario"] == scenario:
             out.setdefault(r["method"], []).append(r)
     return {m: out[m] for m in METHODS if m in out}
-
-
-def _ms(a, b, scale=1.0, fmt="{:.3f}", n=2):
-    """``a ± b`` scaled; ``a`` alone from one seed (``n``), where no spread was measured."""
-    if a is None or (isinstance(a, float) and math.isnan(a)):
-        return "n/a"
-    return (fmt + " ± " + fmt).format(a * scale, b * scale) if n > 1 else fmt.format(a * scale)
-
-
-def _mean_std(vals) -> tuple:
-    a = np.asarray(vals, dtype=float)
-    a = a[~np.isnan(a)]
-    if a.size == 0:
-        return float("nan"), float("nan")
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
 def _steps(rows, k):
@@ -130,7 +116,7 @@ def format_long_stream(table: Sequence[Mapping[str, Any]]) -> str:
     for r in table:
         f = "-" if r["factor"] is None else f"{r['factor']:.3g}" + ("*" if r["at_edge"] else "")
         lines.append("| " + " | ".join([
-            r["label"], f, _ms(r["acc_mean"], r["acc_std"], n=r["n_seeds"]), _ms(r["forg_mean"], r["forg_std"], n=r["n_seeds"]),
+            r["label"], f, _pm(r["acc_mean"], r["acc_std"], r["n_seeds"]), _pm(r["forg_mean"], r["forg_std"], r["n_seeds"]),
             f"{r['step_ms_1']:.2f}", f"{r['step_ms_2']:.2f}",
             f"{r['step_ms_T']:.2f}", f"{r['growth_2_to_T']:.2f}×", f"{r['vs_naive_T']:.2f}×",
             f"{r['reg_mb_T']:.2f}",
@@ -221,7 +207,7 @@ def format_fisher_variants(table: Sequence[Mapping[str, Any]]) -> str:
         f = "-" if r["factor"] is None else f"{r['factor']:.3g}" + ("*" if r["at_edge"] else "")
         imp = "-" if r["importance_s"] is None or math.isnan(r["importance_s"]) else f"{r['importance_s']:.2f}"
         lines.append("| " + " | ".join([
-            r["label"], f, f"{r['valid_accuracy']:.4f}", _ms(r["acc_mean"], r["acc_std"], 100, "{:.2f}", r["n_seeds"]) + " %", imp,
+            r["label"], f, f"{r['valid_accuracy']:.4f}", _pm(r["acc_mean"], r["acc_std"], r["n_seeds"], 100, "{:.2f}") + " %", imp,
         ]) + " |")
     return "\n".join(lines)
 

@@ -33,6 +33,14 @@ def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
+def _pm(a, b, n: int, scale: float = 1.0, fmt: str = "{:.3f}") -> str:
+    """A table cell: ``a ± b`` scaled, ``a`` alone from one seed (``n``), where no spread was
+    measured; ``n/a`` for a missing mean."""
+    if a is None or (isinstance(a, float) and math.isnan(a)):
+        return "n/a"
+    return (fmt + " ± " + fmt).format(a * scale, b * scale) if n > 1 else fmt.format(a * scale)
+
+
 def summarize(chosen: Sequence[Mapping[str, Any]], selection: Mapping) -> List[Dict[str, Any]]:
     """One dict per (scenario, method), in scenario then method order: test accuracy,
     forgetting and BWT mean and std (sample std over seeds), chosen factor, edge flag, times,
@@ -75,14 +83,12 @@ def format_summary(summary: Sequence[Mapping[str, Any]], markdown: bool = False)
     head = ["scenario", "method", "test acc", "forgetting", "BWT", "factor", "step ms"]
     lines = []
     for s in summary:
-        def pm(a, b, n=s["n_seeds"]):
-            return "n/a" if math.isnan(a) else f"{a:.3f} ± {b:.3f}" if n > 1 else f"{a:.3f}"
         if s.get("all_failed"):
             lines.append([s["scenario"], s["method"] + "!", "failed", "-", "-", "-", "-"])
             continue
         lines.append([
-            s["scenario"], s["method"] + ("!" if s.get("n_failed") else ""), pm(s["acc_mean"], s["acc_std"]),
-            pm(s["forgetting_mean"], s["forgetting_std"]),
+            s["scenario"], s["method"] + ("!" if s.get("n_failed") else ""), _pm(s["acc_mean"], s["acc_std"], s["n_seeds"]),
+            _pm(s["forgetting_mean"], s["forgetting_std"], s["n_seeds"]),
             "n/a" if math.isnan(s["bwt_mean"]) else f"{s['bwt_mean']:+.3f}",
             _fmt_factor(s["chosen_factor"]) + ("*" if s["at_edge"] else "") + ("~" if s.get("ties", 0) > 1 else ""),
             f"{s['mean_step_time_ms']:.2f}",
